@@ -1,0 +1,56 @@
+"""The ``ascl`` command: one entry point, one subcommand module per concern.
+
+Each module named in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which adds its
+subcommands and sets ``func`` on their parsers. Registration only builds argparse parsers;
+heavy imports (torch, onnxruntime, gradio) happen inside the command functions, so
+``ascl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from ascl import __version__
+
+COMMAND_MODULES = (
+    "ascl.training.cli",  # train, eval
+    "ascl.export.cli",  # export
+    "ascl.serving.cli",  # index, serve, query
+    "ascl.hub_cli",  # push, pull
+    "ascl.demo.cli",  # demo, up
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ascl",
+        description=(
+            "Train self-supervised image encoders with ASCL, export them to ONNX/TensorRT, "
+            "and serve image search with Triton and FAISS. Run 'ascl <command> --help' for details."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ascl-hub {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

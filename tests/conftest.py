@@ -1,0 +1,81 @@
+"""Shared test fixtures: free ports, small real image sets, GPU skipping."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_TAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cifar_tar() -> Path:
+    """The offline CIFAR-10 copy beside the checkout (present in CI)."""
+    if not CIFAR_TAR.exists():
+        pytest.skip(f"offline CIFAR-10 copy not found at {CIFAR_TAR}")
+    return CIFAR_TAR
+
+
+def write_digits_folder(root: Path, per_class: int = 12, size: int = 32, classes: int = 10) -> Path:
+    """scikit-learn's digits as RGB PNGs in ImageFolder layout: root/<digit>/<i>.png."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    counts: dict[int, int] = {}
+    for img, label in zip(digits.images, digits.target, strict=True):
+        label = int(label)
+        if label >= classes or counts.get(label, 0) >= per_class:
+            continue
+        arr = (img / 16.0 * 255).astype(np.uint8)
+        pil = Image.fromarray(arr, mode="L").resize((size, size), Image.Resampling.BILINEAR).convert("RGB")
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pil.save(folder / f"{counts.get(label, 0):04d}.png")
+        counts[label] = counts.get(label, 0) + 1
+    return root
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small labelled ImageFolder (10 classes x 12 images, 32x32 RGB) made from real digits."""
+    return write_digits_folder(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads() -> None:
+    """Tests share 2 cores with each other and servers; keep torch from oversubscribing."""
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    try:
+        import torch
+
+        torch.set_num_threads(2)
+    except ImportError:  # pragma: no cover
+        pass
