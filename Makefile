@@ -6,6 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PKG_DIRS := ascl training export serving demo model_cards
 TYPECHECK_TREE := build/typecheck
+# The Triton Python stub that nvidia-pytriton ships needs NumPy < 2 (see serving/server.py):
+# prepare its small side environment at install time, not at the first server start.
+STUB_ENV = $(BIN)/python -c "from ascl.serving.server import prepared_stub_env; prepared_stub_env()"
 
 .PHONY: up test lint typecheck pytest install-dev install-run browser clean
 
@@ -41,10 +44,12 @@ $(VENV)/bin/python:
 
 $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(STUB_ENV)
 	touch $@
 
 $(VENV)/.installed-run: pyproject.toml | $(VENV)/bin/python
 	$(BIN)/python -m pip install -q -e '.[train,export,serve,demo]'
+	$(STUB_ENV)
 	touch $@
 
 clean:

@@ -1,0 +1,156 @@
+"""``ascl push`` and ``ascl pull``: publish encoders to a Hugging Face Hub and fetch them.
+
+Only argparse at import time; torch and huggingface_hub load inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+HELP_FMT = argparse.ArgumentDefaultsHelpFormatter
+
+
+def register(sub: Any) -> None:
+    """Add the ``push`` and ``pull`` subcommands."""
+    push = sub.add_parser(
+        "push",
+        help="export an encoder with its model card and upload it to the Hub",
+        description=(
+            "Export the encoder of a training run (no queue, momentum encoder or heads) as a hub folder "
+            "(config.json, safetensors, README.md card with plots), evaluate it when labelled data is given, "
+            "and upload it with huggingface_hub. The endpoint comes from HF_ENDPOINT, the token from "
+            "HF_TOKEN or 'hf auth login'."
+        ),
+        formatter_class=HELP_FMT,
+    )
+    push.add_argument("source", metavar="RUN_OR_MODEL",
+                      help="a run folder, a checkpoint .pt, a hub folder, a registered model name or a repo id")
+    push.add_argument("--repo-id", required=True, help="target repo USER/NAME (also the model's name on its card)")
+    push.add_argument("--private", action="store_true", help="create the repo private (only if it does not exist yet)")
+    push.add_argument("--revision", default=None,
+                      help="branch to upload to, created from main if missing (None: main)")
+    push.add_argument("--dry-run", action="store_true", help="write the folder only; upload nothing")
+    push.add_argument("--out", type=Path, default=None,
+                      help="folder to write, replaced as a whole (None: hub/<NAME> with --dry-run, "
+                      "a temporary folder otherwise)")
+    push.add_argument("--data", default=None,
+                      help="labelled dataset spec to measure kNN top-1 and linear-probe accuracy on and to plot "
+                      "the validation embeddings: a folder root/<class>/<images>, digits, cifar10-offline[:TAR], "
+                      "cifar10, ... as for 'ascl train --data' (None: the run's own data.spec)")
+    push.add_argument("--val-fraction", type=float, default=None,
+                      help="share of every class held out as the val split when the data has no test split "
+                      "(None: the run's data.val_fraction, else 0.1); keep the run's value to report comparable numbers")
+    push.add_argument("--eval-subset", type=int, default=0,
+                      help="cap on train and val images for the evaluation (0 = all); a few thousand is enough "
+                      "for a quick CPU check, use all for the published numbers")
+    push.add_argument("--no-eval", action="store_true",
+                      help="do not evaluate; the card then reports the kNN accuracy recorded by the run, if any")
+    push.add_argument("--device", default="auto", help="device for the evaluation: auto, cpu, cuda, cuda:1, ...")
+    push.add_argument("--hardware", default=None,
+                      help="hardware the model was trained on, for the card (None: the run's run.json, if any)")
+    push.add_argument("--wall-time-s", type=float, default=None,
+                      help="training wall time in seconds, for the card (None: the run's run.json, if any)")
+    push.add_argument("--run-info", type=Path, default=None,
+                      help="JSON record of the training run (run.json, or the result JSON of "
+                      "benchmarks/time_to_accuracy.py): hardware, wall time, recipe, curve PNG and recorded "
+                      "accuracies for the card; numbers measured with --data replace recorded ones")
+    push.add_argument("--max-shard-size", default="5GB",
+                      help="largest safetensors file, e.g. 16MB; above it the hub's sharded format is written. "
+                      "Shards of a few hundred MB download and resume better on slow links")
+    push.set_defaults(func=cmd_push)
+
+    pull = sub.add_parser(
+        "pull",
+        help="download a model repo to the local cache and print its path",
+        description="Download a model from the Hub (HF_ENDPOINT) into the huggingface cache (HF_HOME) and print "
+        "the local folder. With HF_HUB_OFFLINE=1 it prints the cached folder without network access.",
+        formatter_class=HELP_FMT,
+    )
+    pull.add_argument("repo_id", metavar="REPO_ID", help="repo USER/NAME, or a registered model name")
+    pull.add_argument("--revision", default=None, help="branch, tag or commit (None: main)")
+    pull.set_defaults(func=cmd_pull)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """Export (and unless --dry-run, upload) the encoder of ``args.source``."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from ascl.hub_publish import export_folder, upload
+
+    if args.repo_id.count("/") != 1:
+        return _fail(f"--repo-id must be USER/NAME, got {args.repo_id!r}")
+    name = args.repo_id.split("/")[1]
+    try:
+        if args.out is None and not args.dry_run:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="ascl-push-") as tmp:
+                return _push(args, Path(tmp) / name, name, export_folder, upload)
+        return _push(args, args.out or Path("hub") / name, name, export_folder, upload)
+    except HfHubHTTPError as e:
+        return _fail(f"the hub refused the upload: {e}")
+    except (ValueError, LookupError, OSError, RuntimeError) as e:
+        return _fail(str(e))
+
+
+def _push(args: argparse.Namespace, out: Path, name: str, export_folder: Any, upload: Any) -> int:
+    from ascl.hub_publish import EvalRequest
+
+    evaluation = EvalRequest(data=args.data, val_fraction=args.val_fraction, subset=args.eval_subset,
+                             device=args.device, enabled=not args.no_eval)
+    folder, facts = export_folder(
+        args.source, out, repo_id=args.repo_id, name=name, evaluation=evaluation, hardware=args.hardware,
+        wall_time_s=args.wall_time_s, run_info=args.run_info, max_shard_size=args.max_shard_size,
+    )
+    for m in facts.metrics:
+        print(f"{m.name}: {m.value:.2f}% on {m.split} ({m.source})")
+    if not facts.metrics:
+        print("not evaluated: pass --data SPEC (labelled data) to measure accuracy")
+    print(f"wrote {folder}")
+    if args.dry_run:
+        return 0
+    url = upload(folder, args.repo_id, private=args.private, revision=args.revision)
+    print(f"uploaded {args.repo_id}: {url}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Download ``args.repo_id`` to the cache and print the local folder."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from ascl.hub_mixin import OFFLINE_HINT
+    from ascl.model_cards import registry
+
+    entry = registry.lookup(args.repo_id)
+    repo_id = entry.repo_id if entry else args.repo_id
+    try:
+        path = snapshot_download(repo_id, revision=args.revision)
+    except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError) as e:
+        if entry is not None and args.revision is None and entry.is_shipped(registry.SHIPPED_ROOT):
+            print(f"the hub could not provide {repo_id}; using the copy shipped with ascl-hub", file=sys.stderr)
+            print(entry.folder(registry.SHIPPED_ROOT))
+            return 0
+        if isinstance(e, RepositoryNotFoundError):
+            return _fail(f"model {repo_id!r} not found on {constants.ENDPOINT} (or it is private and no valid "
+                         f"token was given). Check the id.\n{OFFLINE_HINT}")
+        if isinstance(e, RevisionNotFoundError):
+            return _fail(f"revision {args.revision!r} not found in {repo_id!r} on {constants.ENDPOINT}")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return _fail(f"cannot download {repo_id!r}: {first}\n{OFFLINE_HINT}")
+    print(path)
+    return 0

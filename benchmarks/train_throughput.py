@@ -1,0 +1,207 @@
+"""Training throughput: the reference path against the fast path, side by side in one process.
+
+Same model (MoCo-v2 + ASCL, ResNet-18 CIFAR stem, split BN, queue 4096), same batch, same
+initial weights, each measured after its own warm-up:
+
+- ``reference``: the official recipe: PIL two-view augmentation in DataLoader workers, fp32
+  step (``make_reference_step``), end to end (loading, host-to-device copy, step).
+- ``fast``: uint8 images on the device, GPU augmentation (``GpuTwoViewLoader``), bf16,
+  channels_last, compiled networks, fused SGD (``make_fast_step``), end to end.
+- ``*_step_only``: the same two steps on one fixed batch already on the device, to show how
+  much of each is the model step and how much the data path.
+
+Prints pairs/s and the fast / reference ratio; writes JSON under ``benchmarks/results/``.
+
+  python benchmarks/train_throughput.py --batch-size 512                       # GPU
+  python benchmarks/train_throughput.py --device cpu --batch-size 8 --steps 2 --warmup 1 \\
+      --data synthetic:64 --no-compile                                         # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    p.add_argument("--batch-size", type=int, default=512, help="pairs per step for both paths (default: 512)")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per path (default: 50)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed steps first (worker start-up, cuDNN autotune, torch.compile) (default: 10)")
+    p.add_argument("--data", default=f"cifar10-offline:{DEFAULT_TAR}",
+                   help="dataset spec (cifar10-offline:PATH, a folder, digits) or synthetic:N for N random "
+                        "uint8 images (default: the offline CIFAR-10 copy)")
+    p.add_argument("--image-size", type=int, default=32, help="image side (default: 32)")
+    p.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)),
+                   help="DataLoader workers of the reference path (official recipe: 14) (default: cores - 2, max 14)")
+    p.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
+    p.add_argument("--compile-mode", default="default",
+                   help="torch.compile mode of the fast step: default | reduce-overhead | max-autotune-no-cudagraphs")
+    p.add_argument("--amp", default="auto", help="fast path autocast: auto (bf16 on CUDA) | bf16 | off")
+    p.add_argument("--bn-splits", type=int, default=8, help="split-BN groups (default: 8)")
+    p.add_argument("--queue-size", type=int, default=4096, help="MoCo queue length (default: 4096)")
+    p.add_argument("--skip-reference", action="store_true", help="measure the fast path only (no ratio)")
+    p.add_argument("--out", default="", help="JSON path (default: benchmarks/results/train_throughput_<device>.json)")
+    return p.parse_args(argv)
+
+
+def load_images(spec: str, image_size: int) -> Any:
+    """uint8 [N, S, S, 3] numpy images: the train split of a dataset, or seeded random ones."""
+    import numpy as np
+
+    if spec.startswith("synthetic:"):
+        n = int(spec.split(":", 1)[1])
+        return np.random.default_rng(0).integers(0, 256, size=(n, image_size, image_size, 3), dtype=np.uint8)
+    from ascl.training.data import load_split
+
+    return load_split(spec, "train", image_size=image_size).images
+
+
+def build_framework(args: argparse.Namespace, device: Any) -> Any:
+    """MoCo-v2 + ASCL, ResNet-18 CIFAR stem, the recipe's heads and queue, on ``device``."""
+    import torch
+
+    from ascl.training.config import config_from_dict
+    from ascl.training.frameworks import build_framework as build
+
+    cfg = config_from_dict({"batch_size": args.batch_size, "data": {"image_size": args.image_size},
+                            "model": {"bn_splits": args.bn_splits}, "moco": {"queue_size": args.queue_size}})
+    torch.manual_seed(0)
+    return cfg, build(cfg).to(device).train()
+
+
+def cycle(loader: Any) -> Iterator[tuple[Any, Any]]:
+    """Batches across epoch boundaries (each epoch a new order and new augmentations)."""
+    for epoch in itertools.count():
+        loader.set_epoch(epoch)
+        yield from loader
+
+
+def timed(step: Callable[[Any, Any], Any], batches: Iterable[tuple[Any, Any]], device: Any, warmup: int,
+          steps: int) -> dict[str, float]:
+    """Run ``warmup`` untimed then ``steps`` timed steps end to end; pairs/s from wall time."""
+    import torch
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    it = iter(batches)
+    t_warm = time.perf_counter()
+    loss = None
+    for _ in range(warmup):
+        x_q, x_k = next(it)
+        loss = step(x_q.to(device, non_blocking=True), x_k.to(device, non_blocking=True))
+    sync()
+    warm_s = time.perf_counter() - t_warm
+    batch = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        x_q, x_k = next(it)
+        batch = x_q.shape[0]
+        loss = step(x_q.to(device, non_blocking=True), x_k.to(device, non_blocking=True))
+    sync()
+    seconds = time.perf_counter() - t0
+    return {"pairs_per_s": round(steps * batch / seconds, 1), "seconds": round(seconds, 3),
+            "warmup_seconds": round(warm_s, 2), "last_loss": round(float(loss), 4) if loss is not None else float("nan")}
+
+
+def device_name(device: Any) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    return platform.processor() or platform.machine()
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """All variants in this process; returns the result record."""
+    import torch
+
+    from ascl.training.distributed import resolve_device
+    from ascl.training.fast import make_fast_optimizer, make_fast_step, resolve_amp
+    from ascl.training.gpu_data import GpuTwoViewLoader
+    from ascl.training.loaders import ReferenceTwoViewLoader
+    from ascl.training.schedule import base_lr, build_optimizer
+    from ascl.training.step import make_reference_step
+
+    device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # both paths: fixed shapes, fastest conv kernels
+    images = load_images(args.data, args.image_size)
+    cfg, template = build_framework(args, "cpu")
+    mean, std, aug = template.encoder.mean, template.encoder.std, cfg.augment
+    lr = base_lr(cfg.optim, args.batch_size)
+    results: dict[str, Any] = {}
+
+    if not args.skip_reference:
+        ref = copy.deepcopy(template).to(device)
+        ref_step = make_reference_step(ref, build_optimizer(ref, cfg.optim, args.batch_size))
+        loader = ReferenceTwoViewLoader(images, args.batch_size, args.image_size, mean, std, aug, seed=0,
+                                        num_workers=args.workers, pin_memory=device.type == "cuda")
+        results["reference"] = timed(ref_step, cycle(loader), device, args.warmup, args.steps)
+        fixed = next(iter(loader))
+        fixed = (fixed[0].to(device), fixed[1].to(device))
+        results["reference_step_only"] = timed(ref_step, itertools.repeat(fixed), device, args.warmup // 2, args.steps)
+        del ref, ref_step, loader
+
+    fast = copy.deepcopy(template).to(device)
+    optimizer = make_fast_optimizer(fast.parameters(), lr, cfg.optim.momentum, cfg.optim.weight_decay)
+    amp = "bf16" if resolve_amp(args.amp, device) is not None else "off"
+    fast_step = make_fast_step(fast, optimizer, amp=amp, compile=not args.no_compile, compile_mode=args.compile_mode)
+    gpu_images = torch.from_numpy(images).to(device)
+    gpu_loader = GpuTwoViewLoader(gpu_images, args.batch_size, args.image_size, mean, std, aug, seed=0)
+    results["fast"] = timed(fast_step, cycle(gpu_loader), device, args.warmup, args.steps)
+    fixed_fast = next(iter(gpu_loader))
+    results["fast_step_only"] = timed(fast_step, itertools.repeat(fixed_fast), device, args.warmup // 2, args.steps)
+    results["fast"]["compiled"] = bool(getattr(fast_step, "compiled", False))
+
+    record: dict[str, Any] = {
+        "benchmark": "train_throughput",
+        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "batch_size": args.batch_size, "image_size": args.image_size, "steps": args.steps, "warmup": args.warmup,
+        "data": args.data, "images": int(images.shape[0]), "workers": args.workers,
+        "compile": not args.no_compile, "compile_mode": args.compile_mode, "amp": amp,
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "model": f"MoCo-v2 + ASCL, ResNet-18 CIFAR stem, split BN x{args.bn_splits}, queue {args.queue_size}",
+        "results": results,
+    }
+    if "reference" in results:
+        record["ratio_fast_over_reference"] = round(results["fast"]["pairs_per_s"] / results["reference"]["pairs_per_s"], 2)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from ascl.atomic import atomic_write_text
+
+    record = measure(args)
+    record["command"] = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["train_throughput.py", *argv])
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"train_throughput_{record['device_type']}.json"
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+    res = record["results"]
+    for name, r in res.items():
+        print(f"{name:>20s}: {r['pairs_per_s']:10.1f} pairs/s  ({r['seconds']:.2f} s timed, warm-up {r['warmup_seconds']:.1f} s)")
+    if "ratio_fast_over_reference" in record:
+        print(f"fast / reference: {record['ratio_fast_over_reference']:.2f}x on {record['device']}")
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

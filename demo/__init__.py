@@ -1,0 +1,1 @@
+"""Gradio image-search demo and the one-command ``ascl up``."""

@@ -1,0 +1,133 @@
+"""Subcommands ``demo`` (the Gradio page on a server or in-process) and ``up`` (everything at once)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ascl.demo.gallery import DEFAULT_SUBSET
+
+Formatter = argparse.ArgumentDefaultsHelpFormatter
+
+
+def register(sub: Any) -> None:
+    """Add ``ascl demo`` and ``ascl up``."""
+    up = sub.add_parser(
+        "up", formatter_class=Formatter,
+        help="one command to a running image search: model, index, Triton and the demo page",
+        description=("Make sure the model is here and exported, build the gallery index, start Triton and the "
+                     "Gradio demo, print the URLs, and stop everything on Ctrl-C. Everything is cached under "
+                     "--cache, keyed by model and gallery content, so the second start is fast."),
+    )
+    up.add_argument("--model", default=None,
+                    help="model name, hub repo id, hub folder, training run or checkpoint; default: the pretrained "
+                         "ascl-resnet18-cifar10 when shipped, else your newest run in runs/, else a random encoder "
+                         "(with a warning)")
+    up.add_argument("--gallery", default=None,
+                    help="folder of images to search (sub-folders are labels) or a CIFAR-10 .tar.gz; default: the "
+                         "offline CIFAR-10 copy in ../shared/data, else torchvision CIFAR-10 (online), else "
+                         "scikit-learn's digits")
+    up.add_argument("--gallery-size", type=int, default=DEFAULT_SUBSET,
+                    help="images taken from CIFAR-10 for the default gallery (balanced over classes); more images "
+                         "take longer to embed on the first start (about 150 images/s on 2 CPU cores)")
+    _add_port_args(up)
+    up.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
+    up.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port (health: /v2/health/ready)")
+    up.add_argument("--metrics-port", type=int, default=8002, help="Triton Prometheus metrics port")
+    up.add_argument("--refresh", action="store_true", help="export the model again even when a cached export exists "
+                                                           "(use after a hub model changed)")
+    up.set_defaults(func=cmd_up)
+
+    demo = sub.add_parser(
+        "demo", formatter_class=Formatter,
+        help="the Gradio image-search page, on a running Triton server or in-process",
+        description=("Serve the search page. With --server it asks a running 'ascl serve'/'ascl up' over gRPC; "
+                     "with --in-process it runs the ONNX model and FAISS index itself (no Triton needed)."),
+    )
+    demo.add_argument("--server", default="localhost:8001", help="Triton gRPC address (HOST:PORT)")
+    demo.add_argument("--index", type=Path, default=None,
+                      help="index folder (from 'ascl index build'); needed for --in-process, and with --server for "
+                           "clickable examples and for adding images (it must be the folder the server reads)")
+    demo.add_argument("--in-process", action="store_true", help="search in this process with ONNX Runtime + FAISS")
+    demo.add_argument("--model", default=None,
+                      help="with --in-process: an exported .onnx file, or any model 'ascl up --model' accepts "
+                           "(exported into --cache on first use)")
+    _add_port_args(demo)
+    demo.set_defaults(func=cmd_demo)
+
+
+def _add_port_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=7860, help="port of the demo page (bound to 127.0.0.1)")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="cache folder for exports, galleries and indexes; default $ASCL_CACHE, else "
+                             "~/.cache/ascl")
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from ascl.demo.up import PortInUseError, Ports, UpOptions, default_cache, run_up
+
+    if args.gallery_size < 10:
+        return _fail(f"--gallery-size must be at least 10, got {args.gallery_size}")
+    opts = UpOptions(model=args.model, gallery=args.gallery, cache=(args.cache or default_cache()).expanduser(),
+                     ports=Ports(args.port, args.grpc_port, args.http_port, args.metrics_port),
+                     gallery_size=args.gallery_size, refresh=args.refresh)
+    from ascl.serving.server import ServerError
+
+    try:
+        return run_up(opts)
+    except (PortInUseError, ServerError, FileNotFoundError, LookupError, ValueError) as exc:
+        return _fail(str(exc))
+    except ImportError as exc:
+        return _fail(f"{exc}; install the serving and demo extras: pip install 'ascl-hub[serve,demo]'")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ascl.demo.app import build_app, launch, quiet_gradio
+    from ascl.demo.up import default_cache, example_files, gallery_roots, terminate_on_sigterm
+
+    quiet_gradio()
+    cache = (args.cache or default_cache()).expanduser()
+    index: Path | None = args.index
+    if index is not None and not (index / "manifest.json").is_file():
+        return _fail(f"--index {index}: not an index folder (no manifest.json); build one with 'ascl index build'")
+    try:
+        backend = _demo_backend(args, cache)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        return _fail(str(exc))
+    examples = example_files(index) if index is not None else []
+    allowed = gallery_roots(index) if index is not None else []
+    app = build_app(backend, examples, subtitle=f"Searching with {backend.description}.")
+    with terminate_on_sigterm():
+        try:
+            url = launch(app, args.port, allowed_paths=allowed)
+            print(f"demo: {url}  (Ctrl-C to stop)", flush=True)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("stopping ...", flush=True)
+        finally:
+            app.close()
+    return 0
+
+
+def _demo_backend(args: argparse.Namespace, cache: Path) -> Any:
+    from ascl.demo.backends import InProcessBackend, TritonBackend
+    from ascl.demo.model import choose_model, ensure_onnx
+
+    if not args.in_process:
+        return TritonBackend(args.server, args.index)
+    if args.index is None:
+        raise ValueError("--in-process needs --index IDX (an index folder from 'ascl index build' or 'ascl up')")
+    if args.model and str(args.model).endswith(".onnx"):
+        onnx_path = Path(args.model)
+    else:
+        onnx_path, _ = ensure_onnx(choose_model(args.model), cache)
+    return InProcessBackend(onnx_path, args.index)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2

@@ -1,0 +1,168 @@
+"""The demo's actions as plain functions: read an upload, search, add; errors a person can act on.
+
+The Gradio app is a thin shell over these, so they are tested without a browser, and every
+failure (not an image, too large, server down, k out of range) becomes a ``UserError`` whose
+message the UI shows as is, leaving the app ready for the next try.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ascl.demo.backends import Result, SearchBackend
+from ascl.images import MAX_IMAGE_BYTES, ImageError
+
+MAX_K = 50
+THUMBNAIL_SIDE = 256
+
+
+class UserError(Exception):
+    """A failure the person at the screen can fix; ``str(e)`` is the message to show."""
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """Ranked results and how long the backend took, in seconds."""
+
+    results: list[Result]
+    seconds: float
+
+
+def upload_bytes(value: Any) -> tuple[bytes, str]:
+    """The bytes and file name of an uploaded image, from what Gradio passes unprocessed.
+
+    Accepts Gradio's file payload (a dict with ``path`` or a ``data:`` URL, as sent by upload,
+    webcam and clipboard), a file path, or raw bytes. Too-large files are refused before they
+    are read into memory.
+    """
+    if value is None or value == "":
+        raise UserError("No image yet: upload one, take a webcam picture, paste from the clipboard or click an example.")
+    if isinstance(value, bytes | bytearray):
+        data, name = bytes(value), "upload"
+    elif isinstance(value, dict) and str(value.get("url") or "").startswith("data:") and not value.get("path"):
+        data, name = _data_url_bytes(str(value["url"])), "clipboard.png"
+    elif isinstance(value, dict | str | Path):
+        path = Path(value["path"] if isinstance(value, dict) else value)
+        name = str(value.get("orig_name") or path.name) if isinstance(value, dict) else path.name
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise UserError(f"The upload {name!r} could not be read ({exc.strerror}); please upload it again.") from exc
+        if size > MAX_IMAGE_BYTES:
+            raise UserError(_too_large(name, size))
+        data = path.read_bytes()
+    else:
+        raise UserError(f"Unexpected input of type {type(value).__name__}; upload an image file instead.")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise UserError(_too_large(name, len(data)))
+    return data, name
+
+
+def _data_url_bytes(url: str) -> bytes:
+    try:
+        return base64.b64decode(url.split(",", 1)[1], validate=False)
+    except (IndexError, ValueError) as exc:
+        raise UserError("The pasted image could not be decoded; try saving it to a file and uploading it.") from exc
+
+
+def _too_large(name: str, size: int) -> str:
+    return (f"{name!r} is {size / 2**20:.1f} MiB, over the {MAX_IMAGE_BYTES / 2**20:.0f} MiB limit; "
+            "please resize or re-encode it (JPEG/PNG/WebP) and try again.")
+
+
+def friendly_message(exc: BaseException, backend: SearchBackend, name: str = "the image") -> str:
+    """One sentence for the screen, from any exception a backend raises."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    text = str(exc)
+    lowered = text.lower()
+    if "not a readable image" in lowered or "empty input" in lowered:
+        return f"{name!r} is not an image we can read. Please upload a JPEG, PNG or WebP picture."
+    if isinstance(exc, ImageError) or ("limit" in lowered and "image" in lowered):
+        detail = text.split(": ", 1)[-1]
+        return f"{name!r} cannot be used: {detail}."
+    down_signs = ("failed to connect", "unavailable", "connection refused", "socket closed", "deadline exceeded",
+                  "not ready", "connect failed")
+    if isinstance(exc, ConnectionError | TimeoutError) or any(sign in lowered for sign in down_signs):
+        return (f"The search server is not answering ({backend.description}). Start it with 'ascl up' or "
+                "'ascl serve', then try again.")
+    first_line = text.strip().splitlines()[0][:300] if text.strip() else type(exc).__name__
+    return f"The search failed: {first_line}"
+
+
+def check_k(k: Any) -> int:
+    """The number of results asked for, as an int in [1, MAX_K]."""
+    try:
+        value = int(k)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"k must be a whole number between 1 and {MAX_K}, got {k!r}") from exc
+    if not 1 <= value <= MAX_K:
+        raise UserError(f"k must be between 1 and {MAX_K}, got {value}")
+    return value
+
+
+def search(backend: SearchBackend, image: bytes, k: Any, name: str = "the image") -> SearchOutcome:
+    """Search ``backend`` with encoded ``image``; raises UserError with a friendly message."""
+    count = check_k(k)
+    start = time.perf_counter()
+    try:
+        results = backend.search(image, count)
+    except Exception as exc:
+        raise UserError(friendly_message(exc, backend, name)) from exc
+    return SearchOutcome(results, time.perf_counter() - start)
+
+
+def add(backend: SearchBackend, image: bytes, name: str, label: str | None = None) -> Result:
+    """Add ``image`` to the backend's gallery; raises UserError with a friendly message."""
+    try:
+        return backend.add(image, name=name, label=label or None)
+    except Exception as exc:
+        raise UserError(friendly_message(exc, backend, name)) from exc
+
+
+def caption(result: Result) -> str:
+    """The caption under a result thumbnail: score, label and id."""
+    return f"{result.score:.3f} · {result.label or 'unlabelled'} · #{result.id}"
+
+
+def thumbnail(result: Result, folder: Path | None = None) -> str:
+    """A small PNG file to show for ``result``: the gallery image shrunk to at most 256 px, or a grey
+    tile when the image is not on this machine.
+
+    Files, not in-memory images: Gradio copies a file into its cache atomically, while it rewrites
+    an in-memory image's cache file on every response, so two quick searches returning the same
+    result could hand the browser a half-written image. Thumbnails are written atomically too,
+    keyed by the source's path, size and mtime, and reused.
+    """
+    from PIL import Image
+
+    from ascl.atomic import atomic_path
+
+    folder = folder or Path(tempfile.gettempdir()) / "ascl-demo-thumbnails"
+    source = result.file
+    try:
+        stat = source.stat() if source is not None else None
+    except OSError:
+        stat = None
+    key = "missing" if stat is None else hashlib.sha1(f"{source}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    out = folder / f"{key}.png"
+    if out.is_file():
+        return str(out)
+    image = Image.new("RGB", (64, 64), (200, 200, 200))
+    if source is not None and stat is not None:
+        try:
+            with Image.open(source) as img:
+                image = img.convert("RGB")
+            image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            pass
+    with atomic_path(out) as tmp:
+        image.save(tmp, format="PNG")
+    return str(out)

@@ -1,0 +1,234 @@
+"""``ascl up``: from nothing to a running image search in one command, and back to nothing.
+
+Steps, each cached under ``--cache`` by the content it depends on, so a second start only
+starts processes: choose the model (``ascl.demo.model``), export it to ONNX, pick the gallery
+(``ascl.demo.gallery``), build its FAISS index, start Triton with the model repository
+(``ascl.serving``), start the Gradio page on top of it. Ctrl-C or SIGTERM stops the page, then
+Triton (which stops its Python-backend stubs), and the command exits with no process left.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ascl.demo.gallery import Gallery, resolve_gallery
+from ascl.demo.model import ModelChoice, choose_model, ensure_onnx
+
+T = TypeVar("T")
+EXAMPLES = 12
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Where everything listens (all on 127.0.0.1)."""
+
+    demo: int = 7860
+    grpc: int = 8001
+    http: int = 8000
+    metrics: int = 8002
+
+    def check_free(self, host: str = "127.0.0.1") -> None:
+        """Fail fast, before any slow step, when a port is taken."""
+        for name, port in (("--port", self.demo), ("--grpc-port", self.grpc), ("--http-port", self.http),
+                           ("--metrics-port", self.metrics)):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                # as servers do: a port whose old connections sit in TIME_WAIT is free to listen on
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((host, port))
+                except OSError as exc:
+                    raise PortInUseError(
+                        f"port {port} ({name}) is in use ({exc.strerror}); stop what uses it or pass {name} N"
+                    ) from exc
+        if len({self.demo, self.grpc, self.http, self.metrics}) != 4:
+            raise PortInUseError("--port, --grpc-port, --http-port and --metrics-port must all differ")
+
+
+class PortInUseError(RuntimeError):
+    """A port the user asked for is taken."""
+
+
+@dataclass
+class Timings:
+    """Seconds per start-up step, printed at the end and measured for the README."""
+
+    steps: dict[str, float] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+
+    def run(self, name: str, fn: Callable[[], T]) -> T:
+        began = time.perf_counter()
+        result = fn()
+        self.steps[name] = time.perf_counter() - began
+        return result
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def default_cache() -> Path:
+    """``$ASCL_CACHE``, else ``~/.cache/ascl``: the same cache ``ascl.serving`` uses."""
+    from ascl.serving.model_files import cache_dir
+
+    return cache_dir().expanduser()
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def shout(text: str) -> None:
+    """A warning nobody can miss: boxed, on stderr."""
+    bar = "!" * 78
+    block = f"\n{bar}\n! WARNING: {text}\n{bar}\n"
+    print(block, file=sys.stderr, flush=True)
+
+
+def example_files(index_dir: Path, count: int = EXAMPLES) -> list[Path]:
+    """Gallery images to click: one per label first, from the index's metadata."""
+    from ascl.demo.backends import Result
+    from ascl.serving.index import GalleryIndex
+
+    index = GalleryIndex.load(index_dir)
+    by_label: dict[str | None, list[Path]] = {}
+    for i in sorted(index.metadata):
+        result = Result.from_metadata(i, 0.0, index.metadata[i])
+        if result.file is not None:
+            by_label.setdefault(result.label, []).append(result.file)
+    picked: list[Path] = []
+    while len(picked) < count and any(by_label.values()):
+        for files in by_label.values():
+            if files and len(picked) < count:
+                picked.append(files.pop(0))
+    return picked
+
+
+def gallery_roots(index_dir: Path) -> list[Path]:
+    """The folders the index's images live in (the page may show files from these only)."""
+    from ascl.serving.index import GalleryIndex
+
+    sources = {str(m.get("source")) for m in GalleryIndex.load(index_dir).metadata.values()}
+    return sorted({Path(s) for s in sources if Path(s).is_dir()} | {index_dir})
+
+
+@contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into KeyboardInterrupt in the main thread, so one path stops everything.
+
+    SIGINT is set explicitly because a shell starts background jobs with it ignored.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """Everything ``ascl up`` needs, from the command line."""
+
+    model: str | None
+    gallery: str | None
+    ports: Ports
+    cache: Path
+    gallery_size: int
+    refresh: bool = False
+
+
+def prepare(opts: UpOptions, timings: Timings) -> tuple[ModelChoice, Path, Gallery, Path]:
+    """Model, ONNX export, gallery and index: cached steps, each announced on screen."""
+    choice = choose_model(opts.model)
+    say(f"model:   {choice.description}")
+    if choice.warning:
+        shout(choice.warning)
+    onnx_path, exported = timings.run("model", lambda: ensure_onnx(choice, opts.cache, refresh=opts.refresh))
+    say(f"         ONNX {'exported to' if exported else 'cached at'} {onnx_path}")
+    gallery = timings.run("gallery", lambda: resolve_gallery(opts.gallery, opts.cache, subset=opts.gallery_size))
+    say(f"gallery: {gallery.description}")
+    if gallery.note:
+        shout(gallery.note)
+    index_dir = opts.cache / "indexes" / f"{choice.key}-{gallery.key}"
+    built = timings.run("index", lambda: ensure_index(onnx_path, gallery, index_dir))
+    say(f"index:   {'built' if built else 'cached'} at {index_dir}")
+    return choice, onnx_path, gallery, index_dir
+
+
+def ensure_index(onnx_path: Path, gallery: Gallery, index_dir: Path) -> bool:
+    """Build the gallery index unless it exists; returns True when it was built now."""
+    from ascl.serving.index import MANIFEST
+
+    if (index_dir / MANIFEST).is_file():
+        return False
+    from ascl.demo.serving_adapter import build_index
+
+    build_index(onnx_path, gallery.root, index_dir)
+    return True
+
+
+def run_up(opts: UpOptions) -> int:
+    """The whole of ``ascl up``; returns the exit code."""
+    from ascl.demo.app import build_app, launch, quiet_gradio
+    from ascl.demo.backends import TritonBackend
+    from ascl.demo.serving_adapter import start_triton
+
+    quiet_gradio()
+    timings = Timings()
+    opts.ports.check_free()
+    os.environ["ASCL_CACHE"] = str(opts.cache)  # serving's own caches (Triton backends) go there too
+    # importing gradio takes seconds: do it while the main thread prepares and starts Triton
+    gradio_import = threading.Thread(target=importlib.import_module, args=("gradio",), daemon=True)
+    gradio_import.start()
+    with terminate_on_sigterm(), ExitStack() as stack:
+        try:
+            choice, onnx_path, gallery, index_dir = prepare(opts, timings)
+            say("triton:  starting ...")
+            server = timings.run("triton", lambda: start_triton(onnx_path, index_dir, opts.ports, opts.cache))
+            stack.callback(_stopping, "Triton", server.stop)
+            grpc_url = f"127.0.0.1:{opts.ports.grpc}"
+            backend = TritonBackend(grpc_url, index_dir)
+            subtitle = (f"Model: {choice.description}. Gallery: {gallery.description}."
+                        + (f"\n\n**{choice.warning}**" if choice.warning else ""))
+            gradio_import.join()
+            app = build_app(backend, example_files(index_dir), subtitle=subtitle)
+            stack.callback(_stopping, "demo", app.close)
+            url = timings.run("demo", lambda: launch(app, opts.ports.demo, allowed_paths=gallery_roots(index_dir)))
+            _print_ready(url, opts.ports, timings)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            for sig in (signal.SIGTERM, signal.SIGINT):  # a second Ctrl-C must not cut the clean-up short
+                signal.signal(sig, signal.SIG_IGN)
+            say("\nstopping ...")
+    say("stopped; nothing left running.")
+    return 0
+
+
+def _stopping(name: str, stop: Callable[[], Any]) -> None:
+    say(f"stopping {name} ...")
+    stop()
+
+
+def _print_ready(url: str, ports: Ports, timings: Timings) -> None:
+    steps = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.steps.items())
+    say(f"\nready in {timings.total():.1f} s ({steps})")
+    say(f"  demo:     {url}")
+    say(f"  gRPC:     127.0.0.1:{ports.grpc}   (ascl query IMAGE --server 127.0.0.1:{ports.grpc})")
+    say(f"  HTTP:     http://127.0.0.1:{ports.http}/v2/health/ready")
+    say(f"  metrics:  http://127.0.0.1:{ports.metrics}/metrics")
+    say("Press Ctrl-C to stop.")

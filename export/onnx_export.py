@@ -1,0 +1,144 @@
+"""Export an Encoder to a single ONNX file with the serving contract built in.
+
+The graph takes ``images`` as uint8 NHWC at the model's image size (any batch) and returns
+``embeddings`` float32 [N, D], unit norm: scaling, mean/std normalisation and the final L2
+normalisation all live inside the graph, so every client sends raw pixels.
+
+Other input sizes: the graph is fixed at the model's image size (``ascl.image_size`` in the
+metadata). Clients bring any image to it with ``ascl.images.decode_image(data, size)`` (RGB,
+shorter side resized to ``size``, centre crop), the same rule as training-time evaluation,
+the Triton ``preprocess`` model and the demo, so every path sees the same pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ascl import __version__
+from ascl.atomic import atomic_write_bytes
+from ascl.names import EMBEDDINGS, IMAGES
+from ascl.training.encoder import Encoder
+
+DEFAULT_OPSET = 17
+PRECISION_KEY = "ascl.precision"
+# Metadata that must agree between an ONNX file and the model it claims to be.
+IDENTITY_KEYS = ("ascl.arch", "ascl.stem", "ascl.embedding_dim", "ascl.image_size", "ascl.mean", "ascl.std")
+
+
+class UInt8Encoder(nn.Module):
+    """Wraps an Encoder so that it takes uint8 NHWC pixels. [N, H, W, 3] u8 -> [N, D] f32."""
+
+    mean: torch.Tensor  # [1, 3, 1, 1], in 0..255 units
+    std: torch.Tensor  # [1, 3, 1, 1]
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("mean", torch.tensor(encoder.mean).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(encoder.std).view(1, 3, 1, 1) * 255.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float()  # [N, 3, H, W], 0..255
+        x = (x - self.mean) / self.std
+        return self.encoder(x)  # [N, D], unit norm
+
+
+def metadata_props(encoder: Encoder, model_name: str, source_revision: str) -> dict[str, str]:
+    """The facts a server needs without loading PyTorch, stored as ONNX metadata."""
+    return {
+        "ascl.model_name": model_name,
+        "ascl.arch": encoder.arch,
+        "ascl.stem": encoder.stem,
+        "ascl.embedding_dim": str(encoder.embedding_dim),
+        "ascl.image_size": str(encoder.image_size),
+        "ascl.mean": ",".join(f"{m:.6f}" for m in encoder.mean),
+        "ascl.std": ",".join(f"{s:.6f}" for s in encoder.std),
+        "ascl.source_revision": source_revision,
+        "ascl.version": __version__,
+        PRECISION_KEY: "fp32",
+    }
+
+
+def set_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> None:
+    """Set (add or overwrite) metadata props on ``model`` in place."""
+    existing = {entry.key: entry for entry in model.metadata_props}
+    for key, value in props.items():
+        entry = existing.get(key) or model.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The metadata props of ``model`` as a dict."""
+    return {entry.key: entry.value for entry in model.metadata_props}
+
+
+def encoder_to_onnx(
+    encoder: Encoder,
+    *,
+    opset: int = DEFAULT_OPSET,
+    model_name: str = "encoder",
+    source_revision: str = "unknown",
+) -> onnx.ModelProto:
+    """Trace ``encoder`` (wrapped by UInt8Encoder, eval mode, BatchNorm folded) to a checked
+    in-memory ONNX model with the serving contract and metadata."""
+    wrapper = UInt8Encoder(encoder).eval()
+    size = encoder.image_size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)  # [N, S, S, 3]
+    buf = io.BytesIO()
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        # The TorchScript exporter: deprecated in favour of torch.export (dynamo), but it gives the
+        # compact, constant-folded graph (BatchNorm folded into Conv) that the parity checks pin.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                buf,  # type: ignore[arg-type]  # a file object works; the stub says path only
+                input_names=[IMAGES],
+                output_names=[EMBEDDINGS],
+                dynamic_axes={IMAGES: {0: "batch"}, EMBEDDINGS: {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+    finally:
+        encoder.train(was_training)
+    model = onnx.load_from_string(buf.getvalue())
+    model.doc_string = (
+        f"ascl-hub encoder: {IMAGES} uint8 [N, {size}, {size}, 3] (resize other sizes with "
+        f"ascl.images.decode_image) -> {EMBEDDINGS} float32 [N, {encoder.embedding_dim}], unit norm"
+    )
+    # The exporter leaves the embedding width symbolic after the L2 normalisation; native
+    # Triton backends and TensorRT need the static [batch, D] shape.
+    out_dims = model.graph.output[0].type.tensor_type.shape.dim  # [batch, D]
+    out_dims[1].Clear()
+    out_dims[1].dim_value = encoder.embedding_dim
+    set_metadata(model, metadata_props(encoder, model_name, source_revision))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def export_onnx(
+    encoder: Encoder,
+    out_path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    model_name: str = "encoder",
+    source_revision: str = "unknown",
+) -> Path:
+    """Export ``encoder`` to ``out_path`` (one file, written atomically) and return the path.
+
+    No parity check here: ``ascl.export.pipeline.export_model`` adds it (and fp16/int8).
+    """
+    out_path = Path(out_path)
+    model = encoder_to_onnx(encoder, opset=opset, model_name=model_name, source_revision=source_revision)
+    atomic_write_bytes(out_path, model.SerializeToString())
+    return out_path

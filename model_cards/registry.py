@@ -1,0 +1,54 @@
+"""The model-name registry: names this project ships, their hub repo ids and shipped folders.
+
+``Encoder.from_pretrained("<name>")`` and ``ascl.hub.load_encoder("<name>")`` look names up
+here. A registered model resolves to its hub repo when the hub is reachable and to the folder
+shipped beside this file (``model_cards/<name>/``) when offline (``HF_HUB_OFFLINE=1``) or when
+the hub cannot provide it. Add a model by adding one ``ShippedModel`` below and, to ship its
+weights, a hub folder written by ``ascl push --dry-run --out model_cards/<name>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SHIPPED_ROOT = Path(__file__).resolve().parent
+HUB_ORG = "ascl-hub"
+
+
+@dataclass(frozen=True)
+class ShippedModel:
+    """One registered model: its name, hub repo id and what it is."""
+
+    name: str
+    repo_id: str
+    summary: str
+
+    def folder(self, root: Path | None = None) -> Path:
+        """Where its shipped hub folder lives (it may be absent: see ``is_shipped``)."""
+        return (root or SHIPPED_ROOT) / self.name
+
+    def is_shipped(self, root: Path | None = None) -> bool:
+        """True when the shipped folder holds a config and weights that can be loaded."""
+        folder = self.folder(root)
+        has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+        return (folder / "config.json").is_file() and has_weights
+
+
+MODELS: dict[str, ShippedModel] = {
+    m.name: m
+    for m in (
+        ShippedModel(
+            name="ascl-resnet18-cifar10",
+            repo_id=f"{HUB_ORG}/ascl-resnet18-cifar10",
+            summary="ASCL ResNet-18 (CIFAR stem, 32x32) pretrained on CIFAR-10 without labels; 512-d embeddings.",
+        ),
+    )
+}
+
+DEFAULT_MODEL = "ascl-resnet18-cifar10"
+
+
+def lookup(name: str) -> ShippedModel | None:
+    """The registered model called ``name``, or None when ``name`` is not registered."""
+    return MODELS.get(name)

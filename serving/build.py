@@ -1,0 +1,175 @@
+"""Embed a gallery with ONNX Runtime and write it into a versioned FAISS index folder.
+
+Images already in the index (same content hash) are skipped, so re-running a build or an
+``add`` over the same source only embeds what is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ascl.images import ImageError, decode_image
+from ascl.serving.index import GalleryIndex, IndexFileError, auto_factory, read_manifest
+from ascl.serving.sources import SourceImage, iter_source
+
+
+@dataclass
+class BuildReport:
+    """What a build or add did: counts and the version written."""
+
+    added: int
+    skipped_known: int
+    skipped_bad: int
+    total: int
+    version: int
+    factory: str
+
+
+def file_sha1(path: Path) -> str:
+    """Content hash of a (model) file, streamed."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _batches(
+    items: Iterator[SourceImage], known: set[str], size: int, image_size: int, counts: dict[str, int]
+) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
+    """Decoded uint8 batches [B, S, S, 3] with their metadata records, skipping known or bad images."""
+    pixels: list[np.ndarray] = []
+    records: list[dict[str, Any]] = []
+    for item in items:
+        data = item.read()
+        sha1 = hashlib.sha1(data).hexdigest()
+        if sha1 in known:
+            counts["known"] += 1
+            continue
+        try:
+            pixels.append(decode_image(data, image_size, name=item.path))
+        except ImageError as exc:
+            counts["bad"] += 1
+            print(f"warning: skipping {exc}", file=sys.stderr)
+            continue
+        known.add(sha1)
+        records.append({"path": item.path, "label": item.label, "size": len(data), "source": item.source,
+                        "sha1": sha1})
+        if len(pixels) == size:
+            yield np.stack(pixels), records
+            pixels, records = [], []
+    if pixels:
+        yield np.stack(pixels), records
+
+
+def embed_source(
+    onnx_path: Path, images: str, *, known: set[str], batch_size: int = 256, limit: int | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, int]]:
+    """Embed the new images of ``images`` -> (vectors [N, D], records, skip counts)."""
+    from tqdm import tqdm
+
+    from ascl.export.runtime import OnnxEmbedder
+
+    embedder = OnnxEmbedder(onnx_path)
+    counts = {"known": 0, "bad": 0}
+    vectors: list[np.ndarray] = []
+    records: list[dict[str, Any]] = []
+    with tqdm(desc=f"embedding {images}", unit="img", disable=not progress, total=limit) as bar:
+        for pixels, recs in _batches(iter_source(images, limit), known, batch_size, embedder.image_size, counts):
+            vectors.append(embedder.embed(pixels))  # [B, D]
+            records.extend(recs)
+            bar.update(len(recs))
+    dim = embedder.embedding_dim
+    return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), records, counts
+
+
+def build_index(
+    onnx_path: str | Path, images: str, out: str | Path, *, factory: str = "auto", batch_size: int = 256,
+    limit: int | None = None, progress: bool = True,
+) -> BuildReport:
+    """Create ``out`` from ``images``, or add the new images of ``images`` to an existing ``out``."""
+    onnx_path, out = Path(onnx_path), Path(out)
+    model = {"onnx": str(onnx_path.resolve()), "sha1": file_sha1(onnx_path)}
+    existing: GalleryIndex | None = None
+    if (out / "manifest.json").exists():
+        existing = GalleryIndex.load(out)
+        old = existing.manifest.get("model", {}).get("sha1")
+        if old and old != model["sha1"]:
+            raise IndexFileError(
+                f"{out}: built with another model ({existing.manifest['model'].get('onnx')}); "
+                "embeddings of different models cannot be mixed: write a new index with a new --out"
+            )
+    known = existing.known_keys() if existing else set()
+    vectors, records, counts = embed_source(onnx_path, images, known=known, batch_size=batch_size, limit=limit,
+                                            progress=progress)
+    if existing is None:
+        if len(vectors) == 0:
+            raise ImageError(f"{images}: no readable images to index")
+        chosen = auto_factory(len(vectors), vectors.shape[1]) if factory == "auto" else factory
+        existing = GalleryIndex.create(vectors.shape[1], chosen, model=model)
+    existing.add(vectors, records)
+    version = existing.save(out) if len(vectors) or existing.version == 0 else existing.version
+    return BuildReport(len(vectors), counts["known"], counts["bad"], existing.ntotal, version,
+                       str(existing.manifest["factory"]))
+
+
+def remove_from_index(out: str | Path, ids: list[int], paths: list[str]) -> tuple[int, int]:
+    """Remove entries by id or by stored path; returns (removed, new version)."""
+    index = GalleryIndex.load(out)
+    wanted = set(ids) | {i for i, m in index.metadata.items() if m.get("path") in set(paths)}
+    removed = index.remove(wanted)
+    return removed, index.save(out) if removed else index.version
+
+
+def index_info(out: str | Path) -> dict[str, Any]:
+    """Summary of an index folder: manifest fields plus counts per label."""
+    manifest = read_manifest(out)
+    index = GalleryIndex.load(out)
+    labels: dict[str, int] = {}
+    for record in index.metadata.values():
+        key = str(record.get("label"))
+        labels[key] = labels.get(key, 0) + 1
+    return {**manifest, "ntotal": index.ntotal, "labels": dict(sorted(labels.items()))}
+
+
+def add_image_bytes(
+    out: str | Path, onnx_path: str | Path, items: list[tuple[str, bytes]], *, label: str | None = None,
+    source: str = "upload",
+) -> list[int]:
+    """Add encoded images (name, bytes) to the index in ``out``; returns their ids.
+
+    For the demo's "add this image": a served index picks the new version up within a second.
+    An image already indexed (same bytes) is not added twice; its existing id is returned.
+    """
+    from ascl.export.runtime import OnnxEmbedder
+
+    index = GalleryIndex.load(out)
+    by_sha = {str(m.get("sha1")): i for i, m in index.metadata.items()}
+    embedder = OnnxEmbedder(onnx_path)
+    ids: list[int] = []
+    new_pixels: list[np.ndarray] = []
+    new_records: list[dict[str, Any]] = []
+    slots: list[int] = []
+    for name, data in items:
+        sha1 = hashlib.sha1(data).hexdigest()
+        if sha1 in by_sha:
+            ids.append(by_sha[sha1])
+            continue
+        new_pixels.append(decode_image(data, embedder.image_size, name=name))  # ImageError names the file
+        new_records.append({"path": name, "label": label, "size": len(data), "source": source, "sha1": sha1})
+        slots.append(len(ids))
+        ids.append(-1)
+    if new_pixels:
+        new_ids = index.add(embedder.embed(np.stack(new_pixels)), new_records)
+        for slot, i in zip(slots, new_ids.tolist(), strict=True):
+            ids[slot] = i
+        index.save(out)
+    return ids

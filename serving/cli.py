@@ -1,0 +1,225 @@
+"""Subcommands ``index`` (build, add, remove, info), ``serve`` and ``query``.
+
+Only argparse at import time; FAISS, ONNX Runtime and tritonclient load inside the commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+FMT = argparse.ArgumentDefaultsHelpFormatter
+IMAGES_HELP = (
+    "a folder of images (searched recursively; first-level sub-folders are labels, as in ImageFolder), a text "
+    "file listing one image path per line, or 'cifar10-offline[:PATH]' for the CIFAR-10 JPEG tar (default PATH: "
+    "../shared/data/cifar10/train.tar.gz beside the checkout)"
+)
+USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, OSError)
+
+
+def _fail(exc: BaseException) -> int:
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--model", required=required, default=None,
+                   help="an exported .onnx file, a training run folder or checkpoint, a hub folder, a shipped "
+                        "model name or a hub repo id (exported to ONNX once and cached under ~/.cache/ascl)")
+
+
+def _add_images(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, help=IMAGES_HELP)
+    p.add_argument("--batch-size", type=int, default=256, help="images embedded per ONNX Runtime call")
+    p.add_argument("--limit", type=int, default=None, help="index at most this many images of the source")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from ascl.serving.build import build_index
+    from ascl.serving.model_files import resolve_onnx
+
+    try:
+        onnx = resolve_onnx(args.model)
+        report = build_index(onnx, args.images, args.out, factory=args.factory, batch_size=args.batch_size,
+                             limit=args.limit)
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    print(f"{args.out}: version {report.version}, {report.total} vectors ({report.factory}); added {report.added}, "
+          f"skipped {report.skipped_known} already indexed and {report.skipped_bad} unreadable")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    from ascl.serving.index import read_manifest
+
+    try:
+        model = args.model or read_manifest(args.index).get("model", {}).get("onnx")
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    if not model:
+        return _fail(ValueError(f"{args.index}: the manifest names no model; pass --model"))
+    args.model, args.out, args.factory = model, args.index, "auto"
+    return cmd_build(args)
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    from ascl.serving.build import remove_from_index
+
+    try:
+        removed, version = remove_from_index(args.index, args.ids or [], args.paths or [])
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    print(f"{args.index}: removed {removed}; version {version}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ascl.serving.build import index_info
+
+    try:
+        info = index_info(args.index)
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    print(json.dumps(info, indent=2, sort_keys=True))
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ascl.serving.index import read_manifest
+    from ascl.serving.model_files import resolve_onnx
+    from ascl.serving.repository import docker_command, write_repository
+    from ascl.serving.server import ServerError, TritonServer, port_in_use
+
+    try:
+        read_manifest(args.index)
+        onnx = resolve_onnx(args.model)
+        if args.repository_only:
+            repo = write_repository(args.repository_only, onnx, args.index, platform=args.platform, copy_index=True,
+                                    plan_path=args.plan)
+            print(f"wrote the production model repository {repo}")
+            if args.platform == "tensorrt" and not args.plan:
+                print(f"build its engine on the serving GPU first: ascl export tensorrt {onnx} "
+                      f"--out {repo}/encoder/1/model.plan --min 1 --opt 64 --max 256")
+            print("serve it with NVIDIA's Triton container:\n  " + docker_command(repo))
+            return 0
+        ports = {"grpc": args.grpc_port, "http": args.http_port, "metrics": args.metrics_port}
+        for name, port in ports.items():
+            if port_in_use(args.host, port):
+                raise ServerError(f"{args.host}:{port} ({name} port) is already in use; pick another with --{name}-port")
+        keep = args.repository is not None
+        repo_dir = Path(args.repository) if keep else Path(tempfile.mkdtemp(prefix="ascl-repo-")) / "models"
+        write_repository(repo_dir, onnx, args.index)
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    server = TritonServer(repo_dir, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
+                          host=args.host, verbose=args.verbose)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        print(f"starting tritonserver on the model repository {repo_dir} ...", flush=True)
+        server.start(timeout_s=args.start_timeout)
+        print(f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}\n"
+              f"  health: {server.http_url}/v2/health/ready   log: {server.log_path}\n"
+              f"  try: ascl query IMAGE -k 10 --server {server.grpc_url}   (Ctrl-C stops)", flush=True)
+        code = server.wait()
+        print(f"tritonserver exited with code {code}; log:\n{server.logs()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopping: in-flight requests finish first...", flush=True)
+        return 0
+    except ServerError as exc:
+        return _fail(exc)
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+        if not keep:
+            shutil.rmtree(repo_dir.parent, ignore_errors=True)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from ascl.serving.client import Client
+
+    try:
+        with Client(args.server, protocol=args.protocol) as client:
+            results = client.search(args.images, k=args.k)
+    except USER_ERRORS as exc:
+        return _fail(exc)
+    except Exception as exc:  # tritonclient raises its own type for server-side errors
+        return _fail(RuntimeError(f"{args.server}: {exc}"))
+    for image, hits in zip(args.images, results, strict=True):
+        print(image)
+        for rank, hit in enumerate(hits, 1):
+            print(f"  {rank:3d}. id {hit.id:<8d} score {hit.score:.4f}  label {hit.metadata.get('label')!s:<12} "
+                  f"{hit.metadata.get('path', '')}")
+    return 0
+
+
+def _register_index(sub: Any) -> None:
+    index = sub.add_parser("index", help="build and maintain FAISS gallery indexes", formatter_class=FMT)
+    isub = index.add_subparsers(dest="index_command", metavar="<index command>")
+    isub.required = True
+    build = isub.add_parser("build", help="embed a gallery and write an index folder (re-runs skip known images)",
+                            formatter_class=FMT)
+    _add_model(build)
+    _add_images(build)
+    build.add_argument("--out", required=True, help="index folder to create (or extend, with the same model)")
+    build.add_argument("--factory", default="auto",
+                       help="FAISS factory: auto (Flat below 50k vectors, HNSW32 below 300k, IVF+fast-scan PQ with "
+                            "SQ8 re-ranking above), or e.g. Flat, HNSW32, IVF1024,PQ64")
+    build.set_defaults(func=cmd_build)
+    add = isub.add_parser("add", help="embed new images into an existing index (a server picks them up live)",
+                          formatter_class=FMT)
+    add.add_argument("--index", required=True, help="index folder")
+    _add_model(add, required=False)
+    _add_images(add)
+    add.set_defaults(func=cmd_add)
+    remove = isub.add_parser("remove", help="remove entries by id or stored path", formatter_class=FMT)
+    remove.add_argument("--index", required=True, help="index folder")
+    remove.add_argument("--ids", type=int, nargs="*", default=None, help="ids to remove")
+    remove.add_argument("--paths", nargs="*", default=None, help="stored relative paths to remove")
+    remove.set_defaults(func=cmd_remove)
+    info = isub.add_parser("info", help="print an index's manifest and counts per label", formatter_class=FMT)
+    info.add_argument("--index", required=True, help="index folder")
+    info.set_defaults(func=cmd_info)
+
+
+def register(sub: Any) -> None:
+    """Add ``index``, ``serve`` and ``query`` to the ``ascl`` command."""
+    _register_index(sub)
+    serve = sub.add_parser("serve", help="serve embedding and image search with Triton (gRPC + HTTP)",
+                           formatter_class=FMT)
+    _add_model(serve)
+    serve.add_argument("--index", required=True, help="index folder from 'ascl index build'")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (clients, ascl query)")
+    serve.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (also /v2/health/ready)")
+    serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (/metrics)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server on the network")
+    serve.add_argument("--repository", default=None,
+                       help="write the model repository here and keep it (default: a temporary folder)")
+    serve.add_argument("--start-timeout", type=float, default=180.0, help="seconds to wait for the server to be ready")
+    serve.add_argument("--verbose", action="store_true", help="verbose Triton log")
+    serve.add_argument("--repository-only", default=None, metavar="DIR",
+                       help="only write a production repository for NVIDIA's Triton container to DIR and print the "
+                            "docker command")
+    serve.add_argument("--platform", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                       help="encoder backend of --repository-only: native onnxruntime_onnx or tensorrt_plan")
+    serve.add_argument("--plan", default=None, help="TensorRT plan to put in the repository (--platform tensorrt)")
+    serve.set_defaults(func=cmd_serve)
+
+    query = sub.add_parser("query", help="search the served gallery with images and print ranked hits",
+                           formatter_class=FMT)
+    query.add_argument("images", nargs="+", help="image files to search with")
+    query.add_argument("-k", type=int, default=10, help="hits per image")
+    query.add_argument("--server", default="localhost:8001", help="gRPC host:port of 'ascl serve'")
+    query.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="grpc (default port 8001) or http")
+    query.set_defaults(func=cmd_query)

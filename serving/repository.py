@@ -1,0 +1,243 @@
+"""Write Triton model repositories: the embedded one (Python backend only) and the production one.
+
+The repository is data: ``config.pbtxt`` files built as ``ModelConfig`` protobufs (the schema
+tritonclient ships), the Python models from ``templates/``, and a vendored copy of the few
+``ascl`` modules they import, so the same files run in NVIDIA's Triton container where ascl is
+not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ascl import names
+from ascl.atomic import atomic_dir
+from ascl.export.profiles import TRT_MAX_BATCH, TRT_OPT_BATCH
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+ASCL_ROOT = Path(__file__).resolve().parents[1]
+# Files vendored into each Python model's version folder, as ``ascl/<path>``.
+VENDORED = {
+    "__init__.py": ASCL_ROOT / "ascl" / "__init__.py",
+    "names.py": ASCL_ROOT / "ascl" / "names.py",
+    "images.py": ASCL_ROOT / "ascl" / "images.py",
+    "atomic.py": ASCL_ROOT / "ascl" / "atomic.py",
+    "serving/__init__.py": ASCL_ROOT / "serving" / "__init__.py",
+    "serving/index.py": ASCL_ROOT / "serving" / "index.py",
+    "export/__init__.py": ASCL_ROOT / "export" / "__init__.py",
+    "export/runtime.py": ASCL_ROOT / "export" / "runtime.py",
+}
+
+# Batch limits: the TensorRT optimization profile (min/opt/max) of `ascl export tensorrt`.
+REQUEST_MAX_BATCH = 64  # images per request through the ensembles
+ENCODER_MAX_BATCH = TRT_MAX_BATCH
+QUEUE_DELAY_US = 2000
+TRITON_CONTAINER = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version pytriton ships
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the configs need to know about the encoder."""
+
+    image_size: int
+    embedding_dim: int
+
+
+def model_facts(onnx_path: Path) -> ModelFacts:
+    """Image size and embedding dim read from the exported ONNX file."""
+    from ascl.export.runtime import OnnxEmbedder
+
+    embedder = OnnxEmbedder(onnx_path, providers=["CPUExecutionProvider"])
+    return ModelFacts(embedder.image_size, embedder.embedding_dim)
+
+
+def _pb() -> Any:
+    from tritonclient.grpc import model_config_pb2
+
+    return model_config_pb2
+
+
+def _tensor(spec: Any, name: str, dtype: str, dims: list[int]) -> None:
+    spec.name, spec.data_type, spec.dims[:] = name, _pb().DataType.Value(dtype), dims
+
+
+def _python_model(config: Any, max_batch: int, params: dict[str, str], delay_us: int = QUEUE_DELAY_US,
+                  instances: int = 1) -> None:
+    config.backend = "python"
+    config.max_batch_size = max_batch
+    config.dynamic_batching.max_queue_delay_microseconds = delay_us
+    group = config.instance_group.add()
+    group.count, group.kind = instances, _pb().ModelInstanceGroup.KIND_CPU
+    for key, value in params.items():
+        config.parameters[key].string_value = value
+
+
+def preprocess_config(facts: ModelFacts, max_image_bytes: int) -> Any:
+    """No config warm-up (Triton 2.51's TYPE_STRING warm-up files did not reach the Python model
+    intact); ``initialize`` decodes one image instead."""
+    s = facts.image_size
+    config = _pb().ModelConfig(name=names.MODEL_PREPROCESS)
+    _python_model(config, REQUEST_MAX_BATCH, {"image_size": str(s), "max_image_bytes": str(max_image_bytes)}, 500)
+    _tensor(config.input.add(), names.IMAGE_BYTES, "TYPE_STRING", [1])
+    _tensor(config.output.add(), names.IMAGES, "TYPE_UINT8", [s, s, 3])
+    return config
+
+
+def encoder_config(facts: ModelFacts, platform: str) -> Any:
+    """`python` (embedded: ONNX Runtime in the Python backend), `onnxruntime` or `tensorrt`."""
+    s = facts.image_size
+    config = _pb().ModelConfig(name=names.MODEL_ENCODER)
+    if platform == "python":
+        # One ONNX Runtime thread per instance, one instance per core: two batches run side by
+        # side while the dynamic batcher fills the next.
+        cores = os.cpu_count() or 1
+        _python_model(config, ENCODER_MAX_BATCH, {"onnx_file": "model.onnx", "threads": "1"},
+                      instances=max(1, min(cores, 4)))
+    else:
+        config.platform = "onnxruntime_onnx" if platform == "onnxruntime" else "tensorrt_plan"
+        config.max_batch_size = ENCODER_MAX_BATCH
+        config.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
+        config.dynamic_batching.preferred_batch_size[:] = [TRT_OPT_BATCH, TRT_MAX_BATCH]
+    _tensor(config.input.add(), names.IMAGES, "TYPE_UINT8", [s, s, 3])
+    _tensor(config.output.add(), names.EMBEDDINGS, "TYPE_FP32", [facts.embedding_dim])
+    for batch in (1, 8):
+        warm = config.model_warmup.add(name=f"zeros_batch_{batch}", batch_size=batch)
+        warm.inputs[names.IMAGES].data_type = _pb().DataType.Value("TYPE_UINT8")
+        warm.inputs[names.IMAGES].dims[:] = [s, s, 3]
+        warm.inputs[names.IMAGES].zero_data = True
+    return config
+
+
+def search_config(facts: ModelFacts, index_dir: str) -> Any:
+    """No warm-up: a k that is valid depends on the index; ``initialize`` loads the index instead."""
+    config = _pb().ModelConfig(name=names.MODEL_SEARCH)
+    _python_model(config, ENCODER_MAX_BATCH, {"index_dir": index_dir, "poll_seconds": "0.5"}, 500)
+    _tensor(config.input.add(), names.EMBEDDINGS, "TYPE_FP32", [facts.embedding_dim])
+    _tensor(config.input.add(), names.TOP_K, "TYPE_INT32", [1])
+    _tensor(config.output.add(), names.IDS, "TYPE_INT64", [-1])
+    _tensor(config.output.add(), names.SCORES, "TYPE_FP32", [-1])
+    _tensor(config.output.add(), names.METADATA, "TYPE_STRING", [-1])
+    return config
+
+
+def _step(config: Any, model: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:
+    step = config.ensemble_scheduling.step.add(model_name=model, model_version=-1)
+    for key, value in inputs.items():
+        step.input_map[key] = value
+    for key, value in outputs.items():
+        step.output_map[key] = value
+
+
+def embed_config(facts: ModelFacts) -> Any:
+    config = _pb().ModelConfig(name=names.MODEL_EMBED, platform="ensemble", max_batch_size=REQUEST_MAX_BATCH)
+    _tensor(config.input.add(), names.IMAGE_BYTES, "TYPE_STRING", [1])
+    _tensor(config.output.add(), names.EMBEDDINGS, "TYPE_FP32", [facts.embedding_dim])
+    _step(config, names.MODEL_PREPROCESS, {names.IMAGE_BYTES: names.IMAGE_BYTES}, {names.IMAGES: "_pixels"})
+    _step(config, names.MODEL_ENCODER, {names.IMAGES: "_pixels"}, {names.EMBEDDINGS: names.EMBEDDINGS})
+    return config
+
+
+def image_search_config(facts: ModelFacts) -> Any:
+    config = _pb().ModelConfig(name=names.MODEL_IMAGE_SEARCH, platform="ensemble", max_batch_size=REQUEST_MAX_BATCH)
+    _tensor(config.input.add(), names.IMAGE_BYTES, "TYPE_STRING", [1])
+    _tensor(config.input.add(), names.TOP_K, "TYPE_INT32", [1])
+    _tensor(config.output.add(), names.IDS, "TYPE_INT64", [-1])
+    _tensor(config.output.add(), names.SCORES, "TYPE_FP32", [-1])
+    _tensor(config.output.add(), names.METADATA, "TYPE_STRING", [-1])
+    _step(config, names.MODEL_PREPROCESS, {names.IMAGE_BYTES: names.IMAGE_BYTES}, {names.IMAGES: "_pixels"})
+    _step(config, names.MODEL_ENCODER, {names.IMAGES: "_pixels"}, {names.EMBEDDINGS: "_embeddings"})
+    _step(config, names.MODEL_SEARCH, {names.EMBEDDINGS: "_embeddings", names.TOP_K: names.TOP_K},
+          {names.IDS: names.IDS, names.SCORES: names.SCORES, names.METADATA: names.METADATA})
+    return config
+
+
+def write_config(folder: Path, config: Any) -> None:
+    from google.protobuf import text_format
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.pbtxt").write_text(text_format.MessageToString(config))
+
+
+def _python_files(version_dir: Path, template: str) -> None:
+    version_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(TEMPLATES / f"{template}.py", version_dir / "model.py")
+    for rel, src in VENDORED.items():
+        dest = version_dir / "ascl" / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest)
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    try:
+        dest.hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def write_repository(
+    out: str | Path, onnx_path: str | Path, index_dir: str | Path, *, platform: str = "python",
+    plan_path: str | Path | None = None, copy_index: bool = False, max_image_bytes: int | None = None,
+) -> Path:
+    """Write a complete model repository to ``out`` (atomically) and return it.
+
+    ``platform``: ``python`` (embedded server), ``onnxruntime`` or ``tensorrt`` (production).
+    ``copy_index``: copy the index's current version into the repository (production) instead
+    of pointing at ``index_dir`` (embedded: `ascl index add` updates are picked up live).
+    """
+    from ascl.images import MAX_IMAGE_BYTES
+    from ascl.serving.index import MANIFEST, read_manifest
+
+    if platform not in ("python", "onnxruntime", "tensorrt"):
+        raise ValueError(f"unknown platform {platform!r}; choose python, onnxruntime or tensorrt")
+    onnx_path, index_dir = Path(onnx_path).resolve(), Path(index_dir).resolve()
+    manifest = read_manifest(index_dir)
+    facts = model_facts(onnx_path)
+    if int(manifest["dim"]) != facts.embedding_dim:
+        raise ValueError(
+            f"{index_dir}: index dim {manifest['dim']} does not match the model's embedding dim "
+            f"{facts.embedding_dim}; rebuild the index with this model"
+        )
+    with atomic_dir(out) as repo:
+        pre = repo / names.MODEL_PREPROCESS
+        write_config(pre, preprocess_config(facts, max_image_bytes or MAX_IMAGE_BYTES))
+        _python_files(pre / "1", "preprocess")
+
+        enc = repo / names.MODEL_ENCODER
+        write_config(enc, encoder_config(facts, platform))
+        (enc / "1").mkdir(parents=True)
+        if platform == "python":
+            _python_files(enc / "1", "encoder")
+            _link_or_copy(onnx_path, enc / "1" / "model.onnx")
+        elif platform == "onnxruntime":
+            _link_or_copy(onnx_path, enc / "1" / "model.onnx")
+        elif plan_path is not None:
+            shutil.copy2(plan_path, enc / "1" / "model.plan")
+
+        search = repo / names.MODEL_SEARCH
+        index_param = "index" if copy_index else str(index_dir)
+        write_config(search, search_config(facts, index_param))
+        _python_files(search / "1", "search")
+        if copy_index:
+            (search / "1" / "index").mkdir()
+            for name in (manifest["index"], manifest["metadata"], MANIFEST):
+                shutil.copy2(index_dir / name, search / "1" / "index" / name)
+
+        for config in (embed_config(facts), image_search_config(facts)):
+            write_config(repo / config.name, config)
+            (repo / config.name / "1").mkdir()
+    return Path(out)
+
+
+def docker_command(repository: str | Path, *, gpus: bool = True) -> str:
+    """The `docker run` line that serves a production repository in NVIDIA's Triton container."""
+    repo = Path(repository).resolve()
+    gpu = "--gpus all " if gpus else ""
+    return (
+        f"docker run --rm {gpu}--shm-size=1g -p 8000:8000 -p 8001:8001 -p 8002:8002 "
+        f"-v {repo}:/models {TRITON_CONTAINER} "
+        "bash -c 'pip install --quiet faiss-cpu pillow && tritonserver --model-repository=/models'"
+    )

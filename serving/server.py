@@ -1,0 +1,318 @@
+"""Start and stop the `tritonserver` that ships in nvidia-pytriton, on a model repository of ours.
+
+The pytriton wheel carries Triton 2.51 with the Python backend only. Started directly it needs
+the backend folder with the Python 3.11 stub copied in (we prepare a copy once under the ascl
+cache instead of writing into site-packages), ``LD_LIBRARY_PATH`` reaching libpython and the
+wheel's bundled libraries, and ``PYTHONPATH`` reaching this venv's site-packages so the Python
+models can import numpy, faiss and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import site
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+from ascl.serving.model_files import cache_dir
+
+
+class ServerError(RuntimeError):
+    """The server could not start or stopped unexpectedly; the message says why."""
+
+
+def pytriton_root() -> Path:
+    """The installed pytriton package folder (holds tritonserver/ and the stubs)."""
+    try:
+        import pytriton
+    except ImportError as exc:
+        raise ServerError("nvidia-pytriton is not installed: pip install 'ascl-hub[serve]'") from exc
+    return Path(pytriton.__file__).resolve().parent
+
+
+def prepared_backends() -> Path:
+    """A backends folder with the Python stub of this interpreter copied in (made once, cached)."""
+    root = pytriton_root()
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stub = root / "tritonserver" / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise ServerError(f"{stub}: no Triton Python backend stub for Python {version}")
+    dest = cache_dir() / f"tritonserver-backends-py{version}-{int(stub.stat().st_mtime)}"
+    if (dest / "python" / "triton_python_backend_stub").is_file():
+        return dest
+    tmp = Path(tempfile.mkdtemp(prefix=".backends.", dir=dest.parent if dest.parent.exists() else None))
+    shutil.copytree(root / "tritonserver" / "backends", tmp / "b", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(stub, tmp / "b" / "python" / "triton_python_backend_stub")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # another process prepared it first
+        os.rename(tmp / "b", dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+STUB_NUMPY = "numpy>=1.26,<2"
+
+
+def prepared_stub_env() -> Path | None:
+    """A tiny venv whose ``bin/python`` the stubs find first on PATH, with numpy < 2 ahead of ours.
+
+    The Python backend stub in nvidia-pytriton 0.5.7 is built with a pybind11 that predates
+    NumPy 2: with NumPy 2 it misreads every dtype's item size, so ``as_numpy()`` returns zeros,
+    outputs arrive empty and TYPE_STRING tensors are garbage. The stub takes its ``sys.path``
+    from the ``python`` first on PATH (PYTHONPATH is ignored), so we point it at a venv holding
+    NumPy 1.26 whose ``.pth`` file then appends this venv's site-packages (faiss, onnxruntime and
+    Pillow work with NumPy 1.26). Made once, under the ascl cache; ``None`` when NumPy < 2 here.
+    """
+    import numpy as np
+
+    if int(np.__version__.split(".")[0]) < 2:
+        return None
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    dest = cache_dir() / f"triton-stub-env-py{version}"
+    site_dir = dest / "lib" / f"python{version}" / "site-packages"
+    if (site_dir / "ascl_venv.pth").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".stub-env.", dir=dest.parent))
+    try:
+        tmp_site = tmp / "lib" / f"python{version}" / "site-packages"
+        tmp_site.mkdir(parents=True)
+        (tmp / "bin").mkdir()
+        base = Path(sys.base_prefix) / "bin" / f"python{version}"
+        (tmp / "bin" / "python").symlink_to(base)
+        (tmp / "bin" / "python3").symlink_to("python")
+        (tmp / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp_site), STUB_NUMPY],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise ServerError(
+                f"could not install {STUB_NUMPY!r} for the Triton Python stub (needed with NumPy 2, see "
+                f"ascl/serving/server.py): {result.stderr.strip()[-500:]}"
+            )
+        (tmp_site / "ascl_venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+        os.rename(tmp, dest)
+    except OSError:
+        if not (site_dir / "ascl_venv.pth").is_file():  # not a lost race with another process
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when ``host:port`` cannot be bound right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like the server itself: ports in TIME_WAIT from our own readiness polls are free.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def server_env() -> dict[str, str]:
+    """Environment for tritonserver and its Python stubs."""
+    env = os.environ.copy()
+    libs = [str(sysconfig.get_config_var("LIBDIR")), str(pytriton_root().parent / "nvidia_pytriton.libs")]
+    env["LD_LIBRARY_PATH"] = ":".join([*libs, *filter(None, [env.get("LD_LIBRARY_PATH")])])
+    stub_env = prepared_stub_env()
+    python_bin = stub_env / "bin" if stub_env else Path(sys.executable).parent
+    env["PATH"] = f"{python_bin}:{env.get('PATH', '')}"
+    env.pop("PYTHONPATH", None)  # the stub ignores it; keep tritonserver's own environment clean
+    env.setdefault("OMP_NUM_THREADS", str(min(4, os.cpu_count() or 1)))
+    return env
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """SIGTERM the server if the launching process dies, so nothing is left behind."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class TritonServer:
+    """A tritonserver process serving ``repository``, usable as a context manager.
+
+    ``start()`` checks the ports, launches the server and waits until it reports ready;
+    ``stop()`` sends SIGTERM (Triton finishes in-flight requests, then exits) and kills it if it
+    has not exited within ``exit_timeout_s``.
+    """
+
+    def __init__(
+        self, repository: str | Path, *, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
+        host: str = "127.0.0.1", exit_timeout_s: int = 30, log_path: str | Path | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.repository = Path(repository).resolve()
+        self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.host = host
+        self.exit_timeout_s = exit_timeout_s
+        self.verbose = verbose
+        self.log_path = Path(log_path) if log_path else None
+        self._own_log = log_path is None  # a temporary log we remove after a clean stop
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._client_host}:{self.ports['http']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.ports['metrics']}/metrics"
+
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    def command(self) -> list[str]:
+        """The tritonserver command line."""
+        binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
+        prefix = f"ascl_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        return [
+            str(binary), f"--model-repository={self.repository}", f"--backend-directory={prepared_backends()}",
+            f"--grpc-port={self.ports['grpc']}", f"--http-port={self.ports['http']}",
+            f"--metrics-port={self.ports['metrics']}", f"--grpc-address={self.host}",
+            f"--http-address={self.host}", f"--metrics-address={self.host}", "--allow-metrics=true",
+            "--allow-gpu-metrics=false", f"--exit-timeout-secs={self.exit_timeout_s}", "--strict-readiness=true",
+            f"--backend-config=python,shm-region-prefix-name={prefix}", f"--log-verbose={1 if self.verbose else 0}",
+            "--model-control-mode=explicit", "--load-model=*",  # explicit: stop() can drain the ensembles first
+        ]
+
+    def start(self, timeout_s: float = 180.0) -> TritonServer:
+        """Launch and wait until ready; raises ServerError with the log tail on failure."""
+        if not (self.repository / "").is_dir():
+            raise ServerError(f"{self.repository}: no such model repository")
+        for name, port in self.ports.items():
+            if port_in_use(self.host, port):
+                raise ServerError(
+                    f"{self.host}:{port} ({name} port) is already in use; stop what listens there or pick "
+                    f"another with --{name}-port"
+                )
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver.", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                self.command(), env=server_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=_die_with_parent,
+                cwd=self.repository,  # the stubs put the cwd first on sys.path: keep a source checkout out
+            )
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def errors(self) -> str:
+        """The error lines of the server log (model load failures and the like)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(line for line in lines if line.startswith("E") or "rror" in line[:200])[-6000:]
+
+    def logs(self, tail: int = 4000) -> str:
+        """The last ``tail`` characters of the server log."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-tail:]
+
+    def is_ready(self) -> bool:
+        """Triton's own readiness endpoint answers 200."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        """Block until ready; ServerError if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                code = None if self.process is None else self.process.returncode
+                raise ServerError(
+                    f"tritonserver exited (code {code}) before it was ready; errors in {self.log_path}:\n{self.errors()}"
+                )
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s; log:\n{self.logs()}")
+
+    def wait(self) -> int:
+        """Block until the server exits; returns its exit code."""
+        return -1 if self.process is None else self.process.wait()
+
+    def _post(self, path: str) -> bytes:
+        request = urllib.request.Request(f"{self.http_url}{path}", data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=self.exit_timeout_s) as resp:
+            return bytes(resp.read())
+
+    def drain(self) -> None:
+        """Unload the ensembles and wait until their in-flight requests are done.
+
+        Triton 2.51 on SIGTERM stops every model's scheduler at once, so an ensemble request in
+        flight fails at its next step. Unloading an ensemble first refuses new requests to it
+        while the ones already inside finish on the still-loaded composing models.
+        """
+        ensembles = [p.parent.name for p in self.repository.glob("*/config.pbtxt")
+                     if 'platform: "ensemble"' in p.read_text()]
+        deadline = time.monotonic() + self.exit_timeout_s
+        try:
+            for name in ensembles:
+                self._post(f"/v2/repository/models/{name}/unload")
+            while time.monotonic() < deadline:
+                states = json.loads(self._post("/v2/repository/index"))
+                if all(s.get("state") != "UNLOADING" and s.get("state") != "READY"
+                       for s in states if s.get("name") in ensembles):
+                    return
+                time.sleep(0.1)
+        except (urllib.error.URLError, OSError, ValueError):
+            return  # the server is going away anyway; SIGTERM handles the rest
+
+    def stop(self) -> int | None:
+        """Drain the ensembles, SIGTERM (Triton finishes in-flight requests), kill after the exit
+        timeout; returns the exit code."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            self.drain()
+        self.process = None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(self.exit_timeout_s + 10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self._own_log and proc.returncode == 0 and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+        return proc.returncode
+
+    def __enter__(self) -> TritonServer:
+        return self.start() if self.process is None else self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,71 @@
+"""Triton Python model `search`: embeddings + k -> ids, scores, metadata (JSON) from a FAISS index.
+
+The index is loaded in ``initialize``; a watcher thread loads each new version written to the
+index folder (``ascl index add``) and swaps it in. ``execute`` takes one reference to the
+current index per batch, so in-flight requests finish on the version they started with.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ascl.names import EMBEDDINGS, IDS, METADATA, SCORES, TOP_K
+from ascl.serving.index import GalleryIndex, manifest_version
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, Any]) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(1)  # small query batches: OpenMP spin-waits only steal CPU from the encoder
+        params = json.loads(args["model_config"])["parameters"]
+        folder = Path(args["model_repository"]) / args["model_version"]
+        self.folder = folder / params["index_dir"]["string_value"]  # absolute paths win in the join
+        self.poll_s = float(params.get("poll_seconds", {}).get("string_value", "0.5"))
+        self.index = GalleryIndex.load(self.folder)
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="index-watcher", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                if manifest_version(self.folder) != self.index.version:
+                    fresh = GalleryIndex.load(self.folder)
+                    self.index = fresh  # one reference swap: readers see the old or the new index
+                    pb_utils.Logger.log_info(f"search: loaded index version {fresh.version} ({fresh.ntotal} vectors)")
+            except Exception as exc:  # a bad new version must not stop serving the current one
+                pb_utils.Logger.log_warn(f"search: keeping index version {self.index.version}: {exc}")
+
+    def _respond(self, index: GalleryIndex, request: Any) -> Any:
+        queries = pb_utils.get_input_tensor_by_name(request, EMBEDDINGS).as_numpy()  # [B, D]
+        ks = pb_utils.get_input_tensor_by_name(request, TOP_K).as_numpy().reshape(-1)  # [B]
+        if len(set(ks.tolist())) != 1:
+            raise ValueError(f"all rows of one request need the same k, got {sorted(set(ks.tolist()))}")
+        scores, ids = index.search(queries, int(ks[0]))  # [B, k] each
+        meta = np.array(
+            [[json.dumps(index.metadata.get(int(i), {}), sort_keys=True).encode() for i in row] for row in ids],
+            dtype=np.object_,
+        )  # [B, k]
+        return pb_utils.InferenceResponse(
+            [pb_utils.Tensor(IDS, ids), pb_utils.Tensor(SCORES, scores), pb_utils.Tensor(METADATA, meta)]
+        )
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        index = self.index
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._respond(index, request))
+            except ValueError as exc:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"search: {exc}")))
+        return responses
+
+    def finalize(self) -> None:
+        self._stop.set()

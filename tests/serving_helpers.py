@@ -1,0 +1,57 @@
+"""Helpers shared by the index, Triton-repository and serving tests: small real models and servers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+_EXPORTED: dict[tuple[int, int], Path] = {}
+
+
+def export_random_encoder(path: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A seeded, randomly initialised ResNet-18 encoder exported to ONNX (random conv features
+    already separate the digits classes far above chance). Exported once per test session and
+    copied, since an export takes seconds on a busy 2-core machine."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import torch
+
+    from ascl.export.onnx_export import export_onnx
+    from ascl.training.encoder import Encoder
+
+    key = (seed, image_size)
+    if key not in _EXPORTED or not _EXPORTED[key].is_file():
+        torch.manual_seed(seed)
+        folder = tempfile.mkdtemp(prefix="ascl-test-onnx-")
+        atexit.register(shutil.rmtree, folder, True)
+        cached = Path(folder) / f"random_{seed}_{image_size}.onnx"
+        _EXPORTED[key] = export_onnx(Encoder(image_size=image_size).eval(), cached)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(_EXPORTED[key], path)
+    return path
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``text`` (zombies excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().split(") ", 1)[1][:1]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def precision_at_k(ids: np.ndarray, query_labels: list[str], label_of: dict[int, str]) -> float:
+    """Mean fraction of the returned ids whose label equals the query's label."""
+    agree = [[label_of[int(i)] == q for i in row] for row, q in zip(ids, query_labels, strict=True)]
+    return float(np.mean(agree))

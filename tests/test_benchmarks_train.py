@@ -1,0 +1,72 @@
+"""The issue-3 benchmarks at a tiny CPU size, through the prepared device script (TINY=1).
+
+One run covers all three: ``device_issue3.sh`` calls ``train_throughput.py`` (reference and
+fast path side by side, batch 8, --no-compile) and ``time_to_accuracy.py`` (1 epoch), then
+gathers what a device call brings back: one results JSON, the curve PNG and the encoder as a
+sharded hub folder, 8 files of at most 16 MiB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MIB = 2**20
+pytestmark = pytest.mark.slow  # ~1-2 minutes on 2 cores: three short processes of ResNet-18 steps
+
+
+@pytest.fixture(scope="module")
+def device_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("issue3_out")
+    env = {**os.environ, "TINY": "1", "PYTHON": sys.executable, "OUT": str(out),
+           "ASCL_CACHE": str(tmp_path_factory.mktemp("cache")), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "device_issue3.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_device_script_output_fits_the_device_limits(device_run: tuple[Path, str]) -> None:
+    out, _ = device_run
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    names = {str(p.relative_to(out)) for p in files}
+    assert len(files) <= 8, names
+    assert {"results_issue3.json", "time_to_accuracy.png", "encoder/config.json",
+            "encoder/model.safetensors.index.json"} <= names
+    assert all(p.stat().st_size < 16 * MIB for p in files)
+    assert all(len(p.relative_to(out).parts) <= 3 for p in files)
+    assert (out / "time_to_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_throughput_record(device_run: tuple[Path, str]) -> None:
+    out, stdout = device_run
+    tp = json.loads((out / "results_issue3.json").read_text())["train_throughput"]
+    assert tp["batch_size"] == 8 and tp["compile"] is False and tp["device_type"] == "cpu"
+    assert tp["torch"] and "train_throughput.py" in tp["command"] and "--no-compile" in tp["command"]
+    for name in ("reference", "fast", "reference_step_only", "fast_step_only"):
+        assert tp["results"][name]["pairs_per_s"] > 0
+    ratio = tp["results"]["fast"]["pairs_per_s"] / tp["results"]["reference"]["pairs_per_s"]
+    assert tp["ratio_fast_over_reference"] == pytest.approx(ratio, rel=0.02)
+    assert "fast / reference:" in stdout
+
+
+def test_time_to_accuracy_record_and_encoder(device_run: tuple[Path, str]) -> None:
+    out, _ = device_run
+    tta = json.loads((out / "results_issue3.json").read_text())["time_to_accuracy"]
+    assert tta["recipe"]["epochs"] == 1 and tta["recipe"]["t1"] == 0.1 and tta["recipe"]["t2"] == 0.05
+    assert tta["recipe"]["lr"] == pytest.approx(0.06 * 16 / 256)
+    assert [row["epoch"] for row in tta["curve"]] == [1]
+    assert 0 <= tta["final_knn_top1"] <= 100 and 0 <= tta["linear_probe_top1"] <= 100
+    assert tta["train_seconds"] > 0 and tta["steps"] == 2
+
+    from ascl.hub import load_encoder
+
+    encoder = load_encoder(str(out / "encoder"))
+    assert encoder.image_size == 8 and encoder.arch == "resnet18"
+    assert len(tta["encoder_files"]) >= 2  # sharded: ResNet-18 is ~45 MB, shards are < 16 MiB

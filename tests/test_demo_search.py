@@ -1,0 +1,210 @@
+"""The demo's search functions without any UI: real ONNX Runtime, real FAISS, real images."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ascl.demo import search as actions
+from ascl.demo.backends import InProcessBackend
+from ascl.demo.gallery import cifar_subset_from_tar, digits_gallery, folder_key, resolve_gallery
+from ascl.demo.model import choose_model, ensure_onnx
+from ascl.demo.serving_adapter import build_index
+from ascl.images import MAX_IMAGE_BYTES
+
+
+def png_bytes(seed: int, size: int = 40) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("demo-cache")
+
+
+@pytest.fixture(scope="module")
+def onnx_path(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    choice = choose_model(None, runs_dir=tmp_path_factory.mktemp("no-runs"))
+    path, exported = ensure_onnx(choice, demo_cache)
+    assert exported
+    return path
+
+
+@pytest.fixture(scope="module")
+def digits_index(onnx_path: Path, digits_folder: Path, demo_cache: Path) -> Path:
+    index_dir = demo_cache / "digits-index"
+    assert build_index(onnx_path, digits_folder, index_dir) == 120
+    return index_dir
+
+
+@pytest.fixture()
+def backend(onnx_path: Path, digits_index: Path, tmp_path: Path) -> InProcessBackend:
+    """A fresh copy of the index per test, so additions do not leak between tests."""
+    shutil.copytree(digits_index, tmp_path / "index")
+    return InProcessBackend(onnx_path, tmp_path / "index")
+
+
+def test_random_fallback_is_loud_and_export_is_cached(onnx_path: Path, demo_cache: Path, tmp_path: Path) -> None:
+    choice = choose_model(None, runs_dir=tmp_path)
+    assert choice.spec is None and choice.warning and "RANDOMLY" in choice.description
+    again, exported = ensure_onnx(choice, demo_cache)
+    assert again == onnx_path and not exported
+
+
+def test_newest_run_is_chosen_and_keyed_by_content(tmp_path: Path) -> None:
+    for name, payload in (("old", b"a"), ("new", b"b")):
+        ckpt = tmp_path / name / "checkpoints" / "last.pt"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(payload)
+    choice = choose_model(None, runs_dir=tmp_path)
+    assert choice.spec == str(tmp_path / "new" / "checkpoints" / "last.pt")
+    assert choice.warning and "newest local training run" in choice.warning
+    (tmp_path / "new" / "checkpoints" / "last.pt").write_bytes(b"c")
+    assert choose_model(None, runs_dir=tmp_path).key != choice.key
+
+
+def test_newest_run_is_exported_with_its_trained_weights(tmp_path: Path) -> None:
+    import torch
+
+    from ascl.export.runtime import OnnxEmbedder
+    from ascl.training.checkpoint import ENCODER_PREFIX, save_checkpoint
+    from ascl.training.encoder import Encoder
+
+    torch.manual_seed(3)
+    encoder = Encoder(image_size=16).eval()
+    state = {f"{ENCODER_PREFIX}{k}": v for k, v in encoder.state_dict().items()}
+    save_checkpoint(tmp_path / "runs" / "tiny" / "checkpoints" / "last.pt",
+                    {"encoder_config": encoder.config(), "model": state})
+    choice = choose_model(None, runs_dir=tmp_path / "runs")
+    onnx_path, exported = ensure_onnx(choice, tmp_path / "cache")
+    assert exported and choice.key.startswith("run-")
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    expected = encoder.embed_uint8(torch.from_numpy(pixels)).numpy()  # [3, 512]
+    np.testing.assert_allclose(OnnxEmbedder(onnx_path).embed(pixels), expected, atol=1e-4)
+
+
+def test_search_ranks_k_results_and_finds_the_query_first(backend: InProcessBackend, digits_folder: Path,
+                                                          tmp_path: Path) -> None:
+    query = sorted(digits_folder.rglob("*.png"))[30]
+    outcome = actions.search(backend, query.read_bytes(), 7)
+    scores = [r.score for r in outcome.results]
+    assert len(scores) == 7 and scores == sorted(scores, reverse=True)
+    assert outcome.results[0].file == query and outcome.results[0].score == pytest.approx(1.0, abs=1e-4)
+    assert outcome.results[0].label == query.parent.name and outcome.seconds > 0
+    assert actions.caption(outcome.results[0]).startswith("1.000 · ")
+    thumb = Path(actions.thumbnail(outcome.results[0], tmp_path))
+    assert thumb.parent == tmp_path and Image.open(thumb).size == Image.open(query).size
+    assert actions.thumbnail(outcome.results[0], tmp_path) == str(thumb)  # reused, not rewritten
+
+
+def test_added_image_is_found_first_at_once(backend: InProcessBackend) -> None:
+    new = png_bytes(7)
+    before = backend.count()
+    added = actions.add(backend, new, "noise.png", "noise")
+    assert backend.count() == before + 1
+    top = actions.search(backend, new, 3).results[0]
+    assert (top.id, top.label) == (added.id, "noise") and top.file is not None and top.file.read_bytes() == new
+    fresh = InProcessBackend(backend.embedder.path, backend.index_dir)  # the addition is on disk too
+    assert actions.search(fresh, new, 1).results[0].id == added.id
+
+
+def test_bad_inputs_become_friendly_errors(backend: InProcessBackend, tmp_path: Path) -> None:
+    with pytest.raises(actions.UserError, match="not an image we can read"):
+        actions.search(backend, b"this is text", 5, "notes.txt")
+    with pytest.raises(actions.UserError, match="between 1 and"):
+        actions.search(backend, png_bytes(1), 0)
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(b"\0" * (MAX_IMAGE_BYTES + 1))
+    with pytest.raises(actions.UserError, match="over the 20 MiB limit"):
+        actions.upload_bytes({"path": str(huge), "orig_name": "huge.png"})
+    with pytest.raises(actions.UserError, match="No image yet"):
+        actions.upload_bytes(None)
+    assert len(actions.search(backend, png_bytes(2), 3).results) == 3  # still usable
+
+
+def test_server_down_is_a_friendly_error() -> None:
+    from conftest import free_port
+
+    from ascl.demo.backends import TritonBackend
+
+    backend = TritonBackend(f"127.0.0.1:{free_port()}")
+    with pytest.raises(actions.UserError, match="search server is not answering"):
+        actions.search(backend, png_bytes(4), 5)
+    with pytest.raises(actions.UserError, match="--index"):
+        actions.add(backend, png_bytes(4), "x.png")
+
+
+def test_upload_payloads(tmp_path: Path) -> None:
+    data = png_bytes(3)
+    file = tmp_path / "x.png"
+    file.write_bytes(data)
+    assert actions.upload_bytes({"path": str(file), "orig_name": "mine.png"}) == (data, "mine.png")
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    assert actions.upload_bytes({"url": url, "path": None})[0] == data
+    assert actions.upload_bytes(str(file)) == (data, "x.png")
+
+
+def test_galleries(tmp_path: Path, digits_folder: Path, cifar_tar: Path) -> None:
+    subset = cifar_subset_from_tar(cifar_tar, tmp_path, per_class=2)
+    files = sorted(subset.root.rglob("*.jpg"))
+    assert len(files) == 20 and {f.parent.name for f in files} >= {"cat", "truck"}
+    assert resolve_gallery(None, tmp_path, subset=20, cifar_tar=cifar_tar).root == subset.root
+    (tmp_path / "torchvision").write_text("a file where torchvision wants its folder: the download fails at once")
+    fallback = resolve_gallery(None, tmp_path, cifar_tar=tmp_path / "absent.tar.gz")
+    assert fallback.note and "using scikit-learn's digits instead" in fallback.note
+    assert len(list(fallback.root.rglob("*.png"))) == 1797
+    assert fallback.root == digits_gallery(tmp_path).root
+    assert resolve_gallery(str(digits_folder), tmp_path).key == f"dir-{folder_key(digits_folder)}"
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        resolve_gallery(str(tmp_path / "missing"), tmp_path)
+
+
+def test_demo_command_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ascl.cli import main
+
+    assert main(["demo", "--in-process", "--cache", str(tmp_path)]) == 2
+    assert "--in-process needs --index" in capsys.readouterr().err
+    assert main(["demo", "--index", str(tmp_path), "--cache", str(tmp_path)]) == 2
+    assert "not an index folder" in capsys.readouterr().err
+
+
+def test_demo_command_serves_in_process_and_stops_on_sigterm(onnx_path: Path, digits_index: Path,
+                                                             tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    shutil.copytree(digits_index, tmp_path / "index")
+    port = free_port()
+    args = [sys.executable, "-m", "ascl", "demo", "--in-process", "--model", str(onnx_path), "--index",
+            str(tmp_path / "index"), "--port", str(port)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:
+                    assert page.status == 200 and "ascl image search" in page.read().decode()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, "ascl demo did not start"
+                time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.stdout is not None and "stopping" in process.stdout.read()

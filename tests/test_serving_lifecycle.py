@@ -1,0 +1,101 @@
+"""`ascl serve` as a process: fails fast with clear messages, and SIGTERM under load completes
+the requests already in flight, then exits with nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from serving_helpers import export_random_encoder, processes_mentioning
+
+from ascl.images import list_images
+from ascl.serving import Client
+from ascl.serving.build import build_index
+
+
+@pytest.fixture(scope="module")
+def model_and_index(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("lifecycle")
+    onnx_path = export_random_encoder(root / "encoder.onnx")
+    build_index(onnx_path, str(digits_folder), root / "idx", progress=False)
+    return onnx_path, root / "idx"
+
+
+def serve(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "ascl", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def ports() -> list[str]:
+    return ["--grpc-port", str(free_port()), "--http-port", str(free_port()), "--metrics-port", str(free_port())]
+
+
+def test_missing_model_index_or_busy_port_fail_fast(model_and_index: tuple[Path, Path], tmp_path: Path) -> None:
+    onnx_path, index = model_and_index
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        busy_port = str(busy.getsockname()[1])
+        cases = {
+            "no such ONNX file": ["--model", str(tmp_path / "nope.onnx"), "--index", str(index), *ports()],
+            "not an index folder": ["--model", str(onnx_path), "--index", str(tmp_path), *ports()],
+            f"127.0.0.1:{busy_port} (http port) is already in use": [
+                "--model", str(onnx_path), "--index", str(index), *ports(), "--http-port", busy_port],
+        }
+        for message, args in cases.items():
+            start = time.monotonic()
+            proc = serve(*args)
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 2, out
+            assert message in out and "Traceback" not in out
+            assert time.monotonic() - start < 30
+
+
+def test_sigterm_under_load_completes_in_flight(model_and_index: tuple[Path, Path], digits_folder: Path,
+                                                tmp_path: Path) -> None:
+    onnx_path, index = model_and_index
+    repo = tmp_path / "models"
+    grpc_port = free_port()
+    proc = serve("--model", str(onnx_path), "--index", str(index), *ports(), "--grpc-port", str(grpc_port),
+                 "--repository", str(repo))
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("ready:"):
+                break
+        else:
+            pytest.fail(f"ascl serve exited with {proc.wait()} before ready")
+        url = f"127.0.0.1:{grpc_port}"
+        images = list_images(digits_folder)[:64]
+        results: list[object] = []
+
+        def one_request() -> None:
+            try:
+                with Client(url, timeout_s=120) as c:
+                    results.append(len(c.search(images, k=3)))  # 64 images: slow enough to be in flight
+            except Exception as exc:  # recorded: an in-flight request that failed
+                results.append(exc)
+
+        threads = [threading.Thread(target=one_request) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # all six requests have reached the server; most are queued behind the encoder
+        os.kill(proc.pid, signal.SIGTERM)
+        for t in threads:
+            t.join(120)
+        rest, _ = proc.communicate(timeout=90)
+        assert results == [64] * 6, [str(r)[:300] for r in results]
+        assert proc.returncode == 0 and "stopping" in rest
+        assert processes_mentioning(str(repo)) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,172 @@
+"""Frameworks, shared modules, the loop, checkpoints and resume, on tiny CPU data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ascl.training.checkpoint import (
+    CheckpointError,
+    encoder_from_checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+)
+from ascl.training.config import TrainConfig, load_config
+from ascl.training.encoder import CIFAR10_MEAN, Encoder
+from ascl.training.frameworks import build_framework
+from ascl.training.loop import train
+from ascl.training.metrics import read_metrics
+from ascl.training.modules import MemoryQueue, SplitBatchNorm, convert_split_batchnorm, momentum_update
+from ascl.training.schedule import warmup_cosine
+from ascl.training.step import make_reference_step
+
+TINY = [
+    "data.spec=digits", "data.image_size=8", "data.num_workers=0", "data.subset=64", "batch_size=16",
+    "model.head_hidden=32", "model.head_dim=16", "model.pred_hidden=32", "model.bn_splits=2",
+    "moco.queue_size=16", "eval.knn_every=0", "device=cpu", "fast_path=off", "log_every=1",
+    "optim.warmup_epochs=0", "optim.lr_per_256=2.0",
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, 2 threads contend and run ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(*extra: str) -> TrainConfig:
+    return load_config(None, [*TINY, *extra])
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [float(r["loss"]) for r in read_metrics(run_dir / "metrics.csv") if r["loss"]]
+
+
+@pytest.mark.parametrize("framework", ["moco", "byol"])
+@pytest.mark.parametrize("mode", ["ascl", "ahcl", "hard", "none"])
+def test_one_step_each_framework_and_mode(framework: str, mode: str) -> None:
+    torch.manual_seed(0)
+    fw = build_framework(tiny(f"framework={framework}", f"loss.mode={mode}", "batch_size=8")).train()
+    opt = torch.optim.SGD([p for p in fw.parameters() if p.requires_grad], lr=0.1)
+    step = make_reference_step(fw, opt)
+    enc_before = fw.encoder.backbone.conv1.weight.clone()
+    target_before = fw.target_encoder.backbone.conv1.weight.clone()
+    x_q, x_k = torch.randn(8, 3, 8, 8), torch.randn(8, 3, 8, 8)
+    loss = step(x_q, x_k)
+    assert loss.ndim == 0 and torch.isfinite(loss) and not loss.requires_grad
+    assert not torch.equal(fw.encoder.backbone.conv1.weight, enc_before)  # the optimiser stepped
+    assert fw.target_encoder.backbone.conv1.weight.requires_grad is False
+    step(x_q, x_k)
+    assert not torch.equal(fw.target_encoder.backbone.conv1.weight, target_before)  # the EMA followed
+    if framework == "moco":
+        assert int(fw.queue.ptr) == 0  # 2 batches of 8 in a queue of 16: wrapped exactly
+    assert [type(m) for m in fw.momentum_pairs()[0]] == [type(fw.encoder), type(fw.target_encoder)]
+
+
+def test_queue_ring_pointer_wraps_for_batches_that_do_not_divide_k() -> None:
+    queue = MemoryQueue(10, 2)
+    batches = [torch.full((4, 2), float(i)) for i in range(1, 4)]
+    for b in batches:
+        queue.enqueue(b)
+    assert int(queue.ptr) == 2
+    assert queue.keys[:, 0].tolist() == [3, 3, 1, 1, 2, 2, 2, 2, 3, 3]
+    queue.enqueue(torch.full((25, 2), 9.0))  # bigger than K: keeps the newest K
+    assert (queue.keys == 9).all() and int(queue.ptr) == 7
+
+
+def test_split_batchnorm_is_batchnorm_per_group_and_plain_in_eval() -> None:
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm2d(3)
+    split = convert_split_batchnorm(torch.nn.Sequential(bn), 2)[0]
+    assert isinstance(split, SplitBatchNorm) and set(split.state_dict()) == set(bn.state_dict())
+    x = torch.randn(8, 3, 4, 4)
+    ref = torch.cat([F.batch_norm(x[:4], None, None, training=True), F.batch_norm(x[4:], None, None, training=True)])
+    torch.testing.assert_close(split(x), ref, rtol=1e-4, atol=1e-5)
+    split.eval()
+    plain = torch.nn.BatchNorm2d(3).eval()
+    plain.load_state_dict(split.state_dict())
+    torch.testing.assert_close(split(x), plain(x))
+
+
+def test_momentum_update_is_an_ema() -> None:
+    online, target = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    expected = 0.9 * target.weight.detach() + 0.1 * online.weight.detach()
+    momentum_update([(online, target)], 0.9)
+    torch.testing.assert_close(target.weight.detach(), expected)
+
+
+def test_warmup_then_cosine() -> None:
+    lrs = [warmup_cosine(s, 100, 10) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)) and lrs[-1] < 0.01
+
+
+def test_short_digits_run_loss_goes_down(tmp_path: Path) -> None:
+    result = train(tiny("epochs=3"), tmp_path, progress=False)
+    curve = losses(tmp_path)
+    assert result.step == 12 and len(curve) == 12
+    # step 1 sees a random queue; from step 2 the queue holds real keys
+    assert sum(curve[-3:]) / 3 < sum(curve[1:4]) / 3 - 0.2, curve
+    assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "curves.png").stat().st_size > 1000
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_gives_the_same_next_steps(tmp_path: Path) -> None:
+    full = train(tiny("epochs=2", "data.subset=48"), tmp_path / "full", progress=False)  # 3 steps/epoch
+    assert full.step == 6
+    first = train(tiny("epochs=2", "data.subset=48", "max_steps=2"), tmp_path / "cut", progress=False)
+    assert first.step == 2 and not first.interrupted
+    ckpt_path = find_checkpoint(tmp_path / "cut")
+    ckpt = load_checkpoint(ckpt_path)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (0, 2, 2)
+    train(tiny("epochs=2", "data.subset=48"), tmp_path / "cut", resume=ckpt_path, ckpt=ckpt, progress=False)
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert len(b) == 6
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-6)  # mid-epoch resume, then a full epoch: identical losses
+
+
+def test_encoder_from_checkpoint_is_strict_and_matches(tmp_path: Path) -> None:
+    train(tiny("max_steps=1"), tmp_path, progress=False)
+    encoder = encoder_from_checkpoint(tmp_path)
+    state = load_checkpoint(tmp_path)
+    assert encoder.arch == "resnet18" and encoder.image_size == 8
+    assert encoder.mean != CIFAR10_MEAN  # preprocessing facts measured on the training data
+    fw = build_framework(tiny(), Encoder(**state["encoder_config"]))
+    fw.load_state_dict(state["model"])
+    x = torch.randint(0, 255, (4, 8, 8, 3), dtype=torch.uint8)
+    fw.encoder.eval()
+    torch.testing.assert_close(encoder.embed_uint8(x), fw.encoder.embed_uint8(x))
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tmp_path: Path) -> None:
+    train(tiny("max_steps=1"), tmp_path, progress=False)
+    ckpt_path = find_checkpoint(tmp_path)
+    state = load_checkpoint(ckpt_path)
+    state["encoder_config"]["arch"] = "resnet34"  # weights are resnet18
+    bad = tmp_path / "other.pt"
+    torch.save(state, bad)
+    with pytest.raises(CheckpointError, match=r"other\.pt.*resnet34"):
+        encoder_from_checkpoint(bad)
+    with pytest.raises(CheckpointError, match=r"last\.pt.*arch=resnet34"):
+        train(tiny("max_steps=2", "model.arch=resnet34"), tmp_path, resume=ckpt_path, ckpt=load_checkpoint(ckpt_path),
+              progress=False)
+
+
+def test_foreign_and_truncated_files_are_clear_errors(tmp_path: Path) -> None:
+    foreign = tmp_path / "resnet.pt"
+    torch.save({"conv1.weight": torch.zeros(1)}, foreign)
+    with pytest.raises(CheckpointError, match=r"resnet\.pt: not an ASCL training checkpoint"):
+        encoder_from_checkpoint(foreign)
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(foreign.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match=r"cut\.pt"):
+        encoder_from_checkpoint(truncated)
+    with pytest.raises(CheckpointError, match="no checkpoints/last.pt"):
+        find_checkpoint(tmp_path)
