@@ -146,14 +146,12 @@ def linear_probe(run: Any, epochs: int) -> float:
 
 def plot_curve(curve: list[dict[str, float]], title: str, path: Path) -> None:
     """kNN top-1 against training wall time (bottom axis) with epochs annotated."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ascl.atomic import atomic_write_bytes
+    from ascl.training.metrics import save_png
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     minutes = [r["train_seconds"] / 60 for r in curve]
@@ -166,10 +164,7 @@ def plot_curve(curve: list[dict[str, float]], title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with io.BytesIO() as buf:
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=110)
 
 
 def device_name(device: Any) -> str:

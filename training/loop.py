@@ -32,7 +32,7 @@ from ascl.training.frameworks import build_encoder, build_framework
 from ascl.training.knn import embed_images, knn_accuracy
 from ascl.training.loaders import ReferenceTwoViewLoader
 from ascl.training.metrics import MetricsWriter, plot_curves
-from ascl.training.schedule import build_optimizer, build_scheduler
+from ascl.training.schedule import base_lr, build_optimizer, build_scheduler
 from ascl.training.step import Step, make_reference_step
 
 
@@ -183,7 +183,14 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: Path | None = None, ckpt:
     if len(loader) == 0:
         raise ConfigError(f"{cfg.data.spec}: {len(train_set)} training images make no full batch of "
                           f"{cfg.batch_size // info.world_size} per process; lower batch_size")
-    optimizer = build_optimizer(framework, cfg.optim, cfg.batch_size)
+    if fast:  # the same SGD, fused into a few kernels (and safe with channels_last momentum buffers)
+        from ascl.training.fast import make_fast_optimizer
+
+        optimizer: torch.optim.Optimizer = make_fast_optimizer(
+            framework.parameters(), base_lr(cfg.optim, cfg.batch_size), cfg.optim.momentum, cfg.optim.weight_decay
+        )
+    else:
+        optimizer = build_optimizer(framework, cfg.optim, cfg.batch_size)
     scheduler = build_scheduler(optimizer, cfg.epochs * len(loader), int(round(cfg.optim.warmup_epochs * len(loader))))
     position = (0, 0, 0)
     if ckpt is not None and resume is not None:  # before the step is made: it may re-layout optimiser state

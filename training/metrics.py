@@ -72,10 +72,17 @@ def plot_curves(csv_path: Path, png_path: Path) -> Path | None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with io.BytesIO() as buf:
-        fig.savefig(buf, format="png", dpi=100)
-        plt.close(fig)
-        from ascl.atomic import atomic_write_bytes
-
-        atomic_write_bytes(png_path, buf.getvalue())
+    save_png(fig, png_path, dpi=100)
     return png_path
+
+
+def save_png(fig: Any, path: Path, *, dpi: int = 100) -> None:
+    """Render a matplotlib figure to PNG, write it atomically, and close the figure."""
+    import matplotlib.pyplot as plt
+
+    from ascl.atomic import atomic_write_bytes
+
+    with io.BytesIO() as buf:
+        fig.savefig(buf, format="png", dpi=dpi)
+        plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())

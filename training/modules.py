@@ -83,6 +83,50 @@ class ProjectionHead(nn.Module):
         return self.net(x)  # [N, in] -> [N, out]
 
 
+def split_batch_norm(
+    x: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_splits: int,
+    momentum: float,
+    eps: float,
+) -> torch.Tensor:
+    """Training-mode BatchNorm with statistics per group of ``n / num_splits`` contiguous samples.
+
+    Equal to ``SplitBatchNorm``'s reshape trick, but works on a ``[g, n/g, C, ...]`` view,
+    which needs no copy in channels_last, and normalises the original 4-D (or 2-D) tensor so
+    the output keeps the input's memory format. Running stats: the mean over groups of each
+    group's update, with the unbiased variance, as ``F.batch_norm`` per group would do.
+    x: [N, C, *rest] -> [N, C, *rest]; updates running_mean/var [C] in place.
+    """
+    n, c = x.shape[0], x.shape[1]
+    g = num_splits
+    if n % g:
+        raise ValueError(f"batch of {n} does not split into {g} BatchNorm groups; make batch_size a multiple")
+    rest = tuple(x.shape[2:])
+    xg = x.view(g, n // g, c, *rest)  # [g, n/g, C, *rest]: splits the outer dim only
+    dims = (1, *range(3, xg.dim()))
+    stats_in = xg if xg.dtype in (torch.float32, torch.float64) else xg.float()  # bf16 under autocast
+    var, mean = torch.var_mean(stats_in, dim=dims, unbiased=False, keepdim=True)  # [g, 1, C, 1...]
+    scale = torch.rsqrt(var + eps)  # [g, 1, C, 1...]
+    shift = -mean * scale
+    pshape = (1, 1, c) + (1,) * len(rest)
+    if weight is not None:
+        scale = scale * weight.view(pshape)
+        shift = shift * weight.view(pshape)
+    if bias is not None:
+        shift = shift + bias.view(pshape)
+    out = (xg * scale.to(x.dtype) + shift.to(x.dtype)).view(n, c, *rest)  # same strides as x: a view
+    count = xg.numel() // (g * c)  # values per group and channel
+    with torch.no_grad():
+        unbiased = var.reshape(g, c) * (count / max(1, count - 1))
+        running_mean.lerp_(mean.reshape(g, c).mean(0).to(running_mean.dtype), momentum)
+        running_var.lerp_(unbiased.mean(0).to(running_var.dtype), momentum)
+    return out
+
+
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics come from ``num_splits`` contiguous groups of the batch.
 
@@ -100,22 +144,12 @@ class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.num_splits
-        if not self.training or g == 1:
+        if not self.training or self.num_splits == 1 or self.running_mean is None or self.running_var is None:
             return super().forward(x)
-        n, c, rest = x.shape[0], x.shape[1], tuple(x.shape[2:])
-        if n % g:
-            raise ValueError(f"batch of {n} does not split into {g} BatchNorm groups; make batch_size a multiple")
-        xs = x.reshape(g, n // g, c, *rest).transpose(0, 1).reshape(n // g, g * c, *rest)  # [n/g, g*c, ...]
-        mean, var = self.running_mean.repeat(g), self.running_var.repeat(g)  # type: ignore[union-attr]
-        weight = self.weight.repeat(g) if self.weight is not None else None
-        bias = self.bias.repeat(g) if self.bias is not None else None
-        out = F.batch_norm(xs, mean, var, weight, bias, True, self.momentum or 0.1, self.eps)
-        with torch.no_grad():
-            self.running_mean.copy_(mean.view(g, c).mean(0))  # type: ignore[union-attr]
-            self.running_var.copy_(var.view(g, c).mean(0))  # type: ignore[union-attr]
-            self.num_batches_tracked.add_(1)  # type: ignore[union-attr,operator]
-        return out.reshape(n // g, g, c, *rest).transpose(0, 1).reshape(n, c, *rest)
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        return split_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                self.num_splits, self.momentum or 0.1, self.eps)
 
 
 def convert_split_batchnorm(module: M, num_splits: int) -> M:
