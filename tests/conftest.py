@@ -69,10 +69,11 @@ def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_digits_folder(tmp_path_factory.mktemp("digits"))
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _few_threads() -> None:
-    """Tests share 2 cores with the servers they start: one torch thread avoids oversubscription
-    (measured here: a training step ran several times faster with 1 thread than with 2 under load)."""
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> None:
+    """Every test starts with one torch thread: tests share 2 cores with the servers they start,
+    and on this machine a training step ran several times faster with 1 thread than with 2 under
+    load. Per test, so a test that changes the count cannot leak it into the next."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch
