@@ -14,28 +14,25 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ascl.export.runtime import default_providers
+from ascl.export.runtime import OnnxEmbedder
 from ascl.names import EMBEDDINGS, IMAGES
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        import onnxruntime as ort
-
         params = json.loads(args["model_config"])["parameters"]
         folder = Path(args["model_repository"]) / args["model_version"]
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(params.get("threads", {}).get("string_value", "1"))
         # No spin-waiting: several instances and the other models share few cores; spinning
         # threads would steal the CPU they need (measured ~1.5x throughput on 2 busy cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            str(folder / params["onnx_file"]["string_value"]), sess_options=options, providers=default_providers()
+        self.embedder = OnnxEmbedder(
+            folder / params["onnx_file"]["string_value"],
+            threads=int(params.get("threads", {}).get("string_value", "1")),
+            spinning=False,
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:
         batches = [pb_utils.get_input_tensor_by_name(r, IMAGES).as_numpy() for r in requests]  # [B_i, S, S, 3]
-        (embeddings,) = self.session.run([EMBEDDINGS], {IMAGES: np.concatenate(batches)})  # [sum B_i, D]
+        embeddings = self.embedder.embed(np.concatenate(batches))  # [sum B_i, D]
         bounds = np.cumsum([0] + [len(b) for b in batches])
         return [
             pb_utils.InferenceResponse([pb_utils.Tensor(EMBEDDINGS, embeddings[lo:hi])])
