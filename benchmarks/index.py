@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ascl import machine
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     factories = [f for f in args.factories.split(";") if f]
     results: dict[str, object] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": faiss.omp_get_max_threads(),
+        "machine": {"cpu": machine.cpu_name(), "cores": faiss.omp_get_max_threads(),
                     "python": platform.python_version(), "faiss": faiss.__version__},
         "note": "synthetic = clustered random unit vectors (1000 Gaussian blobs), not real images",
         "sets": [],

@@ -28,20 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from ascl import machine
+
 ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"ort_fp32_vs_eager": 1.5, "ort_int8_vs_eager": 2.5, "int8_recall_at_10": 0.95, "gpu_best_vs_eager": 3.0}
 
 Engine = Callable[[np.ndarray], object]  # uint8 [N, S, S, 3] -> embeddings (any array type)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def digits_gallery(size: int, per_class: int = 100) -> tuple[str, np.ndarray, np.ndarray]:
@@ -93,6 +85,21 @@ def time_interleaved(engines: dict[str, Engine], images: np.ndarray, seconds: fl
             "calls": len(arr),
         }
     return out
+
+
+def time_batch(engines: dict[str, Engine], gallery: np.ndarray, batch: int, seconds: float,
+               sync: Callable[[], None], device: str) -> list[dict[str, Any]]:
+    """Time every engine on one batch of gallery images; rows with the ratio to eager, printed."""
+    images = np.ascontiguousarray(np.resize(gallery, (batch, *gallery.shape[1:])))  # [B, S, S, 3]
+    timed = time_interleaved(engines, images, seconds, sync)
+    rows = []
+    for name, r in timed.items():
+        r |= {"engine": name, "device": device, "batch": batch,
+              "vs_eager": r["images_per_s"] / timed["torch_eager_fp32"]["images_per_s"]}
+        rows.append(r)
+        print(f"{device} batch {batch:4d} {name:34s} {r['images_per_s']:9.1f} img/s  p50 {r['p50_ms']:8.2f} ms  "
+              f"p99 {r['p99_ms']:8.2f} ms  x{r['vs_eager']:.2f} vs eager", flush=True)
+    return rows
 
 
 def ort_engine(path: Path, providers: list, threads: int) -> Engine:
@@ -200,14 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                    "ort_fp32": ort_engine(fp32_path, cpu, threads), "ort_int8": ort_engine(int8_path, cpu, threads)}
         results: list[dict] = []
         for batch in args.batch_sizes:
-            images = np.ascontiguousarray(np.resize(gallery, (batch, *gallery.shape[1:])))
-            timed = time_interleaved(engines, images, args.seconds, lambda: None)
-            for name, r in timed.items():
-                r |= {"engine": name, "device": "cpu", "batch": batch,
-                      "vs_eager": r["images_per_s"] / timed["torch_eager_fp32"]["images_per_s"]}
-                results.append(r)
-                print(f"cpu batch {batch:4d} {name:18s} {r['images_per_s']:9.1f} img/s  p50 {r['p50_ms']:8.2f} ms  "
-                      f"p99 {r['p99_ms']:8.2f} ms  x{r['vs_eager']:.2f} vs eager", flush=True)
+            results += time_batch(engines, gallery, batch, args.seconds, lambda: None, "cpu")
         recall = recall_section(engines["ort_fp32"], engines["ort_int8"], source, gallery, labels)
         print(f"int8 vs fp32: {recall}", flush=True)
         gpu = torch.cuda.is_available()
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "inference",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"host": platform.node(), "cpu": cpu_name(), "cores": os.cpu_count(), "threads": threads,
+        "machine": {"host": platform.node(), "cpu": machine.cpu_name(), "cores": os.cpu_count(), "threads": threads,
                     "gpu": torch.cuda.get_device_name(0) if gpu else None, "cuda_driver": cuda_driver_present(),
                     "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__, "python": platform.python_version()},
@@ -262,16 +262,7 @@ def gpu_section(encoder, fp32_path: Path, gallery: np.ndarray, batch: int, secon
             engines[name] = ort_engine(fp32_path, [*providers, "CPUExecutionProvider"], 0)
         except Exception as exc:  # a provider that cannot start here is reported, not fatal
             print(f"skipping {name}: {exc} (available: {available})", flush=True)
-    images = np.ascontiguousarray(np.resize(gallery, (batch, *gallery.shape[1:])))
-    timed = time_interleaved(engines, images, seconds, torch.cuda.synchronize)
-    rows = []
-    for name, r in timed.items():
-        r |= {"engine": name, "device": "cuda", "batch": batch,
-              "vs_eager": r["images_per_s"] / timed["torch_eager_fp32"]["images_per_s"]}
-        rows.append(r)
-        print(f"gpu batch {batch} {name:34s} {r['images_per_s']:10.0f} img/s  p50 {r['p50_ms']:.2f} ms  "
-              f"x{r['vs_eager']:.2f} vs eager", flush=True)
-    return rows
+    return time_batch(engines, gallery, batch, seconds, torch.cuda.synchronize, "cuda")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from ascl import machine
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     summary["triton_errors"] = sum(int(r["errors"]) for r in triton)
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
+        "machine": {"cpu": machine.cpu_name(), "cores": torch.get_num_threads(),
                     "torch": torch.__version__, "python": platform.python_version(), "gpu": None},
         "setup": {"gallery": args.gallery, "queries": args.queries, "duration_s": args.duration,
                   "model": args.model or "seeded random-init ResNet-18 (CIFAR stem, 32 px)", "k": 10,

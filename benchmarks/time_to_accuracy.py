@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from ascl import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
@@ -167,14 +168,6 @@ def plot_curve(curve: list[dict[str, float]], title: str, path: Path) -> None:
     save_png(fig, path, dpi=110)
 
 
-def device_name(device: Any) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return str(torch.cuda.get_device_name(device))
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -189,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "time_to_accuracy",
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["time_to_accuracy.py", *argv]),
-        "device": device_name(dev), "device_type": dev.type, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "device": machine.device_name(dev), "device_type": dev.type, "torch": torch.__version__, "cpu_count": os.cpu_count(),
         "recipe": {"framework": "moco", "loss": "ascl", "t1": cfg.loss.t1, "t2": cfg.loss.t2, "queue_size": cfg.moco.queue_size,
                    "momentum": cfg.moco.momentum, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                    "lr": cfg.optim.lr_per_256 * cfg.batch_size / 256, "lr_per_256": cfg.optim.lr_per_256,

@@ -24,13 +24,14 @@ import copy
 import itertools
 import json
 import os
-import platform
 import shlex
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from ascl import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
@@ -121,14 +122,6 @@ def timed(step: Callable[[Any, Any], Any], batches: Iterable[tuple[Any, Any]], d
             "warmup_seconds": round(warm_s, 2), "last_loss": round(float(loss), 4) if loss is not None else float("nan")}
 
 
-def device_name(device: Any) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return str(torch.cuda.get_device_name(device))
-    return platform.processor() or platform.machine()
-
-
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """All variants in this process; returns the result record."""
     import torch
@@ -172,8 +165,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     record: dict[str, Any] = {
         "benchmark": "train_throughput",
-        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+        "device": machine.device_name(device), "device_type": device.type, "torch": torch.__version__,
+        "cpu": machine.cpu_name(), "cpu_count": os.cpu_count(),
         "batch_size": args.batch_size, "image_size": args.image_size, "steps": args.steps, "warmup": args.warmup,
         "data": args.data, "images": int(images.shape[0]), "workers": args.workers,
         "compile": not args.no_compile, "compile_mode": args.compile_mode, "amp": amp,

@@ -299,20 +299,6 @@ def train_epoch(run: Run, stop: StopSignal, progress: bool) -> bool:
     return False
 
 
-def hardware_name(device: torch.device) -> str:
-    """What the run trained on, for the model card: the GPU's name or the CPU's model."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            model = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    return f"CPU: {model or platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
 def write_run_info(run_dir: Path, device: torch.device, seconds: float, *, world_size: int = 1) -> None:
     """Record hardware and training wall time in ``run.json`` (read by ``ascl push`` for the card).
 
@@ -321,6 +307,7 @@ def write_run_info(run_dir: Path, device: torch.device, seconds: float, *, world
     import json
 
     from ascl.atomic import atomic_write_text
+    from ascl.machine import device_name
 
     path = run_dir / "run.json"
     previous = 0.0
@@ -329,7 +316,7 @@ def write_run_info(run_dir: Path, device: torch.device, seconds: float, *, world
             previous = float(json.loads(path.read_text(encoding="utf-8")).get("wall_time_s", 0.0))
         except (ValueError, AttributeError):
             previous = 0.0
-    name = hardware_name(device)
+    name = device_name(device)
     info = {"hardware": f"{world_size} x {name}" if world_size > 1 else name,
             "wall_time_s": round(previous + seconds, 1), "torch": torch.__version__}
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")

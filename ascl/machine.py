@@ -1,0 +1,28 @@
+"""What hardware a run or benchmark used, for run records, benchmark JSON and model cards."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def device_name(device: Any) -> str:
+    """A torch device in words: the GPU's name, or the CPU model with its core count."""
+    if getattr(device, "type", str(device)) == "cuda":
+        import torch
+
+        return str(torch.cuda.get_device_name(device))
+    return f"CPU: {cpu_name()} ({os.cpu_count()} cores)"
