@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--knn-val-subset", type=int, default=0, help="val images for the kNN monitor (0 = all 5,000)")
     p.add_argument("--linear-probe-epochs", type=int, default=0,
                    help="after training, a linear probe on frozen features for this many epochs (0 = skip)")
+    p.add_argument("--linear-probe-batch", type=int, default=256, help="linear-probe batch size (Adam, lr 1e-3)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the reference path (CPU runs)")
     p.add_argument("--no-compile", action="store_true", help="run the fast step eagerly (no torch.compile)")
     p.add_argument("--fast-path", default="auto", choices=("auto", "on", "off"),
@@ -60,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder-out", default="", help="save the final encoder as a hub folder here ('' = skip)")
     p.add_argument("--max-shard-size", default="15MB", help="safetensors shard limit for --encoder-out")
     p.add_argument("--run-dir", default="", help="run folder for metrics (default: a temporary folder)")
+    p.add_argument("--stop-at", type=float, default=0.0,
+                   help="wall-clock deadline (Unix time) for training: no epoch starts that would end after it, "
+                        "so a time-boxed run still evaluates and saves (0 = none; the schedule is not shortened)")
     return p.parse_args(argv)
 
 
@@ -89,8 +93,20 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_and_monitor(cfg: Any, run_dir: Path) -> tuple[Any, list[dict[str, float]], dict[str, Any]]:
-    """Train epoch by epoch; returns (run, curve rows, facts). Training time excludes kNN time."""
+def next_epoch_fits(stop_at: float, now: float, epoch_seconds: list[float]) -> bool:
+    """Whether one more epoch (as long as the slowest of the last three) ends before ``stop_at``."""
+    if stop_at <= 0 or not epoch_seconds:
+        return True
+    return now + max(epoch_seconds[-3:]) <= stop_at
+
+
+def train_and_monitor(cfg: Any, run_dir: Path, stop_at: float = 0.0
+                      ) -> tuple[Any, list[dict[str, float]], dict[str, Any]]:
+    """Train epoch by epoch; returns (run, curve rows, facts). Training time excludes kNN time.
+
+    With ``stop_at`` (Unix time) it stops at the last epoch that fits, then still takes the kNN
+    point of that epoch: a device run with a hard time limit keeps its results and weights.
+    """
     from ascl.training.loop import StopSignal, build_run, knn_monitor, train_epoch
 
     t_setup = time.perf_counter()
@@ -99,6 +115,7 @@ def train_and_monitor(cfg: Any, run_dir: Path) -> tuple[Any, list[dict[str, floa
     curve: list[dict[str, float]] = []
     train_s, knn_s = 0.0, 0.0
     epoch_seconds: list[float] = []
+    stopped_at_deadline = False
     with StopSignal() as stop:
         while run.epoch < cfg.epochs:
             _sync(run.info.device)
@@ -110,7 +127,9 @@ def train_and_monitor(cfg: Any, run_dir: Path) -> tuple[Any, list[dict[str, floa
             if stopped:
                 break
             run.epoch, run.batch = run.epoch + 1, 0
-            if run.epoch % cfg.eval.knn_every == 0 or run.epoch == cfg.epochs or run.epoch == 1:
+            stopped_at_deadline = run.epoch < cfg.epochs and not next_epoch_fits(stop_at, time.time(), epoch_seconds)
+            last = run.epoch == cfg.epochs or stopped_at_deadline
+            if run.epoch % cfg.eval.knn_every == 0 or last or run.epoch == 1:
                 t1 = time.perf_counter()
                 top1 = knn_monitor(run)
                 knn_s += time.perf_counter() - t1
@@ -119,15 +138,19 @@ def train_and_monitor(cfg: Any, run_dir: Path) -> tuple[Any, list[dict[str, floa
                 curve.append(row)
                 print(f"epoch {run.epoch:4d}  train {train_s:8.1f} s  kNN top-1 {100 * top1:6.2f}%  "
                       f"loss {row['loss']:.4f}", flush=True)
+            if stopped_at_deadline:
+                print(f"deadline: stopping after epoch {run.epoch} of {cfg.epochs}", flush=True)
+                break
     facts = {"setup_seconds": round(setup_s, 2), "train_seconds": round(train_s, 2), "knn_seconds": round(knn_s, 2),
              "steps": run.step, "steps_per_epoch": run.steps_per_epoch, "loader": type(run.loader).__name__,
+             "epochs_done": run.epoch, "stopped_at_deadline": stopped_at_deadline,
              "epoch_seconds": epoch_seconds}  # the first one includes torch.compile
     if run.metrics is not None:
         run.metrics.close()
     return run, curve, facts
 
 
-def linear_probe(run: Any, epochs: int) -> float:
+def linear_probe(run: Any, epochs: int, batch_size: int = 256) -> float:
     """Linear-probe top-1 (%) on the val split, frozen features of the final encoder."""
     import torch
 
@@ -142,7 +165,7 @@ def linear_probe(run: Any, epochs: int) -> float:
                           subset=cfg.data.subset if split == "train" else 0)
         x = embed_images(run.encoder, torch.from_numpy(data.images), 1024, dev, normalize=False)
         feats += [x, torch.from_numpy(data.labels).to(dev)]
-    return round(100 * train_linear_probe(*feats, epochs=epochs)["val_top1"], 2)
+    return round(100 * train_linear_probe(*feats, epochs=epochs, batch_size=batch_size)["val_top1"], 2)
 
 
 def plot_curve(curve: list[dict[str, float]], title: str, path: Path) -> None:
@@ -177,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = build_config(args)
     with tempfile.TemporaryDirectory(prefix="ascl-tta-") as tmp:
         run_dir = Path(args.run_dir) if args.run_dir else Path(tmp)
-        run, curve, facts = train_and_monitor(cfg, run_dir)
+        run, curve, facts = train_and_monitor(cfg, run_dir, args.stop_at)
     dev = run.info.device
     result: dict[str, Any] = {
         "benchmark": "time_to_accuracy",
@@ -201,8 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         result["pairs_per_s_after_epoch_1"] = round(len(later) * facts["steps_per_epoch"] * cfg.batch_size / sum(later), 1)
     if args.linear_probe_epochs > 0:
         t0 = time.perf_counter()
-        result["linear_probe_top1"] = linear_probe(run, args.linear_probe_epochs)
+        result["linear_probe_top1"] = linear_probe(run, args.linear_probe_epochs, args.linear_probe_batch)
         result["linear_probe_epochs"] = args.linear_probe_epochs
+        result["linear_probe_batch"] = args.linear_probe_batch
         result["linear_probe_seconds"] = round(time.perf_counter() - t0, 2)
         print(f"linear probe top-1 {result['linear_probe_top1']:.2f}%", flush=True)
     out_dir = Path(args.out_dir)
@@ -220,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(folder / "config.json", json.dumps(encoder.config(), indent=2) + "\n")
         result["encoder_files"] = [p.name for p in save_weights(encoder, folder, max_shard_size=args.max_shard_size)]
     atomic_write_text(out_dir / f"time_to_accuracy_{tag}.json", json.dumps(result, indent=2) + "\n")
-    print(f"train {facts['train_seconds']:.1f} s for {cfg.epochs} epochs ({result['pairs_per_s']:.0f} pairs/s); "
+    print(f"train {facts['train_seconds']:.1f} s for {run.epoch} of {cfg.epochs} epochs ({result['pairs_per_s']:.0f} pairs/s); "
           f"final kNN top-1 {result['final_knn_top1']}%  -> {out_dir / f'time_to_accuracy_{tag}.json'}")
     return 0
 

@@ -129,7 +129,7 @@ def compile_trunks(framework: nn.Module, *, mode: str = "default", backend: str 
     equal loss, gradients off by up to 100%; ``aot_eager`` exact). Compiled networks with
     plain BatchNorm match eager (2e-5); with split BN, Inductor's CPU code still differs (up
     to 10% relative, ``aot_eager`` exact), so GPU runs check compiled against eager gradients
-    first (``tests/test_fast_path.py -m gpu``, run by ``benchmarks/device_issue3.sh``). The
+    first (``tests/test_fast_path.py -m gpu``, run by ``benchmarks/device_gpu.sh``). The
     compiled forward runs only in training mode, so evaluation (kNN, eval mode, odd batch
     sizes) never triggers recompiles. State-dict keys are unchanged. Returns (module, eager
     forward) pairs for ``uncompile_trunks``.
