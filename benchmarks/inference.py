@@ -152,6 +152,8 @@ def working_engines(engines: dict[str, Engine], images: np.ndarray, sync: Callab
     """The engines whose first call succeeds (compilation happens here), and each one's lowest
     cosine similarity to eager fp32 on that call. The others are reported and dropped, so one
     engine that cannot run here does not lose the others' figures."""
+    from ascl.export.parity import row_cosine
+
     kept: dict[str, Engine] = {}
     cosine: dict[str, float] = {}
     reference: np.ndarray | None = None
@@ -166,8 +168,7 @@ def working_engines(engines: dict[str, Engine], images: np.ndarray, sync: Callab
             print(f"skipping {name}: first call failed ({type(exc).__name__}: {exc})", flush=True)
             continue
         reference = out if reference is None else reference
-        cos = (out * reference).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(reference, axis=1) + 1e-12)
-        cosine[name] = float(cos.min())
+        cosine[name] = float(row_cosine(reference, out).min())
         print(f"{name}: first call {time.perf_counter() - start:.1f} s, min cosine vs eager fp32 {cosine[name]:.5f}",
               flush=True)
         kept[name] = run
@@ -290,6 +291,43 @@ def recall_section(fp32: Engine, int8: Engine, source: str, images: np.ndarray, 
     return out
 
 
+def cpu_section(encoder, fp32_path: Path, int8_path: Path,  # type: ignore[no-untyped-def]
+                gallery_set: tuple[str, np.ndarray, np.ndarray | None], args: argparse.Namespace, threads: int
+                ) -> tuple[list[dict], dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """Eager vs ONNX Runtime fp32 vs int8 at each CPU batch size, the roofline beside them, and
+    int8 quality; returns (rows, roofline, int8 quality, goals)."""
+    source, gallery, labels = gallery_set
+    cpu = ["CPUExecutionProvider"]
+    engines = {"torch_eager_fp32": torch_engines(encoder, "cpu")["torch_eager_fp32"],
+               "ort_fp32": ort_engine(fp32_path, cpu, threads), "ort_int8": ort_engine(int8_path, cpu, threads)}
+    flops = flops_per_image(encoder)
+    roofs_before = gemm_roofs(threads, seconds=args.roof_seconds)
+    results: list[dict] = []
+    for batch in args.batch_sizes:
+        results += time_batch(engines, gallery, batch, args.seconds, lambda: None, "cpu")
+    roofs = merge_roofs(roofs_before, gemm_roofs(threads, seconds=args.roof_seconds))
+    roof = roofline(results, flops, roofs)
+    print(f"roofline: {flops / 1e9:.2f} GFLOP per image; dense kernels here: fp32 {roofs['fp32_gflops']:.0f} "
+          f"GFLOP/s, int8 {roofs['int8_gops']:.0f} GOP/s (SIMD: {', '.join(machine.cpu_simd_flags()) or '?'})")
+    for batch, r in roof["by_batch"].items():
+        print(f"  batch {batch:>4s}: eager reaches {100 * r['eager_share_of_fp32_roof']:.0f}% of the fp32 roof; "
+              f"the most any engine can gain over eager here: fp32 x{r['fp32_ceiling_vs_eager']:.2f}, "
+              f"int8 x{r['int8_ceiling_vs_eager']:.2f}", flush=True)
+    recall = recall_section(engines["ort_fp32"], engines["ort_int8"], source, gallery, labels)
+    print(f"int8 vs fp32: {recall}", flush=True)
+    largest = max(args.batch_sizes)
+    at = {r["engine"]: r["vs_eager"] for r in results if r["batch"] == largest}
+    ceiling = roof["by_batch"][str(largest)]
+    goals = {
+        f"ort_fp32_vs_eager_at_batch_{largest}": {"value": at["ort_fp32"], "goal": GOALS["ort_fp32_vs_eager"],
+                                                 "ceiling_on_this_cpu": ceiling["fp32_ceiling_vs_eager"]},
+        f"ort_int8_vs_eager_at_batch_{largest}": {"value": at["ort_int8"], "goal": GOALS["ort_int8_vs_eager"],
+                                                 "ceiling_on_this_cpu": ceiling["int8_ceiling_vs_eager"]},
+        "int8_recall_at_10": {"value": recall["recall_at_10_vs_fp32"], "goal": GOALS["int8_recall_at_10"]},
+    }
+    return results, roof, recall, goals
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="MODEL as for 'ascl export onnx'; default: seed-0 initialised resnet18")
@@ -350,33 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _, calib, _ = load_gallery(args.gallery, size, args.calibration_size, offset=len(gallery))
             fp32_path, int8_path = build_onnx(encoder, Path(tmp), calib)
-            cpu = ["CPUExecutionProvider"]
-            engines = {"torch_eager_fp32": torch_engines(encoder, "cpu")["torch_eager_fp32"],
-                       "ort_fp32": ort_engine(fp32_path, cpu, threads), "ort_int8": ort_engine(int8_path, cpu, threads)}
-            flops = flops_per_image(encoder)
-            roofs_before = gemm_roofs(threads, seconds=args.roof_seconds)
-            for batch in args.batch_sizes:
-                results += time_batch(engines, gallery, batch, args.seconds, lambda: None, "cpu")
-            roofs = merge_roofs(roofs_before, gemm_roofs(threads, seconds=args.roof_seconds))
-            roof = roofline(results, flops, roofs)
-            print(f"roofline: {flops / 1e9:.2f} GFLOP per image; dense kernels here: fp32 {roofs['fp32_gflops']:.0f} "
-                  f"GFLOP/s, int8 {roofs['int8_gops']:.0f} GOP/s (SIMD: {', '.join(machine.cpu_simd_flags()) or '?'})")
-            for batch, r in roof["by_batch"].items():
-                print(f"  batch {batch:>4s}: eager reaches {100 * r['eager_share_of_fp32_roof']:.0f}% of the fp32 roof; "
-                      f"the most any engine can gain over eager here: fp32 x{r['fp32_ceiling_vs_eager']:.2f}, "
-                      f"int8 x{r['int8_ceiling_vs_eager']:.2f}", flush=True)
-            recall = recall_section(engines["ort_fp32"], engines["ort_int8"], source, gallery, labels)
-            print(f"int8 vs fp32: {recall}", flush=True)
-            largest = max(args.batch_sizes)
-            at = {r["engine"]: r["vs_eager"] for r in results if r["device"] == "cpu" and r["batch"] == largest}
-            ceiling = roof["by_batch"][str(largest)]
-            goals = {
-                f"ort_fp32_vs_eager_at_batch_{largest}": {"value": at["ort_fp32"], "goal": GOALS["ort_fp32_vs_eager"],
-                                                         "ceiling_on_this_cpu": ceiling["fp32_ceiling_vs_eager"]},
-                f"ort_int8_vs_eager_at_batch_{largest}": {"value": at["ort_int8"], "goal": GOALS["ort_int8_vs_eager"],
-                                                         "ceiling_on_this_cpu": ceiling["int8_ceiling_vs_eager"]},
-                "int8_recall_at_10": {"value": recall["recall_at_10_vs_fp32"], "goal": GOALS["int8_recall_at_10"]},
-            }
+            results, roof, recall, goals = cpu_section(encoder, fp32_path, int8_path, (source, gallery, labels),
+                                                       args, threads)
         if gpu:
             gpu_rows = gpu_section(encoder, fp32_path, gallery, args.gpu_batch, args.seconds, ort,
                                    compile=not args.no_compile)
