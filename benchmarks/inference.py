@@ -57,8 +57,8 @@ def load_gallery(source: str | None, size: int, count: int, offset: int = 0) -> 
 
     chosen = source or default_source()
     if chosen is None or chosen == "digits":
-        images, labels = digits_gallery(size)[1:]
-        return "sklearn digits", images[offset : offset + count], labels[offset : offset + count]
+        name, images, labels = digits_gallery(size)
+        return name, images[offset : offset + count], labels[offset : offset + count]
     s = load_image_set(chosen, size, count=count, offset=offset)
     return s.source, s.images, s.labels
 
