@@ -42,7 +42,7 @@ def run_cli(*argv: str) -> int:
 
 def _brief_training(encoder: Encoder, images: np.ndarray, steps: int = 3) -> None:
     """A few ASCL steps on two noisy, flipped views: moves weights and BatchNorm statistics."""
-    from ascl.training.loss import in_batch_ascl_loss
+    from ascl.training.loss import in_batch_ascl_regression
 
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.SGD(encoder.parameters(), lr=0.05, momentum=0.9)
@@ -52,7 +52,7 @@ def _brief_training(encoder: Encoder, images: np.ndarray, steps: int = 3) -> Non
         idx = torch.randperm(len(x_all), generator=gen)[:32]
         x = encoder.normalize_uint8(x_all[idx])  # [B, 3, S, S]
         views = [x + 0.1 * torch.randn(x.shape, generator=gen), x.flip(3) + 0.1 * torch.randn(x.shape, generator=gen)]
-        loss = in_batch_ascl_loss(encoder(views[0]), encoder(views[1]), t1=0.2)
+        loss = in_batch_ascl_regression(encoder(views[0]), encoder(views[1]))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ascl.training.loss import ASCLLoss, confidence, in_batch_ascl_loss, soft_targets
+from ascl.training.byol import BYOLRegressionLoss, InBatchASCLLoss
+from ascl.training.loss import ASCLLoss, confidence, soft_targets
 
 MODES = ("ascl", "ahcl", "hard", "none")
 
@@ -117,18 +118,72 @@ def test_ascl_differs_from_infonce_when_neighbours_exist() -> None:
     assert (t[:, 1:5].diagonal() > 0.3).all()  # the key's own copy in the queue gets a large soft label
 
 
+def reference_byol_ascl(h: np.ndarray, z: np.ndarray, offset: int, t2: float, n_nb: int, mode: str) -> float:
+    """BYOL + ASCL as the authors released it, one row at a time in float64: targets
+    w_ij (own 1; others min(n c p_ij, 1) from softmax(z_i.z_j / t2) over the other rows,
+    c = 1 - H / log(M - 1)), rows normalised; loss = mean_i (2 - 2 sum_j w_ij h_i.z_j)."""
+    total = 0.0
+    m = z.shape[0]
+    for i in range(h.shape[0]):
+        own = offset + i
+        others = [j for j in range(m) if j != own]
+        sims = np.array([z[own] @ z[j] for j in others]) / t2
+        p = np.exp(sims - sims.max())
+        p /= p.sum()
+        entropy = -sum(pj * math.log(pj) for pj in p if pj > 0)
+        c = 1.0 - entropy / math.log(len(others)) if len(others) > 1 else 1.0
+        top = set(np.argsort(-p, kind="stable")[:n_nb].tolist())
+        weights = {own: 1.0}
+        for idx, j in enumerate(others):
+            if mode == "ascl":
+                weights[j] = min(n_nb * c * p[idx], 1.0)
+            elif mode == "ahcl":
+                weights[j] = c if idx in top else 0.0
+            elif mode == "hard":
+                weights[j] = 1.0 if idx in top else 0.0
+            else:
+                weights[j] = 0.0
+        norm = sum(weights.values())
+        total += 2.0 - 2.0 * sum(w / norm * float(h[i] @ z[j]) for j, w in weights.items())
+    return total / h.shape[0]
+
+
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("offset", [0, 3])
-def test_in_batch_matches_reference(mode: str, offset: int) -> None:
-    rng = np.random.default_rng(offset)
-    keys = unit(rng, 9, 8)
-    q = unit(rng, 4, 8)
-    expected = 0.0
-    for i in range(4):
-        others = np.delete(keys, offset + i, axis=0)  # the row's candidates: every other key
-        expected += reference_loss(q[i : i + 1], keys[offset + i : offset + i + 1], others, 0.1, 0.05, 2, mode)
-    got = in_batch_ascl_loss(as_t(q), as_t(keys), offset, 0.1, 0.05, 2, mode).item()
-    assert got == pytest.approx(expected / 4, rel=1e-5)
+@pytest.mark.parametrize(("offset", "n_nb", "t2"), [(0, 1, 0.05), (3, 2, 0.1), (5, 4, 0.5)])
+def test_byol_ascl_matches_the_released_formulation(mode: str, offset: int, n_nb: int, t2: float) -> None:
+    rng = np.random.default_rng(offset + 10 * n_nb)
+    z = unit(rng, 9, 8)
+    z[1] = z[0] + 0.05 * unit(rng, 1, 8)[0]  # a near-duplicate pair, so neighbours matter
+    z /= np.linalg.norm(z, axis=1, keepdims=True)
+    h = unit(rng, 4, 8)
+    got = InBatchASCLLoss(t1=0.7, t2=t2, n_neighbors=n_nb, mode=mode)(as_t(h), as_t(z), offset)
+    assert got.dtype == torch.float64  # no rounding to float32 on the way
+    assert got.item() == pytest.approx(reference_byol_ascl(h, z, offset, t2, n_nb, mode), rel=1e-9, abs=1e-12)
+    t1_changed = InBatchASCLLoss(t1=0.05, t2=t2, n_neighbors=n_nb, mode=mode)(as_t(h), as_t(z), offset)
+    assert t1_changed.item() == got.item()  # t1 is unused by the regression
+
+
+def test_byol_ascl_mode_none_is_byol_regression_and_grads_reach_only_h() -> None:
+    g = torch.Generator().manual_seed(4)
+    h = F.normalize(torch.randn(5, 16, generator=g), dim=1).requires_grad_()
+    z = F.normalize(torch.randn(7, 16, generator=g), dim=1).requires_grad_()
+    torch.testing.assert_close(InBatchASCLLoss(mode="none")(h, z, 2), BYOLRegressionLoss()(h, z, 2))
+    InBatchASCLLoss()(h, z, 2).backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0 and z.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_losses_compute_in_at_least_float32_and_never_lower_than_the_input(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(5)
+    q, k = (F.normalize(torch.randn(4, 8, generator=g), dim=1).to(dtype) for _ in range(2))
+    queue = F.normalize(torch.randn(16, 8, generator=g), dim=1)  # float32 queue beside any input
+    want = torch.float64 if dtype == torch.float64 else torch.float32
+    assert ASCLLoss()(q, k, queue).dtype == want
+    assert InBatchASCLLoss()(q, torch.cat([k, queue]).to(dtype), 0).dtype == want
+    assert BYOLRegressionLoss()(q, k, 0).dtype == want
+    exact = ASCLLoss()(q.double(), k.double(), queue.double())
+    if dtype == torch.float64:
+        assert ASCLLoss()(q, k, queue).item() == exact.item()  # the float64 result, bit for bit
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"t1": 0}, "temperatures"), ({"n_neighbors": 0}, "n_neighbors"),

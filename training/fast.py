@@ -40,7 +40,9 @@ Step = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Float32Loss(nn.Module):
-    """Runs a stateless loss with autocast off on float32 inputs.
+    """Runs a stateless loss with autocast off, its floating-point tensors in float32 or wider.
+
+    Other arguments (BYOL's integer ``offset``, integer tensors) pass through unchanged.
 
     Under bf16 autocast the ASCL logits ``q.k / t1`` and ``k.queue / t2`` would be bf16
     matmuls (about 3 significant digits, then divided by 0.1 and 0.05); the loss is a
@@ -51,9 +53,17 @@ class Float32Loss(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(tensors[0].device.type, enabled=False):
-            return self.inner(*(t.float() for t in tensors))  # type: ignore[no-any-return]
+    def forward(self, *args: Any) -> torch.Tensor:
+        device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
+        with torch.autocast(device, enabled=False):
+            return self.inner(*(_at_least_float32(a) for a in args))  # type: ignore[no-any-return]
+
+
+def _at_least_float32(value: Any) -> Any:
+    """A floating-point tensor below float32 -> float32; anything else unchanged."""
+    if torch.is_tensor(value) and value.is_floating_point() and value.dtype not in (torch.float32, torch.float64):
+        return value.float()
+    return value
 
 
 def use_float32_loss(framework: nn.Module) -> bool:

@@ -87,6 +87,14 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or the widest input dtype when that is wider (float64 stays float64)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def ascl_loss(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -98,42 +106,47 @@ def ascl_loss(
 ) -> torch.Tensor:
     """ASCL loss of queries q against keys k and a queue. q, k: [N, D]; queue: [K, D] -> scalar.
 
-    Logits are computed in float32 even under autocast: the t1 = 0.1 softmax over 4k entries
-    is where bf16 loses accuracy.
+    Computed in at least float32, never below the inputs' precision: under bf16 autocast the
+    ``q.k / t1`` softmax over 4k entries is where bf16 loses accuracy, and float64 inputs
+    (reference checks) stay float64.
     """
-    q, k, queue = q.float(), k.float(), queue.float()
+    dtype = compute_dtype(q, k, queue)
+    q, k, queue = q.to(dtype), k.to(dtype), queue.to(dtype)
     targets = soft_targets(k.detach(), queue.detach(), t2, n_neighbors, mode)  # [N, 1 + K]
     logits = contrastive_logits(q, k.detach(), queue.detach(), t1)  # [N, 1 + K]
     return soft_cross_entropy(logits, targets)
 
 
-def in_batch_ascl_loss(
-    q: torch.Tensor,
-    keys: torch.Tensor,
+def in_batch_ascl_regression(
+    h: torch.Tensor,
+    z: torch.Tensor,
     offset: int = 0,
-    t1: float = 0.1,
     t2: float = 0.05,
     n_neighbors: int = 1,
     mode: str = "ascl",
 ) -> torch.Tensor:
-    """ASCL where the other keys of the batch act as the queue (for BYOL, which has none).
+    """BYOL + ASCL as the authors released it: a soft regression onto the batch's targets.
 
-    q: [N, D] queries; keys: [M, D] all keys of the (global) batch, M >= N + 1, the positive of
-    row i being ``keys[offset + i]`` (offset = this rank's first row under DDP). Each row's
-    candidates are the M - 1 other keys. -> scalar.
+    h: [N, D] normalised predictions of this rank; z: [M, D] normalised targets of the
+    (global) batch, M >= N + 1, the own target of row i being ``z[offset + i]``. Row i's
+    weights come from the targets' own similarities: softmax(z_i . z_j / t2) over the M - 1
+    other rows, confidence c = 1 - H/log(M - 1), off-diagonal weight min(n . c . p_ij, 1)
+    (``mode`` as in ``targets_from_similarities``), own weight 1, the row normalised. Loss:
+    mean_i (2 - 2 sum_j w_ij h_i . z_j); ``mode="none"`` is BYOL's own 2 - 2 cos(h_i, z_i).
+    No temperature applies to h (the regression has no softmax). -> scalar.
     """
-    q, keys = q.float(), keys.detach().float()
-    n, m = q.shape[0], keys.shape[0]
-    rows = torch.arange(n, device=q.device)
-    own = torch.zeros(n, m, dtype=torch.bool, device=q.device)
-    own[rows, rows + offset] = True  # [N, M] the positive column of each row
-    sim_q = q @ keys.T  # [N, M]
-    l_pos = sim_q[own].view(n, 1)  # [N, 1]
-    l_neg = sim_q[~own].view(n, m - 1)  # [N, M - 1]
-    logits = torch.cat([l_pos, l_neg], dim=1) / t1  # [N, M]
-    sim_k = keys[offset : offset + n] @ keys.T  # [N, M]
-    targets = targets_from_similarities(sim_k[~own].view(n, m - 1), t2, n_neighbors, mode)  # [N, M]
-    return soft_cross_entropy(logits, targets)
+    dtype = compute_dtype(h, z)
+    h, z = h.to(dtype), z.detach().to(dtype)
+    n, m = h.shape[0], z.shape[0]
+    rows = torch.arange(n, device=h.device)
+    own = torch.zeros(n, m, dtype=torch.bool, device=h.device)
+    own[rows, rows + offset] = True  # [N, M] the own-target column of each row
+    with torch.no_grad():
+        sim_z = z[offset : offset + n] @ z.T  # [N, M]
+        weights = targets_from_similarities(sim_z[~own].view(n, m - 1), t2, n_neighbors, mode)  # [N, M]
+    sim_h = h @ z.T  # [N, M]
+    ordered = torch.cat([sim_h[own].view(n, 1), sim_h[~own].view(n, m - 1)], dim=1)  # [N, M]: own first
+    return (2 - 2 * (weights * ordered).sum(dim=1)).mean()
 
 
 class ASCLLoss(nn.Module):
