@@ -1,20 +1,27 @@
 """Training throughput: the reference path against the fast path, side by side in one process.
 
-Same model (MoCo-v2 + ASCL, ResNet-18 CIFAR stem, split BN, queue 4096), same batch, same
-initial weights, each measured after its own warm-up:
+Same model (MoCo-v2 + ASCL, ResNet-18 CIFAR stem at each ``--widths`` base width, split BN,
+queue 4096), same batch, same initial weights, each measured after its own warm-up:
 
 - ``reference``: the official recipe: PIL two-view augmentation in DataLoader workers, fp32
-  step (``make_reference_step``), end to end (loading, host-to-device copy, step).
-- ``fast``: uint8 images on the device, GPU augmentation (``GpuTwoViewLoader``), bf16,
-  channels_last, compiled networks, fused SGD (``make_fast_step``), end to end.
-- ``*_step_only``: the same two steps on one fixed batch already on the device, to show how
-  much of each is the model step and how much the data path.
+  NCHW step (``make_reference_step``), end to end (loading, host-to-device copy, step).
+- ``fast``: uint8 images on the device, batched augmentation there (``GpuTwoViewLoader``, on
+  the GPU or the CPU), channels_last, fused SGD; on a GPU bf16 and compiled networks
+  (``make_fast_step``), end to end.
+- ``*_step_only``: the same two steps on one fixed batch already on the device: the ceiling
+  each data path could reach. ``fast_share_of_step_only`` says how close the fast path gets.
+- on CPU, ``fast_bf16_step_only`` at the narrowest width: the fast step under bf16 autocast,
+  and ``bf16_loss_check``: both steps trained side by side from the same weights on the same
+  batches, with the largest relative gap of their loss curves (bf16 pays only where it is
+  faster *and* keeps the fp32 curve; the training loop's ``amp: auto`` leaves it off on CPU).
 
-Prints pairs/s and the fast / reference ratio; writes JSON under ``benchmarks/results/``.
+Prints pairs/s and the ratios; writes JSON under ``benchmarks/results/``. ``results`` holds the
+first width's figures, ``by_width`` every width's.
 
   python benchmarks/train_throughput.py --batch-size 512                       # GPU
+  python benchmarks/train_throughput.py --device cpu                           # CPU: widths 64 and 32
   python benchmarks/train_throughput.py --device cpu --batch-size 8 --steps 2 --warmup 1 \\
-      --data synthetic:64 --no-compile                                         # smoke test
+      --data synthetic:64 --no-compile --widths 16                             # smoke test
 """
 
 from __future__ import annotations
@@ -40,10 +47,14 @@ DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
-    p.add_argument("--batch-size", type=int, default=512, help="pairs per step for both paths (default: 512)")
-    p.add_argument("--steps", type=int, default=50, help="timed steps per path (default: 50)")
-    p.add_argument("--warmup", type=int, default=10,
-                   help="untimed steps first (worker start-up, cuDNN autotune, torch.compile) (default: 10)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="pairs per step for both paths (default: 512 on a GPU, 128 on CPU: the CPU recipe's)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per path (default: 50 on a GPU, 12 on CPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first (worker start-up, cuDNN autotune, torch.compile) "
+                        "(default: 10 on a GPU, 3 on CPU)")
+    p.add_argument("--widths", default=None,
+                   help="comma-separated base widths of the ResNet-18 (default: 64 on a GPU, 64,32 on CPU)")
     p.add_argument("--data", default=f"cifar10-offline:{DEFAULT_TAR}",
                    help="dataset spec (cifar10-offline:PATH, a folder, digits) or synthetic:N for N random "
                         "uint8 images (default: the offline CIFAR-10 copy)")
@@ -57,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bn-splits", type=int, default=8, help="split-BN groups (default: 8)")
     p.add_argument("--queue-size", type=int, default=4096, help="MoCo queue length (default: 4096)")
     p.add_argument("--skip-reference", action="store_true", help="measure the fast path only (no ratio)")
+    p.add_argument("--no-bf16-check", action="store_true", help="on CPU, skip the bf16 autocast step and loss check")
     p.add_argument("--out", default="", help="JSON path (default: benchmarks/results/train_throughput_<device>.json)")
     return p.parse_args(argv)
 
@@ -73,17 +85,18 @@ def load_images(spec: str, image_size: int) -> Any:
     return load_split(spec, "train", image_size=image_size).images
 
 
-def build_framework(args: argparse.Namespace, device: Any) -> Any:
-    """MoCo-v2 + ASCL, ResNet-18 CIFAR stem, the recipe's heads and queue, on ``device``."""
+def build_framework(args: argparse.Namespace, width: int) -> Any:
+    """MoCo-v2 + ASCL, ResNet-18 CIFAR stem at base ``width``, the recipe's heads and queue, on the CPU."""
     import torch
 
     from ascl.training.config import config_from_dict
     from ascl.training.frameworks import build_framework as build
 
     cfg = config_from_dict({"batch_size": args.batch_size, "data": {"image_size": args.image_size},
-                            "model": {"bn_splits": args.bn_splits}, "moco": {"queue_size": args.queue_size}})
+                            "model": {"bn_splits": args.bn_splits, "width": width},
+                            "moco": {"queue_size": args.queue_size}})
     torch.manual_seed(0)
-    return cfg, build(cfg).to(device).train()
+    return cfg, build(cfg).train()
 
 
 def cycle(loader: Any) -> Iterator[tuple[Any, Any]]:
@@ -122,26 +135,43 @@ def timed(step: Callable[[Any, Any], Any], batches: Iterable[tuple[Any, Any]], d
             "warmup_seconds": round(warm_s, 2), "last_loss": round(float(loss), 4) if loss is not None else float("nan")}
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """All variants in this process; returns the result record."""
+def bf16_loss_check(template: Any, cfg: Any, images: Any, device: Any, steps: int) -> dict[str, Any]:
+    """Train an fp32 and a bf16 fast step side by side from the same weights on the same batches."""
     import torch
 
-    from ascl.training.distributed import resolve_device
+    from ascl.training.fast import make_fast_optimizer, make_fast_step
+    from ascl.training.gpu_data import GpuTwoViewLoader
+    from ascl.training.schedule import base_lr
+
+    curves: dict[str, list[float]] = {}
+    for amp in ("off", "bf16"):
+        fw = copy.deepcopy(template).to(device)
+        opt = make_fast_optimizer(fw.parameters(), base_lr(cfg.optim, cfg.batch_size), cfg.optim.momentum,
+                                  cfg.optim.weight_decay)
+        step = make_fast_step(fw, opt, amp=amp, compile=False)
+        loader = GpuTwoViewLoader(torch.from_numpy(images).to(device), cfg.batch_size, cfg.data.image_size,
+                                  fw.encoder.mean, fw.encoder.std, cfg.augment, seed=0)
+        torch.manual_seed(1)
+        curves[amp] = [float(step(x_q, x_k)) for (x_q, x_k), _ in zip(cycle(loader), range(steps), strict=False)]
+    gaps = [abs(b - a) / max(abs(a), 1e-9) for a, b in zip(curves["off"], curves["bf16"], strict=True)]
+    return {"steps": steps, "fp32_loss": [round(v, 4) for v in curves["off"]],
+            "bf16_loss": [round(v, 4) for v in curves["bf16"]], "max_relative_gap": round(max(gaps), 4)}
+
+
+def measure_width(args: argparse.Namespace, width: int, images: Any, device: Any) -> dict[str, Any]:
+    """Every variant at one base width, in this process; returns its results."""
+    import torch
+
     from ascl.training.fast import make_fast_optimizer, make_fast_step, resolve_amp
     from ascl.training.gpu_data import GpuTwoViewLoader
     from ascl.training.loaders import ReferenceTwoViewLoader
     from ascl.training.schedule import base_lr, build_optimizer
     from ascl.training.step import make_reference_step
 
-    device = resolve_device(args.device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # both paths: fixed shapes, fastest conv kernels
-    images = load_images(args.data, args.image_size)
-    cfg, template = build_framework(args, "cpu")
+    cfg, template = build_framework(args, width)
     mean, std, aug = template.encoder.mean, template.encoder.std, cfg.augment
     lr = base_lr(cfg.optim, args.batch_size)
     results: dict[str, Any] = {}
-
-    reference_error = None
     if not args.skip_reference:
         try:  # a reference path that cannot run here (e.g. loader workers without shared memory) is
             # recorded, and the fast path is still measured
@@ -156,8 +186,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                                    args.steps)
             del ref, ref_step, loader
         except Exception as exc:
-            reference_error = f"{type(exc).__name__}: {exc}"
-            print(f"reference path failed, measuring the fast path alone: {reference_error}", file=sys.stderr)
+            results["reference_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"reference path failed, measuring the fast path alone: {results['reference_error']}", file=sys.stderr)
 
     fast = copy.deepcopy(template).to(device)
     optimizer = make_fast_optimizer(fast.parameters(), lr, cfg.optim.momentum, cfg.optim.weight_decay)
@@ -169,22 +199,65 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     fixed_fast = next(iter(gpu_loader))
     results["fast_step_only"] = timed(fast_step, itertools.repeat(fixed_fast), device, args.warmup // 2, args.steps)
     results["fast"]["compiled"] = bool(getattr(fast_step, "compiled", False))
+    results["fast_share_of_step_only"] = round(results["fast"]["pairs_per_s"] / results["fast_step_only"]["pairs_per_s"], 3)
+    if "reference" in results:
+        results["ratio_fast_over_reference"] = round(results["fast"]["pairs_per_s"] / results["reference"]["pairs_per_s"], 2)
+    if device.type == "cpu" and args.bf16_check and amp == "off":
+        bf16 = copy.deepcopy(template).to(device)
+        bf16_step = make_fast_step(bf16, make_fast_optimizer(bf16.parameters(), lr, cfg.optim.momentum,
+                                                             cfg.optim.weight_decay), amp="bf16", compile=False)
+        results["fast_bf16_step_only"] = timed(bf16_step, itertools.repeat(fixed_fast), device, 1,
+                                               max(2, args.steps // 3))
+        results["bf16_over_fp32_step"] = round(results["fast_bf16_step_only"]["pairs_per_s"]
+                                               / results["fast_step_only"]["pairs_per_s"], 3)
+        results["bf16_loss_check"] = bf16_loss_check(template, cfg, images, device, max(2, args.steps // 2))
+    return results
 
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """All variants at every width in this process; returns the result record."""
+    import torch
+
+    from ascl.training.distributed import resolve_device
+    from ascl.training.fast import resolve_amp
+    from ascl.training.loop import set_cpu_threads
+
+    device = resolve_device(args.device)
+    cpu = device.type == "cpu"
+    args.batch_size = args.batch_size or (128 if cpu else 512)
+    args.steps = args.steps or (12 if cpu else 50)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cpu else 10)
+    widths = [int(w) for w in (args.widths or ("64,32" if cpu else "64")).split(",")]
+    threads = set_cpu_threads(device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # both paths: fixed shapes, fastest conv kernels
+    images = load_images(args.data, args.image_size)
+    load_before = os.getloadavg()
+    by_width: dict[str, Any] = {}
+    for width in widths:
+        args.bf16_check = cpu and width == min(widths) and not args.no_bf16_check
+        by_width[str(width)] = measure_width(args, width, images, device)
+        print(f"width {width}: " + ", ".join(f"{k} {v['pairs_per_s']:.1f}" for k, v in by_width[str(width)].items()
+                                             if isinstance(v, dict) and "pairs_per_s" in v), flush=True)
+    first = by_width[str(widths[0])]
+    amp = "bf16" if resolve_amp(args.amp, device) is not None else "off"
     record: dict[str, Any] = {
         "benchmark": "train_throughput",
         "device": machine.device_name(device), "device_type": device.type, "torch": torch.__version__,
-        "cpu": machine.cpu_name(), "cpu_count": os.cpu_count(),
+        "cpu": machine.cpu_name(), "cpu_simd": machine.cpu_simd_flags(), "cpu_count": os.cpu_count(),
+        "threads": threads, "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "batch_size": args.batch_size, "image_size": args.image_size, "steps": args.steps, "warmup": args.warmup,
         "data": args.data, "images": int(images.shape[0]), "workers": args.workers,
         "compile": not args.no_compile, "compile_mode": args.compile_mode, "amp": amp,
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "widths": widths,
         "model": f"MoCo-v2 + ASCL, ResNet-18 CIFAR stem, split BN x{args.bn_splits}, queue {args.queue_size}",
-        "results": results,
+        "results": {k: v for k, v in first.items() if isinstance(v, dict) and "pairs_per_s" in v},
+        "by_width": by_width,
     }
-    if reference_error is not None:
-        record["reference_error"] = reference_error
-    if "reference" in results:
-        record["ratio_fast_over_reference"] = round(results["fast"]["pairs_per_s"] / results["reference"]["pairs_per_s"], 2)
+    if "reference_error" in first:
+        record["reference_error"] = first["reference_error"]
+    if "ratio_fast_over_reference" in first:
+        record["ratio_fast_over_reference"] = first["ratio_fast_over_reference"]
     return record
 
 
@@ -196,9 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     record["command"] = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["train_throughput.py", *argv])
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"train_throughput_{record['device_type']}.json"
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
-    res = record["results"]
-    for name, r in res.items():
-        print(f"{name:>20s}: {r['pairs_per_s']:10.1f} pairs/s  ({r['seconds']:.2f} s timed, warm-up {r['warmup_seconds']:.1f} s)")
+    for width, res in record["by_width"].items():
+        for name, r in res.items():
+            if isinstance(r, dict) and "pairs_per_s" in r:
+                print(f"w{width:<3s} {name:>20s}: {r['pairs_per_s']:10.1f} pairs/s  ({r['seconds']:.2f} s timed, "
+                      f"warm-up {r['warmup_seconds']:.1f} s)")
+        if "ratio_fast_over_reference" in res:
+            print(f"w{width}: fast / reference: {res['ratio_fast_over_reference']:.2f}x, fast / its step-only: "
+                  f"{res['fast_share_of_step_only']:.2f} on {record['device']}")
+        if "bf16_over_fp32_step" in res:
+            print(f"w{width}: bf16 step / fp32 step: {res['bf16_over_fp32_step']:.2f}x, loss curves differ by up to "
+                  f"{100 * res['bf16_loss_check']['max_relative_gap']:.1f}%")
     if "ratio_fast_over_reference" in record:
         print(f"fast / reference: {record['ratio_fast_over_reference']:.2f}x on {record['device']}")
     print(f"-> {out}")

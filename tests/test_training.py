@@ -160,3 +160,100 @@ def test_foreign_and_truncated_files_are_clear_errors(tmp_path: Path) -> None:
         encoder_from_checkpoint(truncated)
     with pytest.raises(CheckpointError, match="no checkpoints/last.pt"):
         find_checkpoint(tmp_path)
+
+
+def test_moco_forward_equals_its_parts_and_enqueues_the_keys() -> None:
+    """One MoCo forward against a reference recomputed from its parts: momentum update, keys
+    through the target networks in the shuffled order (split BN groups follow the shuffle),
+    ASCLLoss(q, k, queue as it was before the step); then the queue's newest rows are k."""
+    import copy
+
+    from ascl.training.loss import ASCLLoss
+    from ascl.training.modules import momentum_update
+
+    fw = build_framework(tiny("batch_size=8", "moco.queue_size=20")).double().train()
+    ref = copy.deepcopy(fw)
+    g = torch.Generator().manual_seed(4)
+    x_q, x_k = torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64), torch.randn(8, 3, 8, 8, generator=g,
+                                                                                       dtype=torch.float64)
+    ptr_before = int(fw.queue.ptr)
+    torch.manual_seed(9)
+    loss = fw(x_q, x_k)
+
+    queue_before = ref.queue.keys.clone()
+    q = F.normalize(ref.head(ref.encoder.forward_features(x_q)), dim=1)
+    with torch.no_grad():
+        momentum_update(ref.momentum_pairs(), ref.momentum)
+        torch.manual_seed(9)
+        perm = torch.randperm(8)  # the draw batch_shuffle makes on one process
+        k_shuffled = F.normalize(ref.target_head(ref.target_encoder.forward_features(x_k[perm])), dim=1)
+        k = k_shuffled[torch.argsort(perm)]
+    expected = ASCLLoss(0.1, 0.05, 1, "ascl")(q, k, queue_before)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    newest = [(ptr_before + i) % 20 for i in range(8)]
+    torch.testing.assert_close(fw.queue.keys[newest], k, rtol=1e-12, atol=1e-12)
+    assert int(fw.queue.ptr) == (ptr_before + 8) % 20
+    torch.testing.assert_close(fw.target_encoder.backbone.conv1.weight, ref.target_encoder.backbone.conv1.weight)
+
+
+@pytest.mark.parametrize("mode", ["ascl", "none"])
+def test_byol_value_is_the_symmetrised_loss(mode: str) -> None:
+    """BYOL's value equals 0.5 (L(p_q, z_k) + L(p_k, z_q)), recomputed from its networks."""
+    import copy
+
+    from ascl.training.byol import BYOLRegressionLoss, InBatchASCLLoss
+    from ascl.training.modules import momentum_update
+
+    fw = build_framework(tiny("framework=byol", f"loss.mode={mode}", "batch_size=8")).double().train()
+    ref = copy.deepcopy(fw)
+    g = torch.Generator().manual_seed(5)
+    x_q, x_k = (torch.randn(8, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    value = fw(x_q, x_k)
+
+    def online(x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(ref.predictor(ref.projector(ref.encoder.forward_features(x))), dim=1)
+
+    p_q, p_k = online(x_q), online(x_k)
+    with torch.no_grad():
+        momentum_update(ref.momentum_pairs(), ref.momentum)
+        z_q, z_k = (F.normalize(ref.target_projector(ref.target_encoder.forward_features(x)), dim=1) for x in (x_q, x_k))
+    loss = BYOLRegressionLoss() if mode == "none" else InBatchASCLLoss(0.1, 0.05, 1, mode)
+    expected = 0.5 * (loss(p_q, z_k, 0) + loss(p_k, z_q, 0))
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sigterm_then_resume_gives_the_uninterrupted_losses(tmp_path: Path) -> None:
+    """``ascl train`` stopped by SIGTERM mid-run saves, exits 130, and ``--resume`` continues so
+    that every logged loss equals the uninterrupted run's (fast CPU path, the recipe's path)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sets = [s for s in TINY if not s.startswith("fast_path")] + ["fast_path=on", "epochs=60", "model.width=8"]
+    full = train(load_config(None, sets), tmp_path / "full", progress=False)
+    cmd = [sys.executable, "-m", "ascl", "train", "--out", str(tmp_path / "cut"), "--no-progress"]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(losses(tmp_path / "cut")) < 10 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    cut = load_checkpoint(tmp_path / "cut")
+    assert 10 <= cut["step"] < full.step  # stopped mid-run, not at the end
+    assert "ascl train --resume" in err
+    rc = subprocess.run([*cmd[:3], "train", "--resume", str(tmp_path / "cut"), "--no-progress"], env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert len(a) == len(b) == full.step
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    assert load_checkpoint(tmp_path / "cut")["train_seconds"] > cut["train_seconds"] > 0

@@ -51,9 +51,9 @@ def save_checkpoint(path: Path, state: dict[str, Any], copies: tuple[Path, ...] 
 
 def training_state(
     framework: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, *,
-    config: dict[str, Any], encoder: Encoder, epoch: int, batch: int, step: int,
+    config: dict[str, Any], encoder: Encoder, epoch: int, batch: int, step: int, train_seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """Everything ``--resume`` needs to continue exactly."""
+    """Everything ``--resume`` needs to continue exactly (and the training time spent so far)."""
     return {
         "config": config,
         "encoder_config": encoder.config(),
@@ -64,6 +64,7 @@ def training_state(
         "epoch": epoch,
         "batch": batch,
         "step": step,
+        "train_seconds": float(train_seconds),
     }
 
 

@@ -53,7 +53,7 @@ def add_train(sub: Any) -> None:
     p.add_argument("--data", help="dataset: an image folder, cifar10, cifar100, stl10, cifar10-offline[:TAR], digits "
                                   "(default: from the config)")
     p.add_argument("--epochs", type=int, help="epochs; the cosine schedule spans all of them (default: from the config)")
-    p.add_argument("--batch-size", type=int, help="global batch size; lr scales as 0.06 x batch/256 (default: config)")
+    p.add_argument("--batch-size", type=int, help="global batch size; lr scales as optim.lr_per_256 x batch/256 (default: config)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (a smoke run; the schedule still spans "
                                                  "--epochs), 0 = no limit (default: config)")
     p.add_argument("--out", help="run folder (default: runs/<config name>; must not hold a run unless --resume)")

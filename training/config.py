@@ -46,6 +46,7 @@ class ModelConfig:
 
     arch: str = "resnet18"
     stem: str = "cifar"
+    width: int = 64
     head_hidden: int = 512
     head_dim: int = 128
     pred_hidden: int = 512
@@ -114,7 +115,7 @@ class TrainConfig:
     checkpoint_every: int = 10
     log_every: int = 20
     fast_path: str = "auto"
-    compile: bool = True
+    compile: str = "auto"
     amp: str = "auto"
     channels_last: bool = True
     data: DataConfig = field(default_factory=DataConfig)
@@ -133,10 +134,12 @@ class TrainConfig:
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.fast_path in SWITCHES, f"fast_path must be one of {SWITCHES}, got {self.fast_path!r}"),
             (self.amp in AMPS, f"amp must be one of {AMPS}, got {self.amp!r}"),
+            (self.compile in SWITCHES, f"compile must be one of {SWITCHES} (or true/false), got {self.compile!r}"),
             (self.loss.mode in ("ascl", "ahcl", "hard", "none"), f"loss.mode must be ascl|ahcl|hard|none, got {self.loss.mode!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}"),
             (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
+            (4 <= self.model.width <= 256, f"model.width must be in [4, 256] (64 = torchvision's ResNet), got {self.model.width}"),
             (self.model.bn_splits >= 1, f"model.bn_splits must be >= 1, got {self.model.bn_splits}"),
             (self.moco.queue_size >= 1, f"moco.queue_size must be >= 1, got {self.moco.queue_size}"),
             (0 <= self.moco.momentum < 1 and 0 <= self.byol.momentum < 1, "momentum must be in [0, 1)"),

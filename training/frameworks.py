@@ -14,7 +14,8 @@ from ascl.training.moco import MoCo
 def build_encoder(cfg: TrainConfig, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> Encoder:
     """The Encoder that ships, with the run's preprocessing facts."""
     kwargs = {} if mean is None or std is None else {"mean": mean, "std": std}
-    return Encoder(arch=cfg.model.arch, stem=cfg.model.stem, image_size=cfg.data.image_size, **kwargs)  # type: ignore[arg-type]
+    return Encoder(arch=cfg.model.arch, stem=cfg.model.stem, image_size=cfg.data.image_size, width=cfg.model.width,
+                   **kwargs)  # type: ignore[arg-type]
 
 
 def build_framework(cfg: TrainConfig, encoder: Encoder | None = None) -> nn.Module:

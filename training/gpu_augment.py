@@ -8,8 +8,9 @@ loop over samples, no host sync (no ``.item()``, no boolean-mask indexing).
 Sampling follows torchvision's transforms exactly, so the two paths train the same model:
 
 - ``RandomResizedCrop``: 10 attempts of (scale, log-ratio), integer-rounded box, first valid
-  attempt, else torchvision's central fallback; the crop is resized like ``F.resized_crop``
-  (bilinear, half-pixel centres, clamped at the crop border) and box-filtered when it shrinks.
+  attempt, else torchvision's central fallback; the crop is resized like
+  ``F.resized_crop(antialias=True)`` (bilinear with half-pixel centres, the filter widened
+  when the crop shrinks), as per-sample filter matrices.
 - ``RandomApply(ColorJitter(b, c, s, h), p)``: factors uniform in ``[1-b, 1+b]`` ... and hue in
   ``[-h, h]``, applied in a random order per sample (a random permutation, like
   ``ColorJitter.get_params``); each op has torchvision's tensor formula.
@@ -179,33 +180,38 @@ def sample_view(spec: ViewSpec, n: int, height: int, width: int, gen: torch.Gene
     return ViewParams(boxes=boxes, flip=flip, jitter=jitter, order=order, gray=gray, sigma=sigma)
 
 
-def _axis_coords(start: torch.Tensor, length: torch.Tensor, out: int, sub: int) -> torch.Tensor:
-    """Source pixel coordinates of ``out * sub`` samples along one axis of each crop.
+def resize_weights(start: torch.Tensor, length: torch.Tensor, out: int, size: int) -> torch.Tensor:
+    """Per-sample matrices that resize a crop along one axis: torchvision's (and PIL's)
+    antialiased bilinear filter, as ``F.resized_crop(..., antialias=True)`` applies it.
 
-    ``F.interpolate(bilinear, align_corners=False)`` of the crop: half-pixel centres, clamped
-    to the crop's first and last pixel. start, length: [B] -> [B, out * sub].
+    Output pixel i of a crop [start, start + length) is centred at start + (i + 0.5) * scale
+    (scale = length / out); input pixel j (centre j + 0.5) weighs triangle((j + 0.5 - centre) /
+    max(scale, 1)), only inside the crop, normalised to sum 1. Upscaling is plain bilinear with
+    half-pixel centres; shrinking widens the triangle so that every input pixel counts.
+    start, length: [B] (integers as floats) -> [B, out, size].
     """
-    steps = (torch.arange(out * sub, device=start.device, dtype=start.dtype) + 0.5) / sub  # [out*sub]
-    src = steps.unsqueeze(0) * (length / out).unsqueeze(1) - 0.5  # [B, out*sub], crop-relative
-    src = torch.minimum(src.clamp_min(0.0), (length - 1).unsqueeze(1))
-    return start.unsqueeze(1) + src
+    scale = (length / out).unsqueeze(1)  # [B, 1]
+    centre = start.unsqueeze(1) + (torch.arange(out, device=start.device, dtype=start.dtype) + 0.5) * scale  # [B, out]
+    pixel = torch.arange(size, device=start.device, dtype=start.dtype) + 0.5  # [size] input pixel centres
+    t = (pixel.view(1, 1, -1) - centre.unsqueeze(2)) / scale.clamp_min(1.0).unsqueeze(2)  # [B, out, size]
+    weights = (1.0 - t.abs()).clamp_min(0.0)
+    inside = (pixel.view(1, -1) > start.unsqueeze(1)) & (pixel.view(1, -1) < (start + length).unsqueeze(1))  # [B, size]
+    weights = weights * inside.unsqueeze(1)
+    return weights / weights.sum(dim=2, keepdim=True).clamp_min(1e-12)
 
 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop boxes, resize to size x size (bilinear; box-filtered when shrinking), flip.
+    """Crop boxes, resize to size x size (antialiased bilinear, as torchvision's), flip.
 
+    Two batched matrix products per image (rows, then columns) with per-sample filter
+    matrices (``resize_weights``); a flip reverses the column matrix.
     images: [B, 3, H, W] float; boxes: [B, 4] (i, j, h, w); flip: [B] bool -> [B, 3, S, S].
     """
     _, _, height, width = images.shape
-    sub = max(1, math.ceil(max(height, width) / size))  # supersampling only when a crop can shrink
-    ys = _axis_coords(boxes[:, 0], boxes[:, 2], size, sub)  # [B, S*sub]
-    xs = _axis_coords(boxes[:, 1], boxes[:, 3], size, sub)  # [B, S*sub]
-    xs = torch.where(flip.unsqueeze(1), xs.flip(1), xs)
-    gx = (2 * xs + 1) / width - 1  # grid_sample's align_corners=False normalisation
-    gy = (2 * ys + 1) / height - 1
-    grid = torch.stack(torch.broadcast_tensors(gx.unsqueeze(1), gy.unsqueeze(2)), dim=-1)  # [B, S*sub, S*sub, 2]
-    out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="border", align_corners=False)
-    return F.avg_pool2d(out, sub) if sub > 1 else out
+    rows = resize_weights(boxes[:, 0], boxes[:, 2], size, height).to(images.dtype)  # [B, S, H]
+    cols = resize_weights(boxes[:, 1], boxes[:, 3], size, width).to(images.dtype)  # [B, S, W]
+    cols = torch.where(flip.view(-1, 1, 1), cols.flip(1), cols)
+    return torch.einsum("bsh,bchw,btw->bcst", rows, images, cols)  # [B, 3, S, S]
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """The training loop: batches of (x_q, x_k) into a step function, with schedule, logs and checkpoints.
 
-The loop does not care where batches come from or how a step runs: the reference path is a
-DataLoader of PIL two-view augmentations with an fp32 step; the fast path (on CUDA) decodes
-once, augments on the GPU (``gpu_data.GpuTwoViewLoader``) and runs a compiled bf16 step
-(``fast.make_fast_step``). Both are seeded so that ``--resume`` continues exactly.
+The loop does not care where batches come from or how a step runs. The fast path (the
+default, on CUDA and on CPU) decodes once, keeps the uint8 images on the training device and
+makes both views of a batch there in a few batched tensor ops (``gpu_data.GpuTwoViewLoader``),
+then runs ``fast.make_fast_step`` (channels_last, fused SGD; bf16 autocast and
+``torch.compile`` on CUDA). The reference path (``fast_path: off``) is a DataLoader of PIL
+two-view augmentations with an fp32 step. Both are seeded so that ``--resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -81,18 +83,49 @@ def channel_stats(images: np.ndarray, limit: int = 10_000) -> tuple[tuple[float,
     return tuple(round(float(v), 4) for v in x.mean(0)), tuple(round(float(v), 4) for v in std)
 
 
+FAST_DEVICES = ("cuda", "cpu")
+
+
 def fast_path_enabled(cfg: TrainConfig, device: torch.device) -> bool:
-    """``auto``: on with CUDA; ``on`` without CUDA is a ConfigError."""
-    if cfg.fast_path == "on" and device.type != "cuda":
-        raise ConfigError("fast_path=on needs a CUDA device; use fast_path=auto or off on CPU")
-    return cfg.fast_path == "on" or (cfg.fast_path == "auto" and device.type == "cuda")
+    """``auto`` and ``on``: the fast path on CUDA and CPU; ``off``: the reference path."""
+    if cfg.fast_path == "on" and device.type not in FAST_DEVICES:
+        raise ConfigError(f"fast_path=on runs on {' or '.join(FAST_DEVICES)}, not {device.type}; use fast_path=off")
+    return cfg.fast_path != "off" and device.type in FAST_DEVICES
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA, off elsewhere."""
+    """``auto`` -> bf16 on CUDA, off elsewhere.
+
+    On CPU, bf16 autocast pays only with native bf16 matrix units (AVX-512 BF16 / AMX); on an
+    AVX2 CPU it made the step 7x slower here (``benchmarks/train_throughput.py --device cpu``
+    measures both), so it is opt-in there (``amp: bf16``).
+    """
     if amp == "auto":
         return "bf16" if device.type == "cuda" else "off"
     return amp
+
+
+def resolve_compile(switch: str, device: torch.device) -> bool:
+    """``auto`` -> compile on CUDA only: on a 2-core CPU, Inductor took 3 minutes to compile
+    the networks and gave no faster step (convolutions are oneDNN calls either way)."""
+    return switch == "on" or (switch == "auto" and device.type == "cuda")
+
+
+def set_cpu_threads(device: torch.device, local_world_size: int = 1) -> int:
+    """Intra-op threads for a CPU run: the cores this process may use, shared by local ranks.
+
+    ``OMP_NUM_THREADS``, when set, is the user's choice and is kept. Returns the thread count
+    (unchanged on CUDA, where the CPU only feeds the GPU).
+    """
+    if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    return threads
 
 
 @dataclass
@@ -114,6 +147,7 @@ class Run:
     step: int = 0
     last_loss: float | None = None
     knn_top1: float | None = None
+    train_seconds: float = 0.0  # training wall time of every sitting so far (kNN excluded)
     knn_sets: tuple[ImageSet, ImageSet] | None = field(default=None, repr=False)
 
     @property
@@ -136,12 +170,13 @@ def make_loader(cfg: TrainConfig, images: np.ndarray, encoder: Encoder, info: D.
                                   pin_memory=info.device.type == "cuda")
 
 
-def make_step(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, fast: bool) -> Step:
+def make_step(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer, fast: bool,
+              device: torch.device) -> Step:
     if fast:
         from ascl.training.fast import make_fast_step
 
-        return make_fast_step(model, optimizer, amp=resolve_amp(cfg.amp, torch.device("cuda")), compile=cfg.compile,
-                              channels_last=cfg.channels_last)
+        return make_fast_step(model, optimizer, amp=resolve_amp(cfg.amp, device),
+                              compile=resolve_compile(cfg.compile, device), channels_last=cfg.channels_last)
     return make_reference_step(model, optimizer)
 
 
@@ -152,7 +187,7 @@ def _fast_available(cfg: TrainConfig, device: torch.device) -> bool:
             import ascl.training.fast  # noqa: F401
             import ascl.training.gpu_data  # noqa: F401
         except ImportError as exc:
-            warnings.warn(f"GPU fast path unavailable ({exc}); using the reference data path", stacklevel=2)
+            warnings.warn(f"fast path unavailable ({exc}); using the reference data path", stacklevel=2)
             return False
     return fast
 
@@ -160,6 +195,7 @@ def _fast_available(cfg: TrainConfig, device: torch.device) -> bool:
 def build_run(cfg: TrainConfig, run_dir: Path, resume: Path | None = None, ckpt: dict[str, Any] | None = None) -> Run:
     """Data, model, optimiser, schedule, loader and step for ``cfg``; restored from ``ckpt`` if given."""
     info = D.init_from_env(cfg.device)
+    set_cpu_threads(info.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if cfg.batch_size % info.world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {info.world_size} processes")
     if (cfg.batch_size // info.world_size) % cfg.model.bn_splits:
@@ -196,7 +232,9 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: Path | None = None, ckpt:
     if ckpt is not None and resume is not None:  # before the step is made: it may re-layout optimiser state
         position = restore(ckpt, resume, framework, optimizer, scheduler, encoder)
     run = Run(cfg, info, run_dir, encoder, framework, optimizer, scheduler, loader,
-              make_step(cfg, model, optimizer, fast), None, *position)
+              make_step(cfg, model, optimizer, fast, info.device), None, *position)
+    if ckpt is not None and resume is not None:
+        run.train_seconds = float(ckpt.get("train_seconds", 0.0))
     if run.batch >= run.steps_per_epoch:
         run.epoch, run.batch = run.epoch + 1, 0
     if info.is_main:
@@ -228,7 +266,8 @@ def save(run: Run, epoch_file: bool) -> Path:
     last = folder / "last.pt"
     if run.info.is_main:
         state = training_state(run.framework, run.optimizer, run.scheduler, config=config_to_dict(run.cfg),
-                               encoder=run.encoder, epoch=run.epoch, batch=run.batch, step=run.step)
+                               encoder=run.encoder, epoch=run.epoch, batch=run.batch, step=run.step,
+                               train_seconds=run.train_seconds)
         if epoch_file:
             save_checkpoint(folder / f"epoch_{run.epoch:04d}.pt", state, copies=(last,))
         else:
@@ -250,14 +289,15 @@ def _batches(run: Run) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         return itertools.islice(loader, run.batch, None)
 
 
-def _log(run: Run, running: torch.Tensor, count: int, elapsed: float, lr: float, bar: Any) -> None:
+def _log(run: Run, running: torch.Tensor, count: int, elapsed: float, lr: float, bar: Any, total_s: float) -> None:
     """Sync the running loss to the host (only here), write metrics, refresh the bar."""
     loss = float(D.all_reduce_mean(running / count).item())
     pairs = count * run.cfg.batch_size / max(elapsed, 1e-9)
     run.last_loss = loss
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.4g}", pairs_s=f"{pairs:.0f}")
     if run.metrics is not None:
-        run.metrics.log(run.step, run.epoch + run.batch / run.steps_per_epoch, loss=loss, lr=lr, pairs_per_s=pairs)
+        run.metrics.log(run.step, run.epoch + run.batch / run.steps_per_epoch, loss=loss, lr=lr, pairs_per_s=pairs,
+                        elapsed_s=total_s)
 
 
 def _should_stop(run: Run, stop: StopSignal, at_log: bool) -> bool:
@@ -279,6 +319,7 @@ def train_epoch(run: Run, stop: StopSignal, progress: bool) -> bool:
     bar = tqdm(total=run.steps_per_epoch, initial=run.batch, desc=f"epoch {run.epoch + 1}/{cfg.epochs}",
                disable=not (progress and run.info.is_main), dynamic_ncols=True, unit="step")
     running, count, t0 = torch.zeros((), device=dev), 0, time.perf_counter()
+    started = t0
     try:
         for x_q, x_k in _batches(run):
             lr = run.optimizer.param_groups[0]["lr"]
@@ -290,12 +331,14 @@ def train_epoch(run: Run, stop: StopSignal, progress: bool) -> bool:
             at_log = run.step % cfg.log_every == 0 or run.batch == run.steps_per_epoch or run.step == 1
             stopping = _should_stop(run, stop, at_log)
             if at_log or stopping:
-                _log(run, running, count, time.perf_counter() - t0, lr, bar)
+                now = time.perf_counter()
+                _log(run, running, count, now - t0, lr, bar, run.train_seconds + now - started)
                 running, count, t0 = torch.zeros((), device=dev), 0, time.perf_counter()
             if stopping:
                 return True
     finally:
         bar.close()
+        run.train_seconds += time.perf_counter() - started
     return False
 
 
@@ -340,7 +383,7 @@ def train(cfg: TrainConfig, run_dir: Path, *, resume: Path | None = None, ckpt: 
                 if cfg.eval.knn_every and (run.epoch % cfg.eval.knn_every == 0 or run.epoch == cfg.epochs):
                     run.knn_top1 = knn_monitor(run)
                     if run.metrics is not None:
-                        run.metrics.log(run.step, float(run.epoch), knn_top1=run.knn_top1)
+                        run.metrics.log(run.step, float(run.epoch), knn_top1=run.knn_top1, elapsed_s=run.train_seconds)
                     if progress and run.info.is_main:
                         print(f"epoch {run.epoch}: kNN top-1 (val) {100 * run.knn_top1:.2f}%", flush=True)
                 if run.epoch % cfg.checkpoint_every == 0 or run.epoch == cfg.epochs:

@@ -9,7 +9,8 @@ from typing import Any
 
 from ascl.atomic import atomic_write_text
 
-COLUMNS = ("step", "epoch", "loss", "lr", "pairs_per_s", "knn_top1")
+# elapsed_s: training wall time so far (kNN monitoring excluded), summed over resumed sittings
+COLUMNS = ("step", "epoch", "loss", "lr", "pairs_per_s", "knn_top1", "elapsed_s")
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:

