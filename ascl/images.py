@@ -1,8 +1,10 @@
 """Image decoding shared by index building, serving and the demo.
 
-One rule everywhere: decode, convert to RGB, resize the shorter side to ``size`` (bilinear),
-centre-crop to ``size x size``, return uint8 HWC. Inputs are untrusted: size limits and clear
-errors come first.
+One rule everywhere: decode, take the centred square of side min(width, height), resize it to
+``size x size`` (bilinear, antialiased), convert to RGB, return uint8 HWC. Cropping before
+scaling keeps every intermediate at most as large as the source and the output exactly
+``size x size``, whatever the aspect ratio. Inputs are untrusted: size limits and clear
+errors come first, and error messages never echo object reprs or server paths.
 """
 
 from __future__ import annotations
@@ -14,8 +16,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ascl.errors import public_message
+
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # 20 MiB of encoded data per image
+MAX_REQUEST_BYTES = 64 * 1024 * 1024  # 64 MiB of encoded data per request, all its images together
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 64 megapixels after decode
+MAX_ASPECT_RATIO = 100  # longer side / shorter side; beyond this it is not a picture of anything
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit (and 32-bit int) greyscale
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -23,17 +30,25 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message says why and what to do."""
 
 
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale scaled to 8 bits (PIL's own convert clips everything above 255 to white)."""
+    if image.mode not in HIGH_BIT_MODES:
+        return image
+    values = np.asarray(image, dtype=np.uint32)  # [H, W]
+    return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), mode="L")
+
+
 def to_rgb_square(image: Image.Image, size: int) -> np.ndarray:
-    """PIL image -> uint8 [size, size, 3]: shorter side resized to ``size``, centre crop."""
-    image = image.convert("RGB")
+    """PIL image -> uint8 [size, size, 3]: the centred square of side min(w, h), resized to ``size``."""
     w, h = image.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8)
+    side = min(w, h)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)  # centred square, source pixels
+    image = to_8bit(image)
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGBA" if "A" in image.mode or image.mode == "P" else "RGB")
+    if (w, h) != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def decode_image(data: bytes, size: int, *, name: str = "image", max_bytes: int = MAX_IMAGE_BYTES) -> np.ndarray:
@@ -52,17 +67,28 @@ def decode_image(data: bytes, size: int, *, name: str = "image", max_bytes: int 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise ImageError(
-                        f"{name}: {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS} pixel limit"
-                    )
+                check_dimensions(img.width, img.height, name)
                 img.load()
                 return to_rgb_square(img, size)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{name}: not a readable image ({exc}); expected JPEG, PNG or WebP bytes") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name}: not a readable image (unknown format); expected JPEG, PNG or WebP bytes") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: not a readable image ({public_message(str(exc), 200)}); "
+                         "expected JPEG, PNG or WebP bytes") from exc
+
+
+def check_dimensions(width: int, height: int, name: str = "image") -> None:
+    """Refuse, before decoding, images too large to decode or too elongated to be a picture."""
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: {width}x{height} pixels is empty")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS} pixel limit")
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(f"{name}: {width}x{height} pixels has an aspect ratio of {ratio:.0f}:1, beyond the "
+                         f"{MAX_ASPECT_RATIO}:1 limit; crop the part to search with first")
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:

@@ -63,32 +63,66 @@ class SearchBackend(Protocol):
         ...
 
 
+MAX_LABEL_CHARS = 64
+
+
+def clean_label(label: str | None) -> str | None:
+    """A label as it is stored: printable, trimmed, at most ``MAX_LABEL_CHARS``; ValueError otherwise."""
+    if label is None:
+        return None
+    text = " ".join(label.split())  # newlines, tabs and runs of spaces become single spaces
+    if not text:
+        return None
+    if len(text) > MAX_LABEL_CHARS:
+        raise ValueError(f"a label may have at most {MAX_LABEL_CHARS} characters, got {len(text)}")
+    if not text.isprintable():
+        raise ValueError("a label may contain printable characters only")
+    return text
+
+
 class IndexWriter:
     """Appends images to an index folder: saves the file, embeds, writes a new index version.
 
-    One writer per process serialises additions with a lock; the index module's manifest
-    swap keeps concurrent readers (the Triton search model) consistent.
+    Each add is one change under the index's writer lock (``ascl.serving.index.writer_lock``),
+    so it takes turns with ``ascl index add/remove`` instead of overwriting their versions; an
+    image already in the index (same bytes) keeps its id.
     """
 
     def __init__(self, index_dir: Path) -> None:
         self.index_dir = Path(index_dir)
         self.added_dir = self.index_dir / ADDED_FOLDER
-        self._lock = threading.Lock()
         self.count = 0  # vectors in the index after the last add
 
-    def add(self, image: bytes, vector: np.ndarray, *, name: str, label: str | None) -> Result:
-        """vector: [D] unit embedding of ``image``. Returns the new record."""
-        from ascl.atomic import atomic_write_bytes
+    def known(self, image: bytes) -> Result | None:
+        """The stored record of ``image`` when these exact bytes are indexed already."""
         from ascl.serving.index import GalleryIndex
 
         sha1 = hashlib.sha1(image).hexdigest()
+        index = GalleryIndex.load(self.index_dir)
+        self.count = index.ntotal
+        for i, meta in index.metadata.items():
+            if meta.get("sha1") == sha1:
+                return Result.from_metadata(i, 1.0, meta)
+        return None
+
+    def add(self, image: bytes, vector: np.ndarray, *, name: str, label: str | None) -> Result:
+        """vector: [D] unit embedding of ``image``. Returns the new record (or the existing one)."""
+        from ascl.atomic import atomic_write_bytes
+        from ascl.serving.index import GalleryIndex, writer_lock
+
+        label = clean_label(label)
+        sha1 = hashlib.sha1(image).hexdigest()
         suffix = Path(name).suffix.lower() or ".png"
         file_name = f"{sha1[:16]}{suffix}"
-        with self._lock:
-            atomic_write_bytes(self.added_dir / file_name, image)
+        with writer_lock(self.index_dir, who="the demo's add"):
             index = GalleryIndex.load(self.index_dir)
+            for i, meta in index.metadata.items():
+                if meta.get("sha1") == sha1:
+                    self.count = index.ntotal
+                    return Result.from_metadata(i, 1.0, meta)
+            atomic_write_bytes(self.added_dir / file_name, image)
             record = {"path": file_name, "label": label, "size": len(image),
-                      "source": str(self.added_dir.resolve()), "sha1": sha1, "original_name": name}
+                      "source": str(self.added_dir.resolve()), "sha1": sha1, "original_name": name[:200]}
             (new_id,) = index.add(vector.reshape(1, -1).astype(np.float32), [record]).tolist()
             index.save(self.index_dir)
             self.count = index.ntotal
@@ -131,11 +165,12 @@ class InProcessBackend:
     def search(self, image: bytes, k: int) -> list[Result]:
         query = self.embed(image)[None]  # [1, D]
         index = self._current()
-        (hits,) = index.hits(query, min(k, index.ntotal))
+        (hits,) = index.hits(query, k)  # k is clamped to the index size
         return [Result.from_metadata(h.id, h.score, h.metadata) for h in hits]
 
     def add(self, image: bytes, *, name: str, label: str | None = None) -> Result:
-        return self.writer.add(image, self.embed(image), name=name, label=label)
+        label = clean_label(label)
+        return self.writer.known(image) or self.writer.add(image, self.embed(image), name=name, label=label)
 
     def count(self) -> int:
         return int(self._current().ntotal)
@@ -158,13 +193,16 @@ class TritonBackend:
         self.description = f"Triton at {url}"
 
     def search(self, image: bytes, k: int) -> list[Result]:
-        total = self.count()
-        (hits,) = self.client.search([image], k=min(k, total) if total > 0 else k)
+        (hits,) = self.client.search([image], k=k)  # the server clamps k to the index size
         return [Result.from_metadata(h.id, h.score, h.metadata) for h in hits]
 
     def add(self, image: bytes, *, name: str, label: str | None = None) -> Result:
         if self.writer is None:
             raise RuntimeError("adding images needs the served index folder; start the demo with --index IDX")
+        label = clean_label(label)
+        known = self.writer.known(image)
+        if known is not None:
+            return known
         vector = np.asarray(self.client.embed([image]))[0]  # [D]
         result = self.writer.add(image, vector, name=name, label=label)
         self._wait_until_served(image, result.id, k=min(10, max(1, self.writer.count - 1)))

@@ -85,6 +85,8 @@ def friendly_message(exc: BaseException, backend: SearchBackend, name: str = "th
     lowered = text.lower()
     if "not a readable image" in lowered or "empty input" in lowered:
         return f"{name!r} is not an image we can read. Please upload a JPEG, PNG or WebP picture."
+    if isinstance(exc, ValueError) and lowered.startswith("a label"):
+        return f"{text}."
     if isinstance(exc, ImageError) or ("limit" in lowered and "image" in lowered):
         detail = text.split(": ", 1)[-1]
         return f"{name!r} cannot be used: {detail}."

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 
 
 class RunningServer(Protocol):
-    """A started Triton server; ``stop`` returns once the process and its stubs are gone."""
+    """A started search service; ``stop`` returns once Triton and its stubs are gone."""
 
-    def stop(self) -> int | None: ...
+    def stop(self) -> None: ...
 
 
 def build_index(onnx_path: Path, images: Path, index_dir: Path, *, factory: str = "auto") -> int:
@@ -32,15 +32,17 @@ def build_index(onnx_path: Path, images: Path, index_dir: Path, *, factory: str 
 
 
 def start_triton(onnx_path: Path, index_dir: Path, ports: Ports, cache: Path) -> RunningServer:
-    """Write the embedded model repository under ``cache`` and start Triton on ``ports``.
+    """Write the embedded model repository under ``cache`` and start the search service on ``ports``.
 
-    Returns once Triton reports ready. The repository's search model reads ``index_dir`` in
+    Returns once a search goes through. The service is ``ascl serve``'s: Triton behind the
+    front door (inference, health and metadata only; bounded requests), restarted by its
+    supervisor if it or a stub dies. The repository's search model reads ``index_dir`` in
     place, so images added to that index are served without a restart.
     """
     from ascl.serving.repository import write_repository
-    from ascl.serving.server import TritonServer
+    from ascl.serving.service import SearchService
 
     repository = write_repository(cache / "triton" / index_dir.name, onnx_path, index_dir)
-    server = TritonServer(repository, grpc_port=ports.grpc, http_port=ports.http, metrics_port=ports.metrics,
-                          log_path=cache / "triton" / f"{index_dir.name}.log")
-    return server.start()
+    service = SearchService(repository, grpc_port=ports.grpc, http_port=ports.http, metrics_port=ports.metrics,
+                            log_path=cache / "triton" / f"{index_dir.name}.log")
+    return service.start()

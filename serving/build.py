@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from ascl.images import ImageError, decode_image
-from ascl.serving.index import GalleryIndex, IndexFileError, auto_factory, read_manifest
+from ascl.serving.index import (
+    MANIFEST,
+    GalleryIndex,
+    IndexFileError,
+    auto_factory,
+    read_manifest,
+    writer_lock,
+)
 from ascl.serving.sources import SourceImage, iter_source
 
 
@@ -91,42 +98,76 @@ def embed_source(
     return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), records, counts
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def load_existing(out: Path) -> GalleryIndex | None:
+    """The index in ``out``, or None when ``out`` holds none yet."""
+    return GalleryIndex.load(out) if (out / MANIFEST).is_file() else None
+
+
+def check_same_model(index: GalleryIndex, model: dict[str, Any], out: Path) -> None:
+    old = index.manifest.get("model", {}).get("sha1")
+    if old and old != model["sha1"]:
+        raise IndexFileError(
+            f"{out}: built with another model ({Path(str(index.manifest['model'].get('onnx'))).name}); "
+            "embeddings of different models cannot be mixed: write a new index with a new --out"
+        )
+
+
 def build_index(
     onnx_path: str | Path, images: str, out: str | Path, *, factory: str = "auto", batch_size: int = 256,
     limit: int | None = None, progress: bool = True,
 ) -> BuildReport:
-    """Create ``out`` from ``images``, or add the new images of ``images`` to an existing ``out``."""
+    """Create ``out`` from ``images``, or add the new images of ``images`` to an existing ``out``.
+
+    The embedding runs without the writer lock (it can take minutes); the change is then
+    applied under the lock to the index as it is at that moment, skipping images another
+    writer added meanwhile, so concurrent writers never undo each other.
+    """
     onnx_path, out = Path(onnx_path), Path(out)
     model = {"onnx": str(onnx_path.resolve()), "sha1": file_sha1(onnx_path)}
-    existing: GalleryIndex | None = None
-    if (out / "manifest.json").exists():
-        existing = GalleryIndex.load(out)
-        old = existing.manifest.get("model", {}).get("sha1")
-        if old and old != model["sha1"]:
-            raise IndexFileError(
-                f"{out}: built with another model ({existing.manifest['model'].get('onnx')}); "
-                "embeddings of different models cannot be mixed: write a new index with a new --out"
-            )
-    known = existing.known_keys() if existing else set()
+    snapshot = load_existing(out)
+    if snapshot is not None:
+        check_same_model(snapshot, model, out)
+    known = snapshot.known_keys() if snapshot else set()
     vectors, records, counts = embed_source(onnx_path, images, known=known, batch_size=batch_size, limit=limit,
                                             progress=progress)
-    if existing is None:
-        if len(vectors) == 0:
-            raise ImageError(f"{images}: no readable images to index")
-        chosen = auto_factory(len(vectors), vectors.shape[1]) if factory == "auto" else factory
-        existing = GalleryIndex.create(vectors.shape[1], chosen, model=model)
-    existing.add(vectors, records)
-    version = existing.save(out) if len(vectors) or existing.version == 0 else existing.version
-    return BuildReport(len(vectors), counts["known"], counts["bad"], existing.ntotal, version,
-                       str(existing.manifest["factory"]))
+    created = not out.exists()
+    try:
+        with writer_lock(out, who="ascl index build/add", on_wait=_say):
+            index = load_existing(out)
+            if index is None:
+                if len(vectors) == 0:
+                    raise ImageError(f"{images}: no readable images to index")
+                chosen = auto_factory(len(vectors), vectors.shape[1]) if factory == "auto" else factory
+                index = GalleryIndex.create(vectors.shape[1], chosen, model=model)
+            else:
+                check_same_model(index, model, out)
+                now_known = index.known_keys()  # another writer may have added some meanwhile
+                keep = [i for i, r in enumerate(records) if r["sha1"] not in now_known]
+                counts["known"] += len(records) - len(keep)
+                vectors, records = vectors[keep], [records[i] for i in keep]
+            index.add(vectors, records)
+            version = index.save(out) if len(vectors) or index.version == 0 else index.version
+    except BaseException:
+        if created:  # leave no half-made folder behind
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    return BuildReport(len(vectors), counts["known"], counts["bad"], index.ntotal, version,
+                       str(index.manifest["factory"]))
 
 
 def remove_from_index(out: str | Path, ids: list[int], paths: list[str]) -> tuple[int, int]:
     """Remove entries by id or by stored path; returns (removed, new version)."""
-    index = GalleryIndex.load(out)
-    wanted = set(ids) | {i for i, m in index.metadata.items() if m.get("path") in set(paths)}
-    removed = index.remove(wanted)
-    return removed, index.save(out) if removed else index.version
+    with writer_lock(out, who="ascl index remove", on_wait=_say):
+        index = GalleryIndex.load(out)
+        wanted = set(ids) | {i for i, m in index.metadata.items() if m.get("path") in set(paths)}
+        removed = index.remove(wanted)
+        return removed, index.save(out) if removed else index.version
 
 
 def index_info(out: str | Path) -> dict[str, Any]:
@@ -151,25 +192,30 @@ def add_image_bytes(
     """
     from ascl.export.runtime import OnnxEmbedder
 
-    index = GalleryIndex.load(out)
-    by_sha = {str(m.get("sha1")): i for i, m in index.metadata.items()}
     embedder = OnnxEmbedder(onnx_path)
-    ids: list[int] = []
-    new_pixels: list[np.ndarray] = []
-    new_records: list[dict[str, Any]] = []
-    slots: list[int] = []
+    with writer_lock(out, who="add_image_bytes", on_wait=_say):
+        return _add_locked(GalleryIndex.load(out), Path(out), embedder, items, label, source)
+
+
+def _add_locked(index: GalleryIndex, out: Path, embedder: Any, items: list[tuple[str, bytes]], label: str | None,
+                source: str) -> list[int]:
+    by_sha = {str(m.get("sha1")): i for i, m in index.metadata.items()}
+    fresh: dict[str, int] = {}  # sha1 -> position among the images new to the index
+    pixels: list[np.ndarray] = []
+    records: list[dict[str, Any]] = []
+    slots: list[tuple[bool, int]] = []  # per item: (new?, position among the new ones or existing id)
     for name, data in items:
         sha1 = hashlib.sha1(data).hexdigest()
         if sha1 in by_sha:
-            ids.append(by_sha[sha1])
+            slots.append((False, by_sha[sha1]))
             continue
-        new_pixels.append(decode_image(data, embedder.image_size, name=name))  # ImageError names the file
-        new_records.append({"path": name, "label": label, "size": len(data), "source": source, "sha1": sha1})
-        slots.append(len(ids))
-        ids.append(-1)
-    if new_pixels:
-        new_ids = index.add(embedder.embed(np.stack(new_pixels)), new_records)
-        for slot, i in zip(slots, new_ids.tolist(), strict=True):
-            ids[slot] = i
+        if sha1 not in fresh:  # the same bytes twice in one call are one entry
+            fresh[sha1] = len(pixels)
+            pixels.append(decode_image(data, embedder.image_size, name=name))  # ImageError names the file
+            records.append({"path": name, "label": label, "size": len(data), "source": source, "sha1": sha1})
+        slots.append((True, fresh[sha1]))
+    new_ids: list[int] = []
+    if pixels:
+        new_ids = index.add(embedder.embed(np.stack(pixels)), records).tolist()
         index.save(out)
-    return ids
+    return [new_ids[value] if is_new else value for is_new, value in slots]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -29,10 +30,20 @@ def _fail(exc: BaseException) -> int:
     return 2
 
 
-def _add_model(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--model", required=required, default=None,
+def _add_model(p: argparse.ArgumentParser, default: str | None, when_absent: str) -> None:
+    p.add_argument("--model", default=default,
                    help="an exported .onnx file, a training run folder or checkpoint, a hub folder, a shipped "
-                        "model name or a hub repo id (exported to ONNX once and cached under ~/.cache/ascl)")
+                        "model name ('default' = the shipped default, see 'ascl models') or a hub repo id "
+                        f"(exported to ONNX once and cached under ~/.cache/ascl); {when_absent}")
+
+
+def _model_of_index(index: str) -> str:
+    """The model an index was built with (its manifest's ONNX file, when still there), else ``default``."""
+    from ascl.model_cards.registry import DEFAULT_ALIAS
+    from ascl.serving.index import read_manifest
+
+    onnx = read_manifest(index).get("model", {}).get("onnx")
+    return str(onnx) if onnx and Path(onnx).is_file() else DEFAULT_ALIAS
 
 
 def _add_images(p: argparse.ArgumentParser) -> None:
@@ -95,18 +106,35 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def serve_repository_dir() -> Path:
+    """A fresh folder for this process's model repository, under the cache; folders that a
+    killed ``ascl serve`` left behind (their process is gone) are removed first."""
+    from ascl.serving.model_files import cache_dir
+
+    root = cache_dir() / "serve"
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("repo-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"repo-{os.getpid()}-", dir=root))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from ascl.serving.front_door import Limits
     from ascl.serving.index import read_manifest
     from ascl.serving.model_files import resolve_onnx
     from ascl.serving.repository import docker_command, write_repository
-    from ascl.serving.server import ServerError, TritonServer, port_in_use
+    from ascl.serving.server import ADMIN_KEY_HEADER, ServerError, port_in_use
+    from ascl.serving.service import SearchService
 
+    max_request = int(args.max_request_mb * 2**20)
     try:
         read_manifest(args.index)
-        onnx = resolve_onnx(args.model)
+        onnx = resolve_onnx(args.model or _model_of_index(args.index))
         if args.repository_only:
             repo = write_repository(args.repository_only, onnx, args.index, platform=args.platform, copy_index=True,
-                                    plan_path=args.plan)
+                                    plan_path=args.plan, max_request_bytes=max_request)
             print(f"wrote the production model repository {repo}")
             if args.platform == "tensorrt" and not args.plan:
                 print(f"build its engine on the serving GPU first: ascl export tensorrt {onnx} "
@@ -118,29 +146,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if port_in_use(args.host, port):
                 raise ServerError(f"{args.host}:{port} ({name} port) is already in use; pick another with --{name}-port")
         keep = args.repository is not None
-        repo_dir = Path(args.repository) if keep else Path(tempfile.mkdtemp(prefix="ascl-repo-")) / "models"
-        write_repository(repo_dir, onnx, args.index)
+        repo_dir = Path(args.repository) if keep else serve_repository_dir() / "models"
+        write_repository(repo_dir, onnx, args.index, max_request_bytes=max_request)
     except USER_ERRORS as exc:
         return _fail(exc)
-    server = TritonServer(repo_dir, grpc_port=args.grpc_port, http_port=args.http_port, metrics_port=args.metrics_port,
-                          host=args.host, verbose=args.verbose)
+    service = SearchService(repo_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+                            metrics_port=args.metrics_port, limits=Limits(max_request_bytes=max_request),
+                            verbose=args.verbose, start_timeout_s=args.start_timeout)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         print(f"starting tritonserver on the model repository {repo_dir} ...", flush=True)
-        server.start(timeout_s=args.start_timeout)
-        print(f"ready: gRPC {server.grpc_url}  HTTP {server.http_url}  metrics {server.metrics_url}\n"
-              f"  health: {server.http_url}/v2/health/ready   log: {server.log_path}\n"
-              f"  try: ascl query IMAGE -k 10 --server {server.grpc_url}   (Ctrl-C stops)", flush=True)
-        code = server.wait()
-        print(f"tritonserver exited with code {code}; log:\n{server.logs()}", file=sys.stderr)
-        return 1
+        service.start()
+        print(f"ready: gRPC {service.grpc_url}  HTTP {service.http_url}  metrics {service.metrics_url}\n"
+              f"  health: {service.http_url}/v2/health/ready   (inference, health and metadata only)\n"
+              f"  try: ascl query IMAGE -k 10 --server {service.grpc_url}   (Ctrl-C stops)", flush=True)
+        if args.print_admin_key:
+            print(f"  admin key (header {ADMIN_KEY_HEADER!r} on Triton's private ports): {service.admin_key}",
+                  flush=True)
+        failure = service.wait()
+        if failure:
+            return _fail(ServerError(failure))
+        return 0
     except KeyboardInterrupt:
         print("stopping: in-flight requests finish first...", flush=True)
         return 0
     except ServerError as exc:
         return _fail(exc)
     finally:
-        server.stop()
+        service.stop()
         signal.signal(signal.SIGTERM, previous)
         if not keep:
             shutil.rmtree(repo_dir.parent, ignore_errors=True)
@@ -170,7 +203,7 @@ def _register_index(sub: Any) -> None:
     isub.required = True
     build = isub.add_parser("build", help="embed a gallery and write an index folder (re-runs skip known images)",
                             formatter_class=FMT)
-    _add_model(build)
+    _add_model(build, "default", "default: %(default)s")
     _add_images(build)
     build.add_argument("--out", required=True, help="index folder to create (or extend, with the same model)")
     build.add_argument("--factory", default="auto",
@@ -180,7 +213,7 @@ def _register_index(sub: Any) -> None:
     add = isub.add_parser("add", help="embed new images into an existing index (a server picks them up live)",
                           formatter_class=FMT)
     add.add_argument("--index", required=True, help="index folder")
-    _add_model(add, required=False)
+    _add_model(add, None, "default: the model the index was built with")
     _add_images(add)
     add.set_defaults(func=cmd_add)
     remove = isub.add_parser("remove", help="remove entries by id or stored path", formatter_class=FMT)
@@ -198,7 +231,7 @@ def register(sub: Any) -> None:
     _register_index(sub)
     serve = sub.add_parser("serve", help="serve embedding and image search with Triton (gRPC + HTTP)",
                            formatter_class=FMT)
-    _add_model(serve)
+    _add_model(serve, None, "default: the model the index was built with, else 'default'")
     serve.add_argument("--index", required=True, help="index folder from 'ascl index build'")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (clients, ascl query)")
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (also /v2/health/ready)")
@@ -207,6 +240,12 @@ def register(sub: Any) -> None:
     serve.add_argument("--repository", default=None,
                        help="write the model repository here and keep it (default: a temporary folder)")
     serve.add_argument("--start-timeout", type=float, default=180.0, help="seconds to wait for the server to be ready")
+    serve.add_argument("--max-request-mb", type=float, default=64.0,
+                       help="largest request (all its images, encoded) the ports accept; larger ones are refused "
+                            "before they are read (gRPC RESOURCE_EXHAUSTED, HTTP 413)")
+    serve.add_argument("--print-admin-key", action="store_true",
+                       help="print the key of Triton's restricted APIs (model repository, config, statistics, trace, "
+                            "logging, shared memory) on its private ports; the public ports never serve them")
     serve.add_argument("--verbose", action="store_true", help="verbose Triton log")
     serve.add_argument("--repository-only", default=None, metavar="DIR",
                        help="only write a production repository for NVIDIA's Triton container to DIR and print the "

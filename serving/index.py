@@ -12,6 +12,11 @@ the manifest names. A server therefore detects a new version by a changed manife
 never sees a half-written index. The previous version's files are kept so that a reader that
 read the old manifest an instant before can still open them.
 
+Writers take turns: ``writer_lock`` holds an advisory lock on ``.writer.lock`` in the folder
+for the read-modify-write of one change (``ascl index build/add/remove`` and the demo's add all
+use it), and ``GalleryIndex.save`` refuses to write over a version it did not start from, so
+two writers can never lose each other's changes.
+
 This module imports only numpy, faiss and ``ascl`` core modules: the Triton search model
 vendors it into the model repository.
 """
@@ -21,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ import numpy as np
 from ascl.atomic import atomic_path, atomic_write_text
 
 MANIFEST = "manifest.json"
+LOCK_FILE = ".writer.lock"
 FORMAT = 1
 # `auto` factory thresholds (collection size N): exact search is cheap below FLAT_MAX; a graph
 # index is fast and exact enough up to HNSW_MAX; beyond that IVF + fast-scan PQ with a
@@ -45,6 +52,54 @@ REFINE_K_FACTOR = 32  # PQ shortlists k * 32 candidates, re-ranked with SQ8 code
 
 class IndexFileError(ValueError):
     """A problem with an index folder that the user can fix; the message says how."""
+
+
+class IndexBusyError(IndexFileError):
+    """Another writer held the index for longer than this one would wait."""
+
+
+class IndexConflictError(IndexFileError):
+    """The folder moved on to a newer version than the one this change started from."""
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | Path, *, timeout_s: float = 300.0, who: str = "",
+                on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the folder's writer lock (``fcntl.flock`` on ``.writer.lock``) for one change.
+
+    Waits up to ``timeout_s`` for another writer (saying so once through ``on_wait``), then
+    raises IndexBusyError naming the holder. The lock goes with the process: a writer killed
+    mid-change leaves no stale lock behind.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline, told = time.monotonic() + timeout_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                if time.monotonic() > deadline:
+                    raise IndexBusyError(f"{folder}: {holder} has been writing this index for over {timeout_s:.0f} s; "
+                                         "wait for it to finish (or stop it) and run this again") from None
+                if not told and on_wait is not None:
+                    on_wait(f"waiting for {holder}, which is writing {folder} ...")
+                    told = True
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({who or 'a writer'}) since {time.strftime('%H:%M:%S')}".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -224,18 +279,19 @@ class GalleryIndex:
         return removed
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """queries [Q, D] -> (scores [Q, k] float32, ids [Q, k] int64), best first.
+        """queries [Q, D] -> (scores [Q, k'] float32, ids [Q, k'] int64), best first, k' = min(k, N).
 
-        Raises ValueError for k <= 0 or k larger than the index, so that a server can fail that
-        one request with the message.
+        A k larger than the index is clamped (an index can shrink while clients keep asking for
+        their usual k); k <= 0 raises ValueError, so that a server fails that one request.
         """
         if k <= 0:
             raise ValueError(f"k must be >= 1, got {k}")
-        if k > self.ntotal:
-            raise ValueError(f"k={k} is larger than the index ({self.ntotal} vectors); ask for at most {self.ntotal}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"expected embeddings of shape [N, {self.dim}], got {list(queries.shape)}")
+        k = min(k, self.ntotal)
+        if k == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         scores, ids = self.index.search(queries, k)
         return scores.astype(np.float32), ids.astype(np.int64)
 
@@ -248,16 +304,22 @@ class GalleryIndex:
         ]
 
     def save(self, folder: str | Path, *, keep_previous: int = 1) -> int:
-        """Write a new version into ``folder`` (files first, manifest last); returns the version."""
+        """Write the next version into ``folder`` (files first, manifest last); returns it.
+
+        Raises IndexConflictError, writing nothing, when ``folder`` is no longer at the version
+        this index was loaded from (hold ``writer_lock`` across load and save to take turns).
+        """
         import faiss
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        try:
-            version = manifest_version(folder) + 1
-        except IndexFileError:
-            version = 1
-        version = max(version, self.version + 1)
+        current = manifest_version(folder) if (folder / MANIFEST).is_file() else 0
+        if current != self.version:
+            raise IndexConflictError(
+                f"{folder} is at version {current}, but this change started from version {self.version}: another "
+                "writer changed the index meanwhile, and writing now would undo that. Nothing was written; run it again"
+            )
+        version = current + 1
         index_name, meta_name = f"index.v{version}.faiss", f"metadata.v{version}.jsonl"
         with atomic_path(folder / index_name) as tmp:
             faiss.write_index(self.index, str(tmp))

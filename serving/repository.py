@@ -23,11 +23,13 @@ ASCL_ROOT = Path(__file__).resolve().parents[1]
 # Files vendored into each Python model's version folder, as ``ascl/<path>``.
 VENDORED = {
     "__init__.py": ASCL_ROOT / "ascl" / "__init__.py",
+    "errors.py": ASCL_ROOT / "ascl" / "errors.py",
     "names.py": ASCL_ROOT / "ascl" / "names.py",
     "images.py": ASCL_ROOT / "ascl" / "images.py",
     "atomic.py": ASCL_ROOT / "ascl" / "atomic.py",
     "serving/__init__.py": ASCL_ROOT / "serving" / "__init__.py",
     "serving/index.py": ASCL_ROOT / "serving" / "index.py",
+    "serving/request_errors.py": ASCL_ROOT / "serving" / "request_errors.py",
     "export/__init__.py": ASCL_ROOT / "export" / "__init__.py",
     "export/runtime.py": ASCL_ROOT / "export" / "runtime.py",
 }
@@ -76,12 +78,13 @@ def _python_model(config: Any, max_batch: int, params: dict[str, str], delay_us:
         config.parameters[key].string_value = value
 
 
-def preprocess_config(facts: ModelFacts, max_image_bytes: int) -> Any:
+def preprocess_config(facts: ModelFacts, max_image_bytes: int, max_request_bytes: int) -> Any:
     """No config warm-up (Triton 2.51's TYPE_STRING warm-up files did not reach the Python model
     intact); ``initialize`` decodes one image instead."""
     s = facts.image_size
     config = _pb().ModelConfig(name=names.MODEL_PREPROCESS)
-    _python_model(config, REQUEST_MAX_BATCH, {"image_size": str(s), "max_image_bytes": str(max_image_bytes)}, 500)
+    _python_model(config, REQUEST_MAX_BATCH, {"image_size": str(s), "max_image_bytes": str(max_image_bytes),
+                                              "max_request_bytes": str(max_request_bytes)}, 500)
     _tensor(config.input.add(), names.IMAGE_BYTES, "TYPE_STRING", [1])
     _tensor(config.output.add(), names.IMAGES, "TYPE_UINT8", [s, s, 3])
     return config
@@ -181,6 +184,7 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 def write_repository(
     out: str | Path, onnx_path: str | Path, index_dir: str | Path, *, platform: str = "python",
     plan_path: str | Path | None = None, copy_index: bool = False, max_image_bytes: int | None = None,
+    max_request_bytes: int | None = None,
 ) -> Path:
     """Write a complete model repository to ``out`` (atomically) and return it.
 
@@ -188,7 +192,7 @@ def write_repository(
     ``copy_index``: copy the index's current version into the repository (production) instead
     of pointing at ``index_dir`` (embedded: `ascl index add` updates are picked up live).
     """
-    from ascl.images import MAX_IMAGE_BYTES
+    from ascl.images import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES
     from ascl.serving.index import MANIFEST, read_manifest
 
     if platform not in ("python", "onnxruntime", "tensorrt"):
@@ -203,7 +207,8 @@ def write_repository(
         )
     with atomic_dir(out) as repo:
         pre = repo / names.MODEL_PREPROCESS
-        write_config(pre, preprocess_config(facts, max_image_bytes or MAX_IMAGE_BYTES))
+        write_config(pre, preprocess_config(facts, max_image_bytes or MAX_IMAGE_BYTES,
+                                            max_request_bytes or MAX_REQUEST_BYTES))
         _python_files(pre / "1", "preprocess")
 
         enc = repo / names.MODEL_ENCODER

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
+import secrets
 import shutil
 import signal
 import site
@@ -146,56 +146,80 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-class TritonServer:
+# APIs that only an operator holding the admin key may call (header ADMIN_KEY_HEADER); the
+# model-repository API cannot load or unload anything at all (model control mode "none").
+RESTRICTED_APIS = ("model-repository", "model-config", "statistics", "trace", "logging", "shared-memory")
+ADMIN_KEY_HEADER = "ascl-admin-key"
+
+
+def client_host(host: str) -> str:
+    """The address a client on this machine dials for a server bound to ``host``."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+class ServerUrls:
+    """``grpc_url``, ``http_url`` and ``metrics_url`` of a server with ``host``, ``metrics_host``, ``ports``."""
+
+    host: str
+    metrics_host: str
+    ports: dict[str, int]
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{client_host(self.host)}:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{client_host(self.host)}:{self.ports['http']}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{client_host(self.metrics_host)}:{self.ports['metrics']}/metrics"
+
+
+class TritonServer(ServerUrls):
     """A tritonserver process serving ``repository``, usable as a context manager.
 
-    ``start()`` checks the ports, launches the server and waits until it reports ready;
-    ``stop()`` sends SIGTERM (Triton finishes in-flight requests, then exits) and kills it if it
-    has not exited within ``exit_timeout_s``.
+    Every model is loaded at start and none can be loaded or unloaded later (model control
+    mode ``none``); the repository, config, statistics, trace, logging and shared-memory APIs
+    answer only requests that carry ``ascl-admin-key: <admin_key>`` (a random key unless one is
+    given). ``start()`` checks the ports, launches the server and waits until it reports ready;
+    ``stop()`` sends SIGTERM and kills it if it has not exited within ``exit_timeout_s``. For
+    a server that drains in-flight requests, restarts after a crash and bounds request sizes,
+    use ``ascl.serving.service.SearchService``, which runs this one behind its front door.
     """
 
     def __init__(
         self, repository: str | Path, *, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
         host: str = "127.0.0.1", exit_timeout_s: int = 30, log_path: str | Path | None = None,
-        verbose: bool = False,
+        verbose: bool = False, admin_key: str | None = None, metrics_host: str | None = None,
     ) -> None:
         self.repository = Path(repository).resolve()
         self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
         self.host = host
+        self.metrics_host = metrics_host or host
         self.exit_timeout_s = exit_timeout_s
         self.verbose = verbose
+        self.admin_key = admin_key or secrets.token_urlsafe(24)
+        self.shm_prefix = f"ascl_{os.getpid()}_{uuid.uuid4().hex[:8]}_"  # the stubs' /dev/shm regions
         self.log_path = Path(log_path) if log_path else None
         self._own_log = log_path is None  # a temporary log we remove after a clean stop
         self.process: subprocess.Popen[bytes] | None = None
 
-    @property
-    def grpc_url(self) -> str:
-        return f"{self._client_host}:{self.ports['grpc']}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://{self._client_host}:{self.ports['http']}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self._client_host}:{self.ports['metrics']}/metrics"
-
-    @property
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-
     def command(self) -> list[str]:
         """The tritonserver command line."""
         binary = pytriton_root() / "tritonserver" / "bin" / "tritonserver"
-        prefix = f"ascl_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
+        prefix = self.shm_prefix
         return [
             str(binary), f"--model-repository={self.repository}", f"--backend-directory={prepared_backends()}",
             f"--grpc-port={self.ports['grpc']}", f"--http-port={self.ports['http']}",
             f"--metrics-port={self.ports['metrics']}", f"--grpc-address={self.host}",
-            f"--http-address={self.host}", f"--metrics-address={self.host}", "--allow-metrics=true",
+            f"--http-address={self.host}", f"--metrics-address={self.metrics_host}", "--allow-metrics=true",
             "--allow-gpu-metrics=false", f"--exit-timeout-secs={self.exit_timeout_s}", "--strict-readiness=true",
             f"--backend-config=python,shm-region-prefix-name={prefix}", f"--log-verbose={1 if self.verbose else 0}",
-            "--model-control-mode=explicit", "--load-model=*",  # explicit: stop() can drain the ensembles first
+            "--model-control-mode=none",  # everything loads at start; nothing loads or unloads afterwards
+            f"--http-restricted-api={','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}",
+            f"--grpc-restricted-protocol={','.join(RESTRICTED_APIS)}:{ADMIN_KEY_HEADER}={self.admin_key}",
         ]
 
     def start(self, timeout_s: float = 180.0) -> TritonServer:
@@ -203,7 +227,7 @@ class TritonServer:
         if not (self.repository / "").is_dir():
             raise ServerError(f"{self.repository}: no such model repository")
         for name, port in self.ports.items():
-            if port_in_use(self.host, port):
+            if port_in_use(self.metrics_host if name == "metrics" else self.host, port):
                 raise ServerError(
                     f"{self.host}:{port} ({name} port) is already in use; stop what listens there or pick "
                     f"another with --{name}-port"
@@ -264,52 +288,38 @@ class TritonServer:
         """Block until the server exits; returns its exit code."""
         return -1 if self.process is None else self.process.wait()
 
-    def _post(self, path: str) -> bytes:
-        request = urllib.request.Request(f"{self.http_url}{path}", data=b"{}", method="POST")
-        with urllib.request.urlopen(request, timeout=self.exit_timeout_s) as resp:
-            return bytes(resp.read())
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
-    def drain(self) -> None:
-        """Unload the ensembles and wait until their in-flight requests are done.
-
-        Triton 2.51 on SIGTERM stops every model's scheduler at once, so an ensemble request in
-        flight fails at its next step. Unloading an ensemble first refuses new requests to it
-        while the ones already inside finish on the still-loaded composing models.
-        """
-        ensembles = [p.parent.name for p in self.repository.glob("*/config.pbtxt")
-                     if 'platform: "ensemble"' in p.read_text()]
-        deadline = time.monotonic() + self.exit_timeout_s
-        try:
-            for name in ensembles:
-                self._post(f"/v2/repository/models/{name}/unload")
-            while time.monotonic() < deadline:
-                states = json.loads(self._post("/v2/repository/index"))
-                if all(s.get("state") != "UNLOADING" and s.get("state") != "READY"
-                       for s in states if s.get("name") in ensembles):
-                    return
-                time.sleep(0.1)
-        except (urllib.error.URLError, OSError, ValueError):
-            return  # the server is going away anyway; SIGTERM handles the rest
-
-    def stop(self) -> int | None:
-        """Drain the ensembles, SIGTERM (Triton finishes in-flight requests), kill after the exit
-        timeout; returns the exit code."""
+    def stop(self, *, kill: bool = False) -> int | None:
+        """SIGTERM and wait (SIGKILL after the exit timeout, or at once with ``kill``: for a
+        server that is broken anyway); returns the exit code. A server that did not exit
+        cleanly has its stubs and their /dev/shm regions removed too."""
         proc = self.process
         if proc is None:
             return None
-        if proc.poll() is None:
-            self.drain()
         self.process = None
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(self.exit_timeout_s + 10)
-            except subprocess.TimeoutExpired:
+            if not kill:
+                proc.send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(self.exit_timeout_s + 10)
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            proc.wait()
+        if proc.returncode != 0:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # stubs a crashed server left behind
+            self.remove_shared_memory()
         if self._own_log and proc.returncode == 0 and self.log_path is not None:
             self.log_path.unlink(missing_ok=True)
         return proc.returncode
+
+    def remove_shared_memory(self) -> None:
+        """Delete the stubs' /dev/shm regions (a killed or crashed server cannot do it itself)."""
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            with contextlib.suppress(OSError):
+                region.unlink()
 
     def __enter__(self) -> TritonServer:
         return self.start() if self.process is None else self

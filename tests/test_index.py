@@ -63,13 +63,15 @@ def test_add_search_remove_save_load(tmp_path: Path, factory: str) -> None:
     assert loaded.save(tmp_path / "idx") == 2
 
 
-def test_search_rejects_bad_k(tmp_path: Path) -> None:
+def test_search_rejects_bad_k_and_clamps_large_k(tmp_path: Path) -> None:
     index = GalleryIndex.create(8, "Flat")
     index.add(unit(4, 8), [{}] * 4)
     with pytest.raises(ValueError, match="k must be >= 1"):
         index.search(unit(1, 8), 0)
-    with pytest.raises(ValueError, match="larger than the index"):
-        index.search(unit(1, 8), 5)
+    scores, ids = index.search(unit(2, 8), 5)  # k beyond the index: clamped, not an error
+    assert scores.shape == ids.shape == (2, 4) and sorted(ids[0].tolist()) == [0, 1, 2, 3]
+    empty = GalleryIndex.create(8, "Flat")
+    assert empty.search(unit(1, 8), 3)[1].shape == (1, 0)
     with pytest.raises(ValueError, match=r"shape \[N, 8\]"):
         index.search(unit(1, 9), 1)
 
@@ -183,3 +185,86 @@ def test_index_benchmark_runs_tiny(tmp_path: Path) -> None:
     rows = {r["factory"]: r for r in synthetic["rows"]}
     assert synthetic["auto"] == "Flat" and rows["Flat (exact)"]["recall_at_10"] == 1.0
     assert 0.5 < rows["HNSW32"]["recall_at_10"] <= 1.0 and rows["HNSW32"]["qps_single"] > 0
+
+
+def test_save_refuses_to_write_over_a_version_it_did_not_start_from(tmp_path: Path) -> None:
+    from ascl.serving.index import IndexConflictError
+
+    index = GalleryIndex.create(8, "Flat")
+    index.add(unit(4, 8), [{"path": f"{i}"} for i in range(4)])
+    index.save(tmp_path / "idx")
+    first, second = GalleryIndex.load(tmp_path / "idx"), GalleryIndex.load(tmp_path / "idx")
+    first.remove([0])
+    assert first.save(tmp_path / "idx") == 2
+    second.add(unit(1, 8, seed=3), [{"path": "new"}])
+    with pytest.raises(IndexConflictError, match="started from version 1"):
+        second.save(tmp_path / "idx")
+    final = GalleryIndex.load(tmp_path / "idx")
+    assert final.version == 2 and 0 not in final.metadata and final.ntotal == 3  # the removal survived
+
+
+def test_writer_lock_waits_for_the_holder_then_names_it(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from ascl.serving.index import IndexBusyError, writer_lock
+
+    held, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with writer_lock(tmp_path, who="ascl index add"):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    held.wait(10)
+    waits: list[str] = []
+    with pytest.raises(IndexBusyError, match=r"ascl index add.*writing this index"), \
+            writer_lock(tmp_path, timeout_s=0.3, on_wait=waits.append):
+        pass
+    assert waits and "waiting for pid" in waits[0]
+    threading.Timer(0.3, release.set).start()
+    started = time.monotonic()
+    with writer_lock(tmp_path, timeout_s=10):  # waits for the holder, then gets it
+        assert time.monotonic() - started >= 0.2
+    thread.join()
+
+
+def test_add_racing_remove_loses_neither(onnx_model: Path, digits_folder: Path, tmp_path: Path) -> None:
+    """``ascl index add`` embedding a large batch while ``ascl index remove`` finishes: the
+    removed ids stay removed and every added image is there (the add applies its change to
+    the version the removal wrote)."""
+    import threading
+    import time
+
+    from PIL import Image
+
+    from ascl.serving.build import build_index, remove_from_index
+
+    idx = tmp_path / "idx"
+    build_index(onnx_model, str(digits_folder), idx, progress=False)
+    more = tmp_path / "more"
+    for n, src in enumerate(sorted(digits_folder.rglob("*.png")) * 2):
+        out = more / src.parent.name / f"{n}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(src).rotate(90 if n < 120 else 270).save(out)  # 240 distinct new images
+    errors: list[BaseException] = []
+
+    def add() -> None:
+        try:
+            build_index(onnx_model, str(more), idx, progress=False)
+        except BaseException as exc:
+            errors.append(exc)
+
+    adder = threading.Thread(target=add)
+    adder.start()
+    time.sleep(0.3)  # the add is embedding its 240 images now
+    removed, _ = remove_from_index(idx, [0, 1, 2], [])
+    assert adder.is_alive(), "the add finished before the removal: no race was tested"
+    adder.join(120)
+    assert errors == [] and removed == 3
+    final = GalleryIndex.load(idx)
+    assert {0, 1, 2}.isdisjoint(final.metadata)
+    assert final.ntotal == 120 - 3 + 240
+    assert {m["path"] for m in final.metadata.values()} >= {p.relative_to(more).as_posix() for p in more.rglob("*.png")}

@@ -2,7 +2,8 @@
 
 The embedded (no Docker) stand-in for a native ``onnxruntime_onnx`` model: the same ONNX file,
 run with the CUDA provider when a GPU is there. The session is created once in ``initialize``;
-``execute`` runs all queued requests as one batch.
+``execute`` checks each request, runs the good ones as one batch, and falls back to one call
+per request if that batch fails, so one bad request never fails another.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from ascl.export.runtime import OnnxEmbedder
 from ascl.names import EMBEDDINGS, IMAGES
+from ascl.serving.request_errors import RequestError, error_response
 
 
 class TritonPythonModel:
@@ -29,12 +31,36 @@ class TritonPythonModel:
             threads=int(params.get("threads", {}).get("string_value", "1")),
             spinning=False,
         )
+        self.shape = (self.embedder.image_size, self.embedder.image_size, 3)
+
+    def _images(self, request: Any) -> np.ndarray:
+        images = pb_utils.get_input_tensor_by_name(request, IMAGES).as_numpy()  # [B, S, S, 3]
+        if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != self.shape or not len(images):
+            raise RequestError(f"expected uint8 images [N>=1, {', '.join(map(str, self.shape))}], got "
+                               f"{images.dtype} {list(images.shape)}")
+        return images
+
+    def _respond(self, embeddings: np.ndarray) -> Any:
+        return pb_utils.InferenceResponse([pb_utils.Tensor(EMBEDDINGS, embeddings)])
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        batches = [pb_utils.get_input_tensor_by_name(r, IMAGES).as_numpy() for r in requests]  # [B_i, S, S, 3]
-        embeddings = self.embedder.embed(np.concatenate(batches))  # [sum B_i, D]
-        bounds = np.cumsum([0] + [len(b) for b in batches])
-        return [
-            pb_utils.InferenceResponse([pb_utils.Tensor(EMBEDDINGS, embeddings[lo:hi])])
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
+        responses: list[Any] = [None] * len(requests)
+        good: list[tuple[int, np.ndarray]] = []
+        for i, request in enumerate(requests):
+            try:
+                good.append((i, self._images(request)))
+            except Exception as exc:
+                responses[i] = error_response(pb_utils, "encoder", exc)
+        if good:
+            try:
+                embeddings = self.embedder.embed(np.concatenate([x for _, x in good]))  # [sum B_i, D]
+                bounds = np.cumsum([0] + [len(x) for _, x in good])
+                for (i, _), lo, hi in zip(good, bounds[:-1], bounds[1:], strict=True):
+                    responses[i] = self._respond(embeddings[lo:hi])
+            except Exception:  # find the request that broke the batch: one call each
+                for i, x in good:
+                    try:
+                        responses[i] = self._respond(self.embedder.embed(x))
+                    except Exception as exc:
+                        responses[i] = error_response(pb_utils, "encoder", exc)
+        return responses

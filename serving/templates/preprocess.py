@@ -1,7 +1,8 @@
 """Triton Python model `preprocess`: encoded image bytes -> uint8 NHWC at the model's size.
 
-Generated into a model repository by ``ascl.serving.repository``. Each request is decoded on
-its own, so a corrupt or oversized image fails that request only.
+Generated into a model repository by ``ascl.serving.repository``. Each request is checked and
+decoded on its own (at least one image, at most ``max_request_bytes`` in all, every image
+within the decode limits of ``ascl.images``), so a bad request fails alone.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ascl.images import ImageError, decode_image
+from ascl.images import decode_image
 from ascl.names import IMAGE_BYTES, IMAGES
+from ascl.serving.request_errors import RequestError, error_response
 
 
 def _tiny_png() -> bytes:
@@ -31,10 +33,17 @@ class TritonPythonModel:
         params = json.loads(args["model_config"])["parameters"]
         self.size = int(params["image_size"]["string_value"])
         self.max_bytes = int(params["max_image_bytes"]["string_value"])
+        self.max_request_bytes = int(params["max_request_bytes"]["string_value"])
         decode_image(_tiny_png(), self.size)  # warm-up: loads the PIL codecs before the first request
 
     def _decode(self, request: Any) -> Any:
         data = pb_utils.get_input_tensor_by_name(request, IMAGE_BYTES).as_numpy().reshape(-1)  # [B] bytes
+        if len(data) == 0:
+            raise RequestError("the request holds no image; send at least one")
+        total = sum(len(item) for item in data)
+        if total > self.max_request_bytes:
+            raise RequestError(f"the request holds {total / 2**20:.1f} MiB of images, over the "
+                               f"{self.max_request_bytes / 2**20:.0f} MiB limit; send fewer images per request")
         pixels = [
             decode_image(bytes(item), self.size, name=f"image {i}", max_bytes=self.max_bytes)
             for i, item in enumerate(data)
@@ -46,6 +55,6 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(self._decode(request))
-            except ImageError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))))
+            except Exception as exc:  # this request alone fails; the rest of the batch is answered
+                responses.append(error_response(pb_utils, "preprocess", exc))
         return responses

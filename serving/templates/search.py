@@ -1,5 +1,8 @@
 """Triton Python model `search`: embeddings + k -> ids, scores, metadata (JSON) from a FAISS index.
 
+A k larger than the index is clamped to its size (an index can shrink under a running
+client); a k below 1 is that request's INVALID_ARGUMENT error.
+
 The index is loaded in ``initialize``; a watcher thread loads each new version written to the
 index folder (``ascl index add``) and swaps it in. ``execute`` takes one reference to the
 current index per batch, so in-flight requests finish on the version they started with.
@@ -17,6 +20,7 @@ import triton_python_backend_utils as pb_utils
 
 from ascl.names import EMBEDDINGS, IDS, METADATA, SCORES, TOP_K
 from ascl.serving.index import GalleryIndex, manifest_version
+from ascl.serving.request_errors import RequestError, error_response
 
 
 class TritonPythonModel:
@@ -47,8 +51,8 @@ class TritonPythonModel:
         queries = pb_utils.get_input_tensor_by_name(request, EMBEDDINGS).as_numpy()  # [B, D]
         ks = pb_utils.get_input_tensor_by_name(request, TOP_K).as_numpy().reshape(-1)  # [B]
         if len(set(ks.tolist())) != 1:
-            raise ValueError(f"all rows of one request need the same k, got {sorted(set(ks.tolist()))}")
-        scores, ids = index.search(queries, int(ks[0]))  # [B, k] each
+            raise RequestError(f"all rows of one request need the same k, got {sorted(set(ks.tolist()))}")
+        scores, ids = index.search(queries, int(ks[0]))  # [B, min(k, N)] each
         meta = np.array(
             [[json.dumps(index.metadata.get(int(i), {}), sort_keys=True).encode() for i in row] for row in ids],
             dtype=np.object_,
@@ -63,8 +67,8 @@ class TritonPythonModel:
         for request in requests:
             try:
                 responses.append(self._respond(index, request))
-            except ValueError as exc:
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"search: {exc}")))
+            except Exception as exc:  # this request alone fails; the rest of the batch is answered
+                responses.append(error_response(pb_utils, "search", exc))
         return responses
 
     def finalize(self) -> None:

@@ -1,0 +1,228 @@
+"""``ascl serve`` as a service: Triton on private ports, the front door on the public ones, a supervisor.
+
+- The front door (``ascl.serving.front_door``) holds the public gRPC and HTTP ports for the
+  service's whole life and forwards the inference API only, with request-size limits.
+- Triton (``ascl.serving.server``) runs on free 127.0.0.1 ports with its control APIs behind an
+  admin key; its metrics listen on the public metrics port.
+- The supervisor checks every second that Triton is alive and, every few seconds, that a real
+  search goes through all three Python models (a stub can die while the server stays up).
+  When either fails it kills Triton and starts a new one on the same repository and index,
+  logging why; the front door makes requests that arrive meanwhile wait, so a client sees at
+  most the requests that were inside the dead server fail, with UNAVAILABLE.
+- ``stop()`` drains: the front door refuses new requests (UNAVAILABLE) and lets those in flight
+  finish, then Triton gets SIGTERM with nothing left inside it.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ascl.serving.front_door import Backend, FrontDoor, Limits
+from ascl.serving.server import ServerError, ServerUrls, TritonServer, port_in_use
+
+
+def free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def probe_image() -> bytes:
+    """A tiny PNG that every model of the search path can handle."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 120, 150)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass
+class Supervision:
+    """How often and how hard the supervisor checks Triton."""
+
+    check_every_s: float = 1.0  # process alive?
+    probe_every_s: float = 3.0  # a real search through preprocess, encoder and search
+    probe_timeout_s: float = 15.0  # generous: under full load a probe waits behind real requests
+    failures_before_restart: int = 2
+    start_attempts: int = 3
+
+
+@dataclass
+class ServiceEvents:
+    """What happened, for logs and tests."""
+
+    restarts: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
+class SearchService(ServerUrls):
+    """The embedded image-search service on ``host``: gRPC, HTTP and metrics ports."""
+
+    def __init__(
+        self, repository: str | Path, *, host: str = "127.0.0.1", grpc_port: int = 8001, http_port: int = 8000,
+        metrics_port: int = 8002, limits: Limits | None = None, admin_key: str | None = None,
+        log_path: str | Path | None = None, verbose: bool = False, start_timeout_s: float = 180.0,
+        supervision: Supervision | None = None, log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.repository = Path(repository)
+        self.host = self.metrics_host = host
+        self.ports = {"grpc": grpc_port, "http": http_port, "metrics": metrics_port}
+        self.limits = limits or Limits()
+        self.admin_key = admin_key
+        self.log_path = log_path
+        self.verbose = verbose
+        self.start_timeout_s = start_timeout_s
+        self.supervision = supervision or Supervision()
+        self.log = log or (lambda text: print(text, flush=True))
+        self.events = ServiceEvents()
+        self.triton: TritonServer | None = None
+        self.front = FrontDoor(host, grpc_port, http_port, self.limits)
+        self._wake = threading.Event()  # set by the front door when Triton refused a connection
+        self.front.on_unreachable = self._wake.set
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._failure: str | None = None
+        self._supervisor: threading.Thread | None = None
+        self._generation = 0
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> SearchService:
+        """Open the ports, start Triton and the supervisor; returns once a search goes through."""
+        for name, port in self.ports.items():
+            if port_in_use(self.host, port):
+                raise ServerError(f"{self.host}:{port} ({name} port) is already in use; stop what listens there "
+                                  f"or pick another with --{name}-port")
+        self.front.start()
+        try:
+            self._start_triton()
+        except BaseException:
+            self.front.stop(0)
+            raise
+        self._supervisor = threading.Thread(target=self._supervise, name="triton-supervisor", daemon=True)
+        self._supervisor.start()
+        return self
+
+    def _start_triton(self) -> None:
+        """A fresh Triton on free private ports, then the front door points at it."""
+        triton = TritonServer(  # gRPC and HTTP private on 127.0.0.1; metrics where the service listens
+            self.repository, grpc_port=free_local_port(), http_port=free_local_port(),
+            metrics_port=self.ports["metrics"], host="127.0.0.1", metrics_host=self.host,
+            log_path=self.log_path, verbose=self.verbose, admin_key=self.admin_key,
+        )
+        triton.start(self.start_timeout_s)
+        self.admin_key = triton.admin_key
+        with self._lock:
+            self.triton = triton
+            self._generation += 1
+            backend = Backend(f"127.0.0.1:{triton.ports['grpc']}", f"http://127.0.0.1:{triton.ports['http']}",
+                              self._generation)
+        self.front.set_backend(backend)
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Drain the front door (in-flight requests finish, new ones get UNAVAILABLE), then stop Triton."""
+        if self._stopping.is_set():
+            self._stopped.wait(grace_s + 60)
+            return
+        self._stopping.set()
+        self._wake.set()
+        try:
+            self.front.stop(grace_s)
+        finally:
+            with self._lock:
+                triton, self.triton = self.triton, None
+            if triton is not None:
+                triton.stop()
+            if self._supervisor is not None:
+                self._supervisor.join(10)
+            self._stopped.set()
+
+    def wait(self) -> str | None:
+        """Block until ``stop()``; returns why the service gave up, if it did (None after a clean stop)."""
+        self._stopped.wait()
+        return self._failure
+
+    def __enter__(self) -> SearchService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ supervision
+
+    def probe(self) -> str | None:
+        """One search through Triton's private gRPC port; None when it answered, else why not."""
+        import numpy as np
+        import tritonclient.grpc as grpcclient
+
+        from ascl import names
+
+        triton = self.triton
+        if triton is None or not triton.is_alive():
+            code = None if triton is None or triton.process is None else triton.process.returncode
+            return f"tritonserver exited (code {code})"
+        image = grpcclient.InferInput(names.IMAGE_BYTES, [1, 1], "BYTES")
+        image.set_data_from_numpy(np.array([[probe_image()]], dtype=np.object_))
+        k = grpcclient.InferInput(names.TOP_K, [1, 1], "INT32")
+        k.set_data_from_numpy(np.array([[1]], dtype=np.int32))
+        try:
+            with grpcclient.InferenceServerClient(f"127.0.0.1:{triton.ports['grpc']}") as client:
+                client.infer(names.MODEL_IMAGE_SEARCH, [image, k], client_timeout=self.supervision.probe_timeout_s)
+        except Exception as exc:  # any failure of the probe is a finding, reported in the restart reason
+            return f"a probe search failed ({str(exc).strip().splitlines()[0][:300]})"
+        return None
+
+    def _supervise(self) -> None:
+        sup = self.supervision
+        failures, last_probe = 0, time.monotonic()
+        while not self._stopping.is_set():
+            woken = self._wake.wait(sup.check_every_s)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            triton = self.triton
+            dead = triton is None or not triton.is_alive()
+            if not (dead or woken) and time.monotonic() - last_probe < sup.probe_every_s:
+                continue
+            last_probe = time.monotonic()
+            reason = self.probe()
+            if self._stopping.is_set():
+                return
+            failures = failures + 1 if reason else 0
+            if reason and (dead or failures >= sup.failures_before_restart):
+                self._restart(reason)
+                failures, last_probe = 0, time.monotonic()
+
+    def _restart(self, reason: str) -> None:
+        self.events.restarts += 1
+        self.events.reasons.append(reason)
+        self.log(f"supervisor: {reason}; restarting tritonserver (restart {self.events.restarts}) ...")
+        began = time.monotonic()
+        self.front.set_backend(None)  # new requests wait at the front door
+        with self._lock:
+            broken, self.triton = self.triton, None
+        if broken is not None:
+            broken.stop(kill=True)
+        for attempt in range(1, self.supervision.start_attempts + 1):
+            if self._stopping.is_set():
+                return
+            try:
+                self._start_triton()
+            except ServerError as exc:
+                self.log(f"supervisor: start attempt {attempt} failed: {str(exc)[:500]}")
+                time.sleep(min(10.0, 2.0 * attempt))
+                continue
+            self.log(f"supervisor: tritonserver is serving again after {time.monotonic() - began:.1f} s")
+            return
+        self._failure = f"tritonserver could not be restarted after {self.supervision.start_attempts} attempts ({reason})"
+        self.log(f"supervisor: {self._failure}; stopping")
+        threading.Thread(target=self.stop, name="service-stop", daemon=True).start()
