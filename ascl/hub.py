@@ -39,17 +39,19 @@ def _looks_like_path(spec: str) -> bool:
     return parent != Path(".") and parent.is_dir()
 
 
-def load_encoder(spec: str | Path, *, revision: str | None = None) -> Encoder:
-    """The encoder named by ``spec``, in eval mode, on the CPU.
+def load_encoder(spec: str | Path | None = None, *, revision: str | None = None) -> Encoder:
+    """The encoder named by ``spec``, in eval mode, on the CPU; None means ``default``.
 
     ``spec`` is tried in this order: a training checkpoint (``.pt``) or run folder; a hub
-    folder (config.json + safetensors); a registered model name (``ascl-resnet18-cifar10``:
-    its hub repo when online, the shipped folder when offline); a hub repo id ``USER/NAME``
-    (at ``revision``, or the cache when ``HF_HUB_OFFLINE=1``). Errors say what was tried.
+    folder (config.json + safetensors); a registered model name (``default``, the shipped
+    ``ascl-resnet18w16-cifar10-cpu``, ...: the shipped folder when it holds the weights, else
+    its hub repo); a hub repo id ``USER/NAME`` (at ``revision``, or the cache when
+    ``HF_HUB_OFFLINE=1``). Errors say what was tried.
     """
+    from ascl.model_cards.registry import DEFAULT_ALIAS
     from ascl.training.encoder import Encoder
 
-    text = str(spec)
+    text = str(spec) if spec is not None else DEFAULT_ALIAS
     path = Path(text).expanduser()
     if path.is_file() and path.name.endswith(".safetensors") and is_hub_folder(path.parent):
         path = path.parent  # a weight file of a hub folder: load the folder it belongs to

@@ -1,4 +1,5 @@
-"""``ascl push`` and ``ascl pull``: publish encoders to a Hugging Face Hub and fetch them.
+"""``ascl push``, ``ascl pull`` and ``ascl models``: publish encoders to a Hugging Face Hub,
+fetch them, and list the ones this machine has.
 
 Only argparse at import time; torch and huggingface_hub load inside the commands.
 """
@@ -14,7 +15,7 @@ HELP_FMT = argparse.ArgumentDefaultsHelpFormatter
 
 
 def register(sub: Any) -> None:
-    """Add the ``push`` and ``pull`` subcommands."""
+    """Add the ``push``, ``pull`` and ``models`` subcommands."""
     push = sub.add_parser(
         "push",
         help="export an encoder with its model card and upload it to the Hub",
@@ -72,6 +73,21 @@ def register(sub: Any) -> None:
     pull.add_argument("repo_id", metavar="REPO_ID", help="repo USER/NAME, or a registered model name")
     pull.add_argument("--revision", default=None, help="branch, tag or commit (None: main)")
     pull.set_defaults(func=cmd_pull)
+
+    models = sub.add_parser(
+        "models",
+        help="list the shipped and cached encoders (the default marked *), or print one model's folder",
+        description="List every encoder this machine has: the ones shipped with ascl-hub and the ones in the "
+        "Hugging Face cache (HF_HOME), with arch, base width, embedding dim, kNN top-1 from the model card, "
+        "size on disk and folder; '*' marks the default, which 'ascl up', 'ascl serve', 'ascl index' and "
+        "load_encoder() use when no model is given. Nothing is downloaded.",
+        formatter_class=HELP_FMT,
+    )
+    models.add_argument("--path", metavar="NAME", default=None,
+                        help="print only the local folder of NAME (a registered name, 'default', or a cached repo "
+                        "id), e.g. cd \"$(ascl models --path default)\"")
+    models.add_argument("--json", action="store_true", help="print the list as JSON")
+    models.set_defaults(func=cmd_models)
 
 
 def _fail(message: str) -> int:
@@ -153,4 +169,29 @@ def cmd_pull(args: argparse.Namespace) -> int:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return _fail(f"cannot download {repo_id!r}: {first}\n{OFFLINE_HINT}")
     print(path)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Print the model catalogue, or one model's folder."""
+    import json
+
+    from ascl.model_cards import catalog
+
+    if args.path is not None:
+        try:
+            print(catalog.model_path(args.path))
+        except LookupError as e:
+            return _fail(str(e))
+        return 0
+    entries = catalog.all_models()
+    if args.json:
+        rows = [{**e.__dict__, "path": str(e.path)} for e in entries]
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not entries:
+        print("no encoders here: none shipped, none in the Hugging Face cache. Train one with 'ascl train' "
+              "or download one with 'ascl pull REPO_ID'.")
+        return 0
+    print(catalog.format_table(entries))
     return 0

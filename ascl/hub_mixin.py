@@ -8,8 +8,8 @@ handling, card generation and ``push_to_hub``, and changes three things:
 - ``save_pretrained(..., max_shard_size=...)`` writes shards in the hub's sharded-index format;
 - ``from_pretrained`` is strict: config keys, weight keys, shapes and dtypes must match, and
   errors name the key or file; no pickle is ever read;
-- names registered in ``ascl.model_cards.registry`` resolve to their hub repo (online) or to
-  the folder shipped with the package (offline, or when the hub cannot provide them).
+- names registered in ``ascl.model_cards.registry`` (``default`` included) resolve to the
+  folder shipped with the package when it holds their weights, else to their hub repo.
 """
 
 from __future__ import annotations
@@ -200,10 +200,9 @@ def resolve_folder(
     download = {"cache_dir": cache_dir, "force_download": force_download, "token": token}
     if entry is None:
         return download_folder(spec, revision=revision, local_files_only=local_files_only, **download)  # type: ignore[arg-type]
-    offline = local_files_only or constants.is_offline_mode()
     shipped = entry.folder(registry.SHIPPED_ROOT)
-    if offline and entry.is_shipped(registry.SHIPPED_ROOT) and revision is None:
-        return shipped
+    if entry.is_shipped(registry.SHIPPED_ROOT) and revision is None and not force_download:
+        return shipped  # the weights this package ships: no network (a revision asks the hub)
     try:
         return download_folder(entry.repo_id, revision=revision, local_files_only=local_files_only, **download)  # type: ignore[arg-type]
     except ModelNotFoundError as e:

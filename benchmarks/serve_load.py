@@ -1,15 +1,21 @@
-"""Load test: `image_search` on Triton (dynamic batching, ONNX Runtime) vs a naive PyTorch server.
+"""Load test: `image_search` through `ascl serve`'s service, for the default model and a comparison
+model, and a naive PyTorch server for reference.
 
-Both serve the same encoder and the same FAISS index, one image per request, k=10, driven by the
-same async client loop for a fixed time at concurrency 1, 8 and 32, one system at a time:
+Every system serves the same FAISS gallery (each with its own model's embeddings), one image per
+request, k=10, driven by the same async client loop for a fixed time at concurrency 1, 8 and 32,
+one system at a time:
 
-  * triton:   the embedded `tritonserver` from `ascl serve`, requests through gRPC
-              (`tritonclient.grpc.aio`), real CIFAR-10 JPEGs as encoded bytes;
+  * triton:   the service `ascl serve` runs (front door on the public ports, the embedded
+              `tritonserver` behind it) with ``--model`` (default: the shipped default), requests
+              through gRPC (`tritonclient.grpc.aio`), real CIFAR-10 JPEGs as encoded bytes;
+  * compare:  the same service with ``--compare`` (default: a seeded random ResNet-18 at width 64,
+              the network the default replaced), so the serving rate of the two networks is
+              measured side by side in one run (`summary.qps_ratio_vs_compare`);
   * baseline: a stdlib ThreadingHTTPServer in its own process, decode + PyTorch eager forward
               per request (no batching) + the same FAISS search, requests through aiohttp.
 
-    python benchmarks/serve_load.py                         # 20 s per level (about 3 min)
-    python benchmarks/serve_load.py --duration 3 --gallery 500   # quick check
+    python benchmarks/serve_load.py                         # 20 s per level (about 5 min)
+    python benchmarks/serve_load.py --duration 3 --gallery 500 --compare '' --no-baseline   # quick check
 
 Goals (2-core CPU): triton q/s >= 3x baseline at concurrency 32, zero errors, and p99 latency at
 concurrency 8 no worse than the baseline's.
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -35,7 +42,8 @@ import numpy as np
 from ascl import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import RANDOM_W64, load_benchmark_encoder  # noqa: E402
 
 
 def query_images(n: int) -> list[bytes]:
@@ -46,30 +54,16 @@ def query_images(n: int) -> list[bytes]:
     return [item.read() for item in items]
 
 
-def load_encoder(model: str | None) -> Any:
-    """The PyTorch encoder both systems serve: ``model`` or a seeded random-init ResNet-18."""
-    import torch
-
-    if model is not None:
-        from ascl.hub import load_encoder as hub_load
-
-        return hub_load(model).eval()
-    from ascl.training.encoder import Encoder
-
-    torch.manual_seed(0)
-    return Encoder().eval()
-
-
 # ---------------------------------------------------------------- naive baseline (own process)
 
-def serve_baseline(port: int, index_dir: str, model: str | None) -> None:
+def serve_baseline(port: int, index_dir: str, model: str) -> None:
     """One HTTP endpoint: POST image bytes -> decode, eager forward at batch 1, FAISS search, JSON."""
     import torch
 
     from ascl.images import ImageError, decode_image
     from ascl.serving.index import GalleryIndex
 
-    encoder = load_encoder(model)
+    encoder = load_benchmark_encoder(model)
     index = GalleryIndex.load(index_dir)
 
     class Handler(BaseHTTPRequestHandler):
@@ -178,9 +172,36 @@ def wait_http(url: str, timeout: float = 120.0) -> None:
     raise RuntimeError(f"baseline server at {url} did not come up")
 
 
+def serve_model(model: str, images: list[bytes], levels: list[int], args: argparse.Namespace,
+                tmp: Path) -> tuple[list[dict[str, Any]], Path, str]:
+    """Export ``model``, index the gallery with it, serve it through the service; the load rows."""
+    from ascl.export.onnx_export import export_onnx
+    from ascl.serving.build import build_index
+    from ascl.serving.repository import write_repository
+    from ascl.serving.service import SearchService, free_local_port
+
+    encoder = load_benchmark_encoder(model)
+    folder = tmp / f"{len(list(tmp.iterdir()))}"
+    folder.mkdir()
+    onnx_path = export_onnx(encoder, folder / "encoder.onnx")
+    build_index(onnx_path, "cifar10-offline", folder / "idx", limit=args.gallery, progress=False)
+    repo = write_repository(folder / "models", onnx_path, folder / "idx")
+    with SearchService(repo, grpc_port=free_local_port(), http_port=free_local_port(),
+                       metrics_port=free_local_port(), log=lambda text: None) as service:
+        print(f"{model}: serving at {service.grpc_url}", flush=True)
+        rows = asyncio.run(load_triton(service.grpc_url, images, levels, args.duration))
+    for row in rows:
+        print(f"{model:>24}", row, flush=True)
+    described = f"{encoder.arch} width {encoder.width} ({encoder.embedding_dim}-d), {model}"
+    return rows, folder / "idx", described
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="encoder spec (default: seeded random-init ResNet-18)")
+    parser.add_argument("--model", default="default", help="encoder spec (default: the shipped default)")
+    parser.add_argument("--compare", default=RANDOM_W64,
+                        help=f"a second encoder served in the same run, or '' for none (default: {RANDOM_W64})")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the naive PyTorch server")
     parser.add_argument("--gallery", type=int, default=5000, help="CIFAR-10 images in the served index")
     parser.add_argument("--queries", type=int, default=256, help="distinct query images (cycled)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level")
@@ -193,60 +214,62 @@ def main(argv: list[str] | None = None) -> int:
         serve_baseline(args.baseline_server, args.index, args.model)
         return 0
 
-    import torch
-    from conftest import free_port
-
-    from ascl.export.onnx_export import export_onnx
-    from ascl.serving.build import build_index
-    from ascl.serving.repository import write_repository
-    from ascl.serving.server import TritonServer
+    from ascl.serving.service import free_local_port
 
     levels = [int(c) for c in args.levels.split(",")]
     images = query_images(args.queries)
+    load_before = os.getloadavg()
+    compare: list[dict[str, Any]] = []
+    baseline: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        onnx_path = export_onnx(load_encoder(args.model), tmp / "encoder.onnx")
-        build_index(onnx_path, "cifar10-offline", tmp / "idx", limit=args.gallery, progress=False)
-        repo = write_repository(tmp / "models", onnx_path, tmp / "idx")
+        triton, index_dir, described = serve_model(args.model, images, levels, args, tmp)
+        compare_described = None
+        if args.compare:
+            compare, _, compare_described = serve_model(args.compare, images, levels, args, tmp)
+        if not args.no_baseline:
+            port = free_local_port()
+            cmd = [sys.executable, __file__, "--baseline-server", str(port), "--index", str(index_dir),
+                   "--model", args.model]
+            proc = subprocess.Popen(cmd)
+            try:
+                wait_http(f"http://127.0.0.1:{port}/search")
+                baseline = asyncio.run(load_baseline(f"http://127.0.0.1:{port}/search", images, levels, args.duration))
+            finally:
+                proc.terminate()
+                proc.wait()
+            for row in baseline:
+                print("baseline", row, flush=True)
 
-        with TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as server:
-            print(f"triton ready at {server.grpc_url}", flush=True)
-            triton = asyncio.run(load_triton(server.grpc_url, images, levels, args.duration))
-        for row in triton:
-            print("triton  ", row, flush=True)
+    summary: dict[str, Any] = {"triton_errors": sum(int(r["errors"]) for r in triton)}
+    by_c = {r["concurrency"]: r for r in triton}
+    if compare:
+        summary["qps_ratio_vs_compare"] = {str(c["concurrency"]): round(by_c[c["concurrency"]]["qps"] / max(c["qps"], 1e-9), 2)
+                                           for c in compare}
+        summary["compare_errors"] = sum(int(r["errors"]) for r in compare)
+    base_by_c = {r["concurrency"]: r for r in baseline}
+    if 32 in by_c and 32 in base_by_c:
+        summary["qps_ratio_at_32_vs_baseline"] = round(by_c[32]["qps"] / max(base_by_c[32]["qps"], 1e-9), 2)
+    if 8 in by_c and 8 in base_by_c:
+        summary["p99_ms_at_8"] = {"triton": by_c[8]["p99_ms"], "baseline": base_by_c[8]["p99_ms"]}
+    import torch
 
-        port = free_port()
-        cmd = [sys.executable, __file__, "--baseline-server", str(port), "--index", str(tmp / "idx")]
-        proc = subprocess.Popen([*cmd, *(["--model", args.model] if args.model else [])])
-        try:
-            wait_http(f"http://127.0.0.1:{port}/search")
-            baseline = asyncio.run(load_baseline(f"http://127.0.0.1:{port}/search", images, levels, args.duration))
-        finally:
-            proc.terminate()
-            proc.wait()
-        for row in baseline:
-            print("baseline", row, flush=True)
+    from ascl.atomic import atomic_write_text
 
-    by_c = {r["concurrency"]: (r, b) for r, b in zip(triton, baseline, strict=True)}
-    summary: dict[str, Any] = {}
-    if 32 in by_c:
-        summary["qps_ratio_at_32"] = round(by_c[32][0]["qps"] / max(by_c[32][1]["qps"], 1e-9), 2)
-    if 8 in by_c:
-        summary["p99_ms_at_8"] = {"triton": by_c[8][0]["p99_ms"], "baseline": by_c[8][1]["p99_ms"]}
-    summary["triton_errors"] = sum(int(r["errors"]) for r in triton)
     result = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu": machine.cpu_name(), "cores": torch.get_num_threads(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(
+            ["serve_load.py", *argv]),
+        "machine": {"cpu": machine.cpu_name(), "cpu_simd": machine.cpu_simd_flags(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "python": platform.python_version(), "gpu": None},
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "setup": {"gallery": args.gallery, "queries": args.queries, "duration_s": args.duration,
-                  "model": args.model or "seeded random-init ResNet-18 (CIFAR stem, 32 px)", "k": 10,
-                  "images_per_request": 1},
-        "triton": triton, "baseline": baseline, "summary": summary,
+                  "model": described, "compare": compare_described, "k": 10, "images_per_request": 1,
+                  "served_through": "SearchService (front door + supervised embedded tritonserver), gRPC"},
+        "triton": triton, "compare": compare, "baseline": baseline, "summary": summary,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(summary), f"\nwrote {out}")
+    atomic_write_text(Path(args.out), json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary), f"\nwrote {args.out}")
     return 0
 
 

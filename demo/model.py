@@ -1,12 +1,10 @@
 """Which encoder ``ascl up`` serves, and its ONNX export cached under a key of its weights.
 
 With no ``--model``, a newcomer gets the best encoder this machine has, and is told which:
-the shipped pretrained model (``ascl.model_cards.registry.DEFAULT_MODEL``) when its weights
-are here; else the newest local training run (``runs/*/checkpoints/last.pt``); else a seeded,
-randomly initialised ResNet-18, with a loud warning. Training even a small model on a laptop
-CPU takes far longer than the few minutes a first start may take, and random convolutional
-features still group images by colour and texture, so the page works at once and says how to
-get a real model.
+the shipped pretrained default (``ascl.model_cards.registry.DEFAULT_MODEL``, trained on a 2-core
+CPU and shipped in ``model_cards/``) when its weights are here; else the newest local training
+run (``runs/*/checkpoints/last.pt``); else, as the last resort, a seeded, randomly initialised
+ResNet-18, with a loud warning (its features group images by colour, not by object).
 
 The export is keyed by a hash of the weight files (not their paths), so a retrained
 checkpoint is exported again and an unchanged one never is. Computing the key needs no torch.
@@ -67,10 +65,11 @@ def choose_model(spec: str | None, runs_dir: Path = RUNS_DIR) -> ModelChoice:
     from ascl.model_cards.registry import DEFAULT_MODEL, lookup
 
     if spec:
-        shipped = lookup(spec)
+        shipped = lookup(spec)  # a registered name, or "default"
         if shipped is not None and shipped.is_shipped():
             folder = shipped.folder()
-            return ModelChoice(str(folder), f"{spec}-{weights_key(folder)}", f"{spec} (shipped weights in {folder})")
+            return ModelChoice(str(folder), f"{shipped.name}-{weights_key(folder)}",
+                               f"{shipped.name} (shipped weights in {folder})")
         path = Path(spec).expanduser()
         if path.exists():
             return ModelChoice(str(path), f"local-{weights_key(path)}", f"{path}")

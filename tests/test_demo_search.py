@@ -31,12 +31,38 @@ def demo_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("demo-cache")
 
 
+NOT_SHIPPED = "ascl-resnet18-cifar10"  # registered, weights not shipped: the fallbacks apply
+
+
 @pytest.fixture(scope="module")
 def onnx_path(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    choice = choose_model(None, runs_dir=tmp_path_factory.mktemp("no-runs"))
+    """The seeded random encoder's export: what ``ascl up`` falls back to when no default is shipped."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("ascl.model_cards.registry.DEFAULT_MODEL", NOT_SHIPPED)
+        choice = choose_model(None, runs_dir=tmp_path_factory.mktemp("no-runs"))
     path, exported = ensure_onnx(choice, demo_cache)
     assert exported
     return path
+
+
+@pytest.fixture()
+def no_shipped_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ascl.model_cards.registry.DEFAULT_MODEL", NOT_SHIPPED)
+
+
+def test_the_shipped_default_comes_first(tmp_path: Path) -> None:
+    from ascl.model_cards.registry import DEFAULT_MODEL, lookup
+
+    for name in (DEFAULT_MODEL, "default"):
+        entry = lookup(name)
+        assert entry is not None and entry.is_shipped(), f"{DEFAULT_MODEL} is not shipped in model_cards/"
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"  # a local run does not displace the default
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"x")
+    for spec in (None, "default"):
+        choice = choose_model(spec, runs_dir=tmp_path)
+        assert choice.warning is None and DEFAULT_MODEL in choice.description, choice
+        assert choice.spec == str(lookup(DEFAULT_MODEL).folder())  # type: ignore[union-attr]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +79,7 @@ def backend(onnx_path: Path, digits_index: Path, tmp_path: Path) -> InProcessBac
     return InProcessBackend(onnx_path, tmp_path / "index")
 
 
+@pytest.mark.usefixtures("no_shipped_default")
 def test_random_fallback_is_loud_and_export_is_cached(onnx_path: Path, demo_cache: Path, tmp_path: Path) -> None:
     choice = choose_model(None, runs_dir=tmp_path)
     assert choice.spec is None and choice.warning and "RANDOMLY" in choice.description
@@ -60,6 +87,7 @@ def test_random_fallback_is_loud_and_export_is_cached(onnx_path: Path, demo_cach
     assert again == onnx_path and not exported
 
 
+@pytest.mark.usefixtures("no_shipped_default")
 def test_newest_run_is_chosen_and_keyed_by_content(tmp_path: Path) -> None:
     for name, payload in (("old", b"a"), ("new", b"b")):
         ckpt = tmp_path / name / "checkpoints" / "last.pt"
@@ -72,6 +100,7 @@ def test_newest_run_is_chosen_and_keyed_by_content(tmp_path: Path) -> None:
     assert choose_model(None, runs_dir=tmp_path).key != choice.key
 
 
+@pytest.mark.usefixtures("no_shipped_default")
 def test_newest_run_is_exported_with_its_trained_weights(tmp_path: Path) -> None:
     import torch
 
@@ -115,6 +144,18 @@ def test_added_image_is_found_first_at_once(backend: InProcessBackend) -> None:
     assert (top.id, top.label) == (added.id, "noise") and top.file is not None and top.file.read_bytes() == new
     fresh = InProcessBackend(backend.embedder.path, backend.index_dir)  # the addition is on disk too
     assert actions.search(fresh, new, 1).results[0].id == added.id
+    again = actions.add(backend, new, "same-bytes-again.png", "other label")
+    assert again.id == added.id and backend.count() == before + 1  # same content: one id
+
+
+def test_labels_are_bounded_and_cleaned(backend: InProcessBackend) -> None:
+    from ascl.demo.backends import MAX_LABEL_CHARS, clean_label
+
+    assert clean_label("  a\n cat\t") == "a cat" and clean_label("   ") is None
+    with pytest.raises(actions.UserError, match=f"at most {MAX_LABEL_CHARS} characters"):
+        actions.add(backend, png_bytes(8), "long.png", "x" * (MAX_LABEL_CHARS + 1))
+    with pytest.raises(ValueError, match="printable"):
+        clean_label("bell\x07")
 
 
 def test_bad_inputs_become_friendly_errors(backend: InProcessBackend, tmp_path: Path) -> None:

@@ -2,8 +2,8 @@
 the Gradio page), searched through the gRPC client and through the page with gradio_client,
 then stopped with SIGTERM. One ``ascl up`` is shared by the whole module to keep it fast.
 
-Runs in a temporary working folder (no ``runs/``), so the model is the seeded random encoder;
-the gallery is the small digits folder and the cache is temporary.
+Runs in a temporary working folder (no ``runs/``), so the model is the shipped default (what a
+newcomer gets); the gallery is the small digits folder and the cache is temporary.
 """
 
 from __future__ import annotations
@@ -139,8 +139,11 @@ def test_port_in_use_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
 
 
 def test_screen_tells_what_runs(running: Up) -> None:
+    from ascl.model_cards.registry import DEFAULT_MODEL
+
     text = running.output()
-    assert "RANDOMLY INITIALISED" in text and "NO TRAINED MODEL FOUND" in text
+    assert f"model:   {DEFAULT_MODEL}, the pretrained default" in text
+    assert "WARNING" not in text and "RANDOMLY" not in text and "NO TRAINED MODEL" not in text
     assert running.demo_url in text and running.grpc in text
     assert "index:   built" in text and "ONNX exported" in text
     assert any("tritonserver" in Path(f"/proc/{pid}/cmdline").read_text() for pid, _ in alive(running.seen))
