@@ -58,6 +58,9 @@ def register(sub: Any) -> None:
                       help="JSON record of the training run (run.json, or the result JSON of "
                       "benchmarks/time_to_accuracy.py): hardware, wall time, recipe, curve PNG and recorded "
                       "accuracies for the card; numbers measured with --data replace recorded ones")
+    push.add_argument("--card-command", action="append", default=[], metavar="COMMAND",
+                      help="a command that made this model, shown on the card under 'How it was made' (repeat, in "
+                      "order: e.g. the ascl train line, then this ascl push line)")
     push.add_argument("--max-shard-size", default="5GB",
                       help="largest safetensors file, e.g. 16MB; above it the hub's sharded format is written. "
                       "Shards of a few hundred MB download and resume better on slow links")
@@ -125,6 +128,7 @@ def _push(args: argparse.Namespace, out: Path, name: str, export_folder: Any, up
     folder, facts = export_folder(
         args.source, out, repo_id=args.repo_id, name=name, evaluation=evaluation, hardware=args.hardware,
         wall_time_s=args.wall_time_s, run_info=args.run_info, max_shard_size=args.max_shard_size,
+        commands=args.card_command,
     )
     for m in facts.metrics:
         print(f"{m.name}: {m.value:.2f}% on {m.split} ({m.source})")

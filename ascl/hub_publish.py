@@ -180,6 +180,7 @@ class EvalRequest:
 def build_facts(
     source: Source, figures: Path, *, name: str, repo_id: str | None, evaluation: EvalRequest | None = None,
     hardware: str | None = None, wall_time_s: float | None = None, run_info: Path | None = None,
+    commands: list[str] | None = None,
 ) -> tuple[CardFacts, dict[str, Path]]:
     """Card facts and the figure files (written under ``figures``) for ``source``.
 
@@ -188,7 +189,7 @@ def build_facts(
     """
     enc = source.encoder
     facts = CardFacts(model_name=name, encoder_config=dict(enc.config()), embedding_dim=enc.embedding_dim,
-                      repo_id=repo_id, hardware=hardware, wall_time_s=wall_time_s)
+                      repo_id=repo_id, hardware=hardware, wall_time_s=wall_time_s, commands=list(commands or []))
     rows: list[dict[str, str]] = []
     extra: dict[str, Path] = {}
     if run_info is not None:
@@ -231,13 +232,15 @@ def export_folder(
     wall_time_s: float | None = None,
     run_info: Path | None = None,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    commands: list[str] | None = None,
 ) -> tuple[Path, CardFacts]:
     """Write the hub folder for ``spec`` into ``out`` (atomically); returns it and its card facts."""
     source = open_source(spec, revision=revision)
     model_name = name or (repo_id.split("/")[-1] if repo_id else f"ascl-{source.encoder.arch}")
     with tempfile.TemporaryDirectory(prefix="ascl-card-") as tmp:
         facts, extra = build_facts(source, Path(tmp), name=model_name, repo_id=repo_id, evaluation=evaluation,
-                                   hardware=hardware, wall_time_s=wall_time_s, run_info=run_info)
+                                   hardware=hardware, wall_time_s=wall_time_s, run_info=run_info,
+                                   commands=commands)
         save_encoder(source.encoder.cpu(), out, facts=facts, extra_files=extra, max_shard_size=max_shard_size)
     return out, facts
 

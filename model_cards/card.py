@@ -65,6 +65,7 @@ class CardFacts:
     curve_png: str | None = None  # file name next to README.md
     projection_png: str | None = None
     projection_method: str = "PCA"
+    commands: list[str] = field(default_factory=list)  # how it was made, in order
 
     @classmethod
     def minimal(cls, encoder: Any) -> CardFacts:

@@ -55,6 +55,8 @@ for name, repo in args["registered"].items():
 ONLINE = """
 out["repo_id"] = same(Encoder.from_pretrained("org/name"))
 out["revision_image_size"] = load_encoder("org/name", revision="v1").image_size
+narrow = load_encoder("org/narrow")
+out["narrow"] = [narrow.width, narrow.embedding_dim]
 out["missing"] = error_of(lambda: load_encoder("org/missing"))
 out["bad_revision"] = error_of(lambda: load_encoder("org/name", revision="nope"))
 out["registered_online"] = same(load_encoder("hub-model"))
@@ -91,6 +93,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubStandIn
     main_dir = tmp / "main"
     Encoder(image_size=32).eval().save_pretrained(main_dir, max_shard_size="16MB")
     v1 = save_encoder(Encoder(image_size=16), tmp / "v1")
+    narrow = save_encoder(Encoder(image_size=16, width=16), tmp / "narrow", max_shard_size="200KB")
     shipped_root = tmp / "shipped"
     save_encoder(Encoder(image_size=24), shipped_root / "shipped-model")
     args = {
@@ -101,6 +104,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubStandIn
     with HubStandIn() as hub:
         hub.add_folder("org/name", main_dir)
         hub.add_folder("org/name", v1, branch="v1")
+        hub.add_folder("org/narrow", narrow)
         yield hub, args, tmp
 
 
@@ -122,6 +126,7 @@ def test_download_push_pull_then_offline(world: tuple[HubStandIn, dict[str, Any]
 
     assert got["repo_id"] is True and got["registered_online"] is True
     assert got["revision_image_size"] == 16
+    assert got["narrow"] == [16, 128]  # a width-16 encoder, sharded, through the real client
     assert "not found on http://127.0.0.1" in str(got["missing"]) and "HF_HUB_OFFLINE=1" in str(got["missing"])
     assert "revision 'nope' not found" in str(got["bad_revision"])
     assert got["fallback_image_size"] == 24  # registered, absent from the hub: the shipped copy

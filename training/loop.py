@@ -350,7 +350,7 @@ def write_run_info(run_dir: Path, device: torch.device, seconds: float, *, world
     import json
 
     from ascl.atomic import atomic_write_text
-    from ascl.machine import device_name
+    from ascl.machine import cpu_simd_flags, device_name
 
     path = run_dir / "run.json"
     previous = 0.0
@@ -360,6 +360,8 @@ def write_run_info(run_dir: Path, device: torch.device, seconds: float, *, world
         except (ValueError, AttributeError):
             previous = 0.0
     name = device_name(device)
+    if device.type == "cpu" and (simd := cpu_simd_flags()):
+        name = f"{name}, {'/'.join(simd).upper()}"
     info = {"hardware": f"{world_size} x {name}" if world_size > 1 else name,
             "wall_time_s": round(previous + seconds, 1), "torch": torch.__version__}
     atomic_write_text(path, json.dumps(info, indent=2) + "\n")
