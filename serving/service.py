@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import threading
 import time
@@ -35,6 +36,7 @@ def free_local_port() -> int:
         return int(s.getsockname()[1])
 
 
+@functools.lru_cache(maxsize=1)
 def probe_image() -> bytes:
     """A tiny PNG that every model of the search path can handle."""
     from PIL import Image
@@ -97,7 +99,7 @@ class SearchService(ServerUrls):
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> SearchService:
-        """Open the ports, start Triton and the supervisor; returns once a search goes through."""
+        """Open the ports, start Triton and the supervisor; returns once Triton reports every model ready."""
         for name, port in self.ports.items():
             if port_in_use(self.host, port):
                 raise ServerError(f"{self.host}:{port} ({name} port) is already in use; stop what listens there "
