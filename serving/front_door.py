@@ -58,13 +58,12 @@ class Limits:
     backend_wait_s: float = 30.0  # how long a request waits for a restarting Triton
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Backend:
-    """Where Triton listens now; ``generation`` changes with every (re)start."""
+    """Where Triton listens now; a new object for every (re)start (compared by identity)."""
 
     grpc: str  # host:port
     http: str  # http://host:port
-    generation: int
 
 
 class FrontDoorError(ServerError):
@@ -230,6 +229,18 @@ class FrontDoor:
                 if call is None:  # bytes in, bytes out
                     call = self._calls[method] = channel.unary_unary(method)
                 return await call(request, timeout=context.time_remaining())  # type: ignore[no-any-return]
+            except grpc.aio.UsageError:  # the channel closed before the call began: it never left
+                if attempt == 1:
+                    stale = backend
+                    continue
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the inference server is restarting; retry shortly")
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():  # the client went away: let it be cancelled
+                    raise
+                # the supervisor closed this channel: Triton was killed with the request inside it
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the inference server stopped while this "
+                                                                 "request was in flight; retry it")
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 if attempt == 1 and _never_arrived(code, details):  # Triton is down: it never saw this request
@@ -281,6 +292,10 @@ class FrontDoor:
                 if attempt == 1:
                     stale = backend
                     self._unreachable()
+                    continue
+            except RuntimeError:  # "Session is closed": replaced before the request left
+                if attempt == 1 and session.closed:
+                    stale = backend
                     continue
             except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
                 pass

@@ -291,6 +291,19 @@ class TritonServer(ServerUrls):
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def stub_pids(self) -> set[int]:
+        """Live (not zombie) child processes of the server: its Python backend stubs (Linux /proc)."""
+        proc = self.process
+        if proc is None:
+            return set()
+        live = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid ...
+                if int(fields[1]) == proc.pid and fields[0] not in ("Z", "X"):
+                    live.add(int(stat.parent.name))
+        return live
+
     def stop(self, *, kill: bool = False) -> int | None:
         """SIGTERM and wait (SIGKILL after the exit timeout, or at once with ``kill``: for a
         server that is broken anyway); returns the exit code. A server that did not exit

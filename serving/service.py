@@ -4,9 +4,10 @@
   service's whole life and forwards the inference API only, with request-size limits.
 - Triton (``ascl.serving.server``) runs on free 127.0.0.1 ports with its control APIs behind an
   admin key; its metrics listen on the public metrics port.
-- The supervisor checks every second that Triton is alive and, every few seconds, that a real
-  search goes through all three Python models (a stub can die while the server stays up).
-  When either fails it kills Triton and starts a new one on the same repository and index,
+- The supervisor checks every second that Triton and its backend stubs are alive and, every few
+  seconds, that a real search goes through all three Python models. A stub can die while the
+  server stays up; Triton may start a new one, but requests that were inside the dead one never
+  answer. When any check fails it kills Triton and starts a new one on the same repository and index,
   logging why; the front door makes requests that arrive meanwhile wait, so a client sees at
   most the requests that were inside the dead server fail, with UNAVAILABLE.
 - ``stop()`` drains: the front door refuses new requests (UNAVAILABLE) and lets those in flight
@@ -94,7 +95,7 @@ class SearchService(ServerUrls):
         self._lock = threading.Lock()
         self._failure: str | None = None
         self._supervisor: threading.Thread | None = None
-        self._generation = 0
+        self._stubs: set[int] = set()
 
     # ------------------------------------------------------------------ life cycle
 
@@ -125,10 +126,8 @@ class SearchService(ServerUrls):
         self.admin_key = triton.admin_key
         with self._lock:
             self.triton = triton
-            self._generation += 1
-            backend = Backend(f"127.0.0.1:{triton.ports['grpc']}", f"http://127.0.0.1:{triton.ports['http']}",
-                              self._generation)
-        self.front.set_backend(backend)
+            self._stubs = triton.stub_pids()  # all models are loaded: these are every stub it will run
+        self.front.set_backend(Backend(f"127.0.0.1:{triton.ports['grpc']}", f"http://127.0.0.1:{triton.ports['http']}"))
 
     def stop(self, grace_s: float = 30.0) -> None:
         """Drain the front door (in-flight requests finish, new ones get UNAVAILABLE), then stop Triton."""
@@ -193,6 +192,11 @@ class SearchService(ServerUrls):
                 return
             triton = self.triton
             dead = triton is None or not triton.is_alive()
+            lost = set() if dead or triton is None else self._stubs - triton.stub_pids()
+            if lost:  # Triton may respawn a stub itself, but requests that were inside it never answer
+                self._restart(f"backend stub {sorted(lost)} exited")
+                failures, last_probe = 0, time.monotonic()
+                continue
             if not (dead or woken) and time.monotonic() - last_probe < sup.probe_every_s:
                 continue
             last_probe = time.monotonic()
