@@ -23,9 +23,9 @@ def register(sub: Any) -> None:
                      "--cache, keyed by model and gallery content, so the second start is fast."),
     )
     up.add_argument("--model", default=None,
-                    help="model name, hub repo id, hub folder, training run or checkpoint; default: the pretrained "
-                         "ascl-resnet18-cifar10 when shipped, else your newest run in runs/, else a random encoder "
-                         "(with a warning)")
+                    help="model name, hub repo id, hub folder, training run or checkpoint; default: the shipped "
+                         "default model ('ascl models' marks it), else your newest run in runs/, else a random "
+                         "encoder (with a warning)")
     up.add_argument("--gallery", default=None,
                     help="folder of images to search (sub-folders are labels) or a CIFAR-10 .tar.gz; default: the "
                          "offline CIFAR-10 copy in ../shared/data, else torchvision CIFAR-10 (online), else "
