@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ascl.serving.index import read_manifest
     from ascl.serving.model_files import resolve_onnx
     from ascl.serving.repository import docker_command, write_repository
-    from ascl.serving.server import ADMIN_KEY_HEADER, ServerError, port_in_use
+    from ascl.serving.server import ADMIN_KEY_HEADER, ServerError, check_ports_free
     from ascl.serving.service import SearchService
 
     max_request = int(args.max_request_mb * 2**20)
@@ -141,10 +141,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       f"--out {repo}/encoder/1/model.plan --min 1 --opt 64 --max 256")
             print("serve it with NVIDIA's Triton container:\n  " + docker_command(repo))
             return 0
-        ports = {"grpc": args.grpc_port, "http": args.http_port, "metrics": args.metrics_port}
-        for name, port in ports.items():
-            if port_in_use(args.host, port):
-                raise ServerError(f"{args.host}:{port} ({name} port) is already in use; pick another with --{name}-port")
+        check_ports_free({"grpc": args.grpc_port, "http": args.http_port, "metrics": args.metrics_port}, args.host)
         keep = args.repository is not None
         repo_dir = Path(args.repository) if keep else serve_repository_dir() / "models"
         write_repository(repo_dir, onnx, args.index, max_request_bytes=max_request)

@@ -46,6 +46,8 @@ HTTP_FORWARDED = (
 SIMPLE_FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
 FORWARDED_HEADERS = ("Content-Type", "Content-Encoding", "Accept-Encoding", "Inference-Header-Content-Length")
 INFER = "ModelInfer"
+RESTARTING = "the inference server is restarting; retry shortly"
+LOST_IN_FLIGHT = "the inference server stopped while this request was in flight; retry it"
 REFUSED = ("not served on this port: ascl serve exposes health, metadata and inference only "
            "(models are loaded at start; no repository, config, statistics, trace, logging or shared-memory API)")
 
@@ -220,7 +222,7 @@ class FrontDoor:
         for attempt in (1, 2):
             backend = await self._current(stale)
             if backend is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the inference server is restarting; retry shortly")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, RESTARTING)
             channel = self._channel
             if channel is None:  # replaced while we waited: take the new one
                 continue
@@ -233,14 +235,13 @@ class FrontDoor:
                 if attempt == 1:
                     stale = backend
                     continue
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the inference server is restarting; retry shortly")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, RESTARTING)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():  # the client went away: let it be cancelled
                     raise
                 # the supervisor closed this channel: Triton was killed with the request inside it
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the inference server stopped while this "
-                                                                 "request was in flight; retry it")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, LOST_IN_FLIGHT)
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
                 if attempt == 1 and _never_arrived(code, details):  # Triton is down: it never saw this request
@@ -248,8 +249,7 @@ class FrontDoor:
                     self._unreachable()
                     continue
                 if _lost_backend(code, details) or backend is not self._backend:
-                    code, details = grpc.StatusCode.UNAVAILABLE, ("the inference server stopped while this "
-                                                                  "request was in flight; retry it")
+                    code, details = grpc.StatusCode.UNAVAILABLE, LOST_IN_FLIGHT
                 await context.abort(code, details)
         raise AssertionError("unreachable")  # context.abort raises
 
@@ -281,7 +281,7 @@ class FrontDoor:
             backend = await self._current(stale)
             session = self._session
             if backend is None or session is None:
-                return _json_error(503, "the inference server is restarting; retry shortly")
+                return _json_error(503, RESTARTING)
             try:
                 async with session.request(request.method, backend.http + request.path_qs, data=body or None,
                                                  headers=headers) as resp:
@@ -300,7 +300,7 @@ class FrontDoor:
             except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError):
                 pass
             break
-        return _json_error(503, "the inference server stopped while this request was in flight; retry it")
+        return _json_error(503, LOST_IN_FLIGHT)
 
 
 def empty_shape_problem(name: str, shape: list[int]) -> str | None:

@@ -152,6 +152,15 @@ RESTRICTED_APIS = ("model-repository", "model-config", "statistics", "trace", "l
 ADMIN_KEY_HEADER = "ascl-admin-key"
 
 
+def check_ports_free(ports: dict[str, int], host: str, metrics_host: str | None = None) -> None:
+    """ServerError naming the first of ``ports`` (name -> port) that something listens on."""
+    for name, port in ports.items():
+        where = metrics_host if name == "metrics" and metrics_host else host
+        if port_in_use(where, port):
+            raise ServerError(f"{where}:{port} ({name} port) is already in use; stop what listens there or pick "
+                              f"another with --{name}-port")
+
+
 def client_host(host: str) -> str:
     """The address a client on this machine dials for a server bound to ``host``."""
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
@@ -205,6 +214,7 @@ class TritonServer(ServerUrls):
         self.log_path = Path(log_path) if log_path else None
         self._own_log = log_path is None  # a temporary log we remove after a clean stop
         self.process: subprocess.Popen[bytes] | None = None
+        self.stubs_at_start: set[int] = set()
 
     def command(self) -> list[str]:
         """The tritonserver command line."""
@@ -226,12 +236,7 @@ class TritonServer(ServerUrls):
         """Launch and wait until ready; raises ServerError with the log tail on failure."""
         if not (self.repository / "").is_dir():
             raise ServerError(f"{self.repository}: no such model repository")
-        for name, port in self.ports.items():
-            if port_in_use(self.metrics_host if name == "metrics" else self.host, port):
-                raise ServerError(
-                    f"{self.host}:{port} ({name} port) is already in use; stop what listens there or pick "
-                    f"another with --{name}-port"
-                )
+        check_ports_free(self.ports, self.host, self.metrics_host)
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver.", suffix=".log")
             os.close(fd)
@@ -247,6 +252,7 @@ class TritonServer(ServerUrls):
         except BaseException:
             self.stop()
             raise
+        self.stubs_at_start = self.stub_pids()  # every model is loaded: these are all the stubs it runs
         return self
 
     def errors(self) -> str:
@@ -303,6 +309,11 @@ class TritonServer(ServerUrls):
                 if int(fields[1]) == proc.pid and fields[0] not in ("Z", "X"):
                     live.add(int(stat.parent.name))
         return live
+
+    def lost_stubs(self) -> set[int]:
+        """Stubs that were running when the server became ready and are gone now. Triton may start
+        a new one itself, but requests that were inside the dead one never answer."""
+        return self.stubs_at_start - self.stub_pids()
 
     def stop(self, *, kill: bool = False) -> int | None:
         """SIGTERM and wait (SIGKILL after the exit timeout, or at once with ``kill``: for a

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ascl.serving.front_door import Backend, FrontDoor, Limits
-from ascl.serving.server import ServerError, ServerUrls, TritonServer, port_in_use
+from ascl.serving.server import ServerError, ServerUrls, TritonServer, check_ports_free
 
 
 def free_local_port() -> int:
@@ -95,16 +95,12 @@ class SearchService(ServerUrls):
         self._lock = threading.Lock()
         self._failure: str | None = None
         self._supervisor: threading.Thread | None = None
-        self._stubs: set[int] = set()
 
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> SearchService:
         """Open the ports, start Triton and the supervisor; returns once Triton reports every model ready."""
-        for name, port in self.ports.items():
-            if port_in_use(self.host, port):
-                raise ServerError(f"{self.host}:{port} ({name} port) is already in use; stop what listens there "
-                                  f"or pick another with --{name}-port")
+        check_ports_free(self.ports, self.host)
         self.front.start()
         try:
             self._start_triton()
@@ -126,7 +122,6 @@ class SearchService(ServerUrls):
         self.admin_key = triton.admin_key
         with self._lock:
             self.triton = triton
-            self._stubs = triton.stub_pids()  # all models are loaded: these are every stub it will run
         self.front.set_backend(Backend(f"127.0.0.1:{triton.ports['grpc']}", f"http://127.0.0.1:{triton.ports['http']}"))
 
     def stop(self, grace_s: float = 30.0) -> None:
@@ -192,8 +187,8 @@ class SearchService(ServerUrls):
                 return
             triton = self.triton
             dead = triton is None or not triton.is_alive()
-            lost = set() if dead or triton is None else self._stubs - triton.stub_pids()
-            if lost:  # Triton may respawn a stub itself, but requests that were inside it never answer
+            lost = set() if dead or triton is None else triton.lost_stubs()
+            if lost:
                 self._restart(f"backend stub {sorted(lost)} exited")
                 failures, last_probe = 0, time.monotonic()
                 continue
