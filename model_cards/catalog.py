@@ -56,7 +56,7 @@ def card_knn_top1(folder: Path) -> float | None:
 
 def read_entry(name: str, source: str, folder: Path) -> ModelEntry | None:
     """A ``ModelEntry`` for an encoder folder; None when the folder holds no encoder config."""
-    from ascl.training.encoder import ARCHS, TORCHVISION_WIDTH
+    from ascl.training.encoder import ARCHS, TORCHVISION_WIDTH, embedding_dim_of
 
     try:
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -68,7 +68,7 @@ def read_entry(name: str, source: str, folder: Path) -> ModelEntry | None:
     default = registry.lookup(registry.DEFAULT_ALIAS)
     return ModelEntry(
         name=name, source=source, path=folder, arch=str(config["arch"]), width=width,
-        embedding_dim=ARCHS[str(config["arch"])] * width, knn_top1=card_knn_top1(folder),
+        embedding_dim=embedding_dim_of(str(config["arch"]), width), knn_top1=card_knn_top1(folder),
         size_bytes=folder_size(folder), is_default=default is not None and default.name == name,
     )
 

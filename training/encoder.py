@@ -21,11 +21,17 @@ from ascl.hub_mixin import AsclHubMixin
 ARCHS: dict[str, int] = {"resnet18": 8, "resnet34": 8, "resnet50": 32}
 TORCHVISION_WIDTH = 64
 STEMS = ("cifar", "imagenet")
+
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 REPO_URL = "https://github.com/ascl-hub/ascl-hub"
 PAPER_URL = "https://arxiv.org/abs/2207.11163"
+
+
+def embedding_dim_of(arch: str, width: int) -> int:
+    """Channels of the pooled feature (the embedding) of ``arch`` at base ``width``: 8·width for ResNet-18/34."""
+    return ARCHS[arch] * width
 
 
 def resnet_trunk(arch: str, width: int) -> torchvision.models.ResNet:
@@ -107,7 +113,7 @@ class Encoder(
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.width = int(width)
-        self.embedding_dim = ARCHS[arch] * self.width
+        self.embedding_dim = embedding_dim_of(arch, self.width)
 
         trunk = resnet_trunk(arch, self.width)
         if stem == "cifar":
