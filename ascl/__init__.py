@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 __all__ = ["ASCLLoss", "Encoder", "__version__"]
 
 if TYPE_CHECKING:
-    from ascl.training.encoder import Encoder
+    from ascl.encoder import Encoder
     from ascl.training.loss import ASCLLoss
 
 
@@ -23,7 +23,7 @@ def __getattr__(name: str) -> Any:
 
         return ASCLLoss
     if name == "Encoder":
-        from ascl.training.encoder import Encoder
+        from ascl.encoder import Encoder
 
         return Encoder
     raise AttributeError(f"module 'ascl' has no attribute {name!r}")

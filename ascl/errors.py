@@ -1,4 +1,11 @@
-"""Error text that is safe to show a remote client.
+"""The project's one error base, its exit-code policy, and error text safe to show a remote client.
+
+Every error a user can act on derives from ``AsclError``: its message says what was wrong and
+what to do, and ``exit_code`` is what the ``ascl`` command returns for it (handled once, in
+``ascl.cli.main``). The policy: ``USAGE`` (2) for bad input (an argument, a file, a config, an
+image), ``FAILURE`` (1) for an operation that could not be done with good input (a server that
+would not start, an export that missed its tolerance). Subclasses keep a builtin base too
+(``ValueError``, ``LookupError``, ...) so callers that catch those keep working.
 
 Messages that reach a client of the server name what was wrong with the request; they never
 carry this machine's file paths or Python object reprs with memory addresses (which tell an
@@ -8,6 +15,20 @@ attacker where things live). The full error stays in the server log.
 from __future__ import annotations
 
 import re
+
+USAGE = 2  # bad input: the user fixes an argument, a file or a config
+FAILURE = 1  # good input, but the operation failed (server, export tolerance, upload)
+
+
+class AsclError(Exception):
+    """Base of every error meant for a user: a message that says what to do, and an exit code."""
+
+    exit_code: int = USAGE
+
+    @property
+    def message(self) -> str:
+        """The user-facing text (what ``ascl`` prints after ``error:``)."""
+        return str(self.args[0]) if len(self.args) == 1 else str(self)
 
 _OBJECT_REPR = re.compile(r"<([A-Za-z_][\w.]*) object at 0x[0-9a-fA-F]+>")
 _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")

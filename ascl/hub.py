@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 from ascl.atomic import atomic_dir
 from ascl.hub_mixin import CONFIG_FILE, ConfigError, ModelNotFoundError
-from ascl.hub_weights import DEFAULT_MAX_SHARD_SIZE, WeightsError
+from ascl.weights import DEFAULT_MAX_SHARD_SIZE, WeightsError
 
 if TYPE_CHECKING:
+    from ascl.encoder import Encoder
     from ascl.model_cards.card import CardFacts
-    from ascl.training.encoder import Encoder
 
 __all__ = ["ConfigError", "ModelNotFoundError", "WeightsError", "is_hub_folder", "load_encoder", "save_encoder"]
 
@@ -48,8 +48,8 @@ def load_encoder(spec: str | Path | None = None, *, revision: str | None = None)
     its hub repo); a hub repo id ``USER/NAME`` (at ``revision``, or the cache when
     ``HF_HUB_OFFLINE=1``). Errors say what was tried.
     """
+    from ascl.encoder import Encoder
     from ascl.model_cards.registry import DEFAULT_ALIAS
-    from ascl.training.encoder import Encoder
 
     text = str(spec) if spec is not None else DEFAULT_ALIAS
     path = Path(text).expanduser()

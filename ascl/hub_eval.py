@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from ascl.training.encoder import Encoder
+    from ascl.encoder import Encoder
 
 KNN_K = 200
 KNN_T = 0.1

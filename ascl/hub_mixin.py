@@ -31,7 +31,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from ascl.hub_weights import (
+from ascl.weights import (
     DEFAULT_MAX_SHARD_SIZE,
     INDEX_FILE,
     SINGLE_FILE,

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ascl.hub import is_hub_folder, load_encoder, save_encoder
-from ascl.hub_weights import DEFAULT_MAX_SHARD_SIZE
 from ascl.model_cards.card import KNN, LINEAR, CardFacts, Metric
 from ascl.model_cards.figures import plot_projection, plot_training_curve, read_metrics_csv
+from ascl.weights import DEFAULT_MAX_SHARD_SIZE
 
 if TYPE_CHECKING:
-    from ascl.training.encoder import Encoder
+    from ascl.encoder import Encoder
 
 CURVE_PNG = "training_curve.png"
 RUN_CURVES_PNG = "curves.png"  # drawn by ascl train in the run folder

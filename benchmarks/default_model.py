@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from ascl.atomic import atomic_write_text
+    from ascl.cache import cache_dir
     from ascl.demo.gallery import resolve_gallery
-    from ascl.serving.model_files import cache_dir
     from ascl.training.data import load_split
 
     started = time.time()

@@ -56,7 +56,7 @@ if ! has_ascl; then
   fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # benchmarks/*.py do not have the cwd on sys.path
-"$PY" -c "import torch, torchvision, onnx, onnxruntime, ascl.training.fast, ascl.hub_weights, ascl.export.onnx_export
+"$PY" -c "import torch, torchvision, onnx, onnxruntime, ascl.training.fast, ascl.weights, ascl.export.onnx_export
 print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'onnxruntime', onnxruntime.__version__,
       'cuda', torch.cuda.is_available())" || { echo "cannot import ascl"; exit 1; }
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -116,8 +116,8 @@ def cifar_embeddings(model: str | None, limit: int, tmp: Path) -> np.ndarray:
     if model is None:
         import torch
 
+        from ascl.encoder import Encoder
         from ascl.export.onnx_export import export_onnx
-        from ascl.training.encoder import Encoder
 
         torch.manual_seed(0)
         onnx_path = export_onnx(Encoder().eval(), tmp / "random_resnet18.onnx")

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         plot_curve(curve, f"ASCL ResNet-18, {cfg.epochs} epochs, batch {cfg.batch_size}, {result['device']}", png)
         result["png"] = png.name
     if args.encoder_out:
-        from ascl.hub_weights import save_weights
+        from ascl.weights import save_weights
 
         encoder = run.encoder.cpu().eval()
         folder = Path(args.encoder_out)

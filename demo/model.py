@@ -23,7 +23,7 @@ from ascl.atomic import atomic_write_text
 from ascl.demo.gallery import file_sha256
 
 if TYPE_CHECKING:
-    from ascl.training.encoder import Encoder
+    from ascl.encoder import Encoder
 
 RANDOM_SEED = 0
 RUNS_DIR = Path("runs")
@@ -105,7 +105,7 @@ def load_choice(choice: ModelChoice) -> Encoder:
     """The Encoder for ``choice`` (imports torch)."""
     import torch
 
-    from ascl.training.encoder import Encoder as EncoderClass
+    from ascl.encoder import Encoder as EncoderClass
 
     if choice.spec is None:
         torch.manual_seed(RANDOM_SEED)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ascl.cache import cache_dir
 from ascl.demo.gallery import Gallery, resolve_gallery
 from ascl.demo.model import ModelChoice, choose_model, ensure_onnx
 
@@ -78,9 +79,7 @@ class Timings:
 
 def default_cache() -> Path:
     """``$ASCL_CACHE``, else ``~/.cache/ascl``: the same cache ``ascl.serving`` uses."""
-    from ascl.serving.model_files import cache_dir
-
-    return cache_dir().expanduser()
+    return cache_dir()
 
 
 def say(text: str) -> None:

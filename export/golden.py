@@ -23,7 +23,7 @@ from ascl.atomic import atomic_dir
 from ascl.images import list_images, load_image
 
 if TYPE_CHECKING:
-    from ascl.training.encoder import Encoder
+    from ascl.encoder import Encoder
 
 INIT_SEED = 0
 INIT_CONFIG: dict[str, Any] = {"arch": "resnet18", "stem": "cifar", "image_size": 32}
@@ -43,7 +43,7 @@ def init_encoder(seed: int = INIT_SEED, config: dict[str, Any] | None = None) ->
     """A deterministically initialised encoder (CPU RNG: identical on every machine for a torch version)."""
     import torch
 
-    from ascl.training.encoder import Encoder
+    from ascl.encoder import Encoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

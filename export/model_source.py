@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ascl.training.encoder import Encoder
+    from ascl.encoder import Encoder
 
 
 class ModelLoadError(ValueError):

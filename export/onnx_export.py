@@ -23,8 +23,8 @@ from torch import nn
 
 from ascl import __version__
 from ascl.atomic import atomic_write_bytes
+from ascl.encoder import Encoder
 from ascl.names import EMBEDDINGS, IMAGES
-from ascl.training.encoder import Encoder
 
 DEFAULT_OPSET = 17
 PRECISION_KEY = "ascl.precision"

@@ -29,8 +29,8 @@ from ascl.export.parity import ParityReport, compare
 from ascl.export.runtime import OnnxEmbedder, ProviderSpec
 
 if TYPE_CHECKING:
+    from ascl.encoder import Encoder
     from ascl.export.model_source import LoadedModel
-    from ascl.training.encoder import Encoder
 
 FILE_NAMES = {"fp32": "encoder.onnx", "fp16": "encoder_fp16.onnx", "int8": "encoder_int8.onnx"}
 REPORT_NAME = "export.json"

@@ -56,7 +56,7 @@ def card_knn_top1(folder: Path) -> float | None:
 
 def read_entry(name: str, source: str, folder: Path) -> ModelEntry | None:
     """A ``ModelEntry`` for an encoder folder; None when the folder holds no encoder config."""
-    from ascl.training.encoder import ARCHS, TORCHVISION_WIDTH, embedding_dim_of
+    from ascl.encoder import ARCHS, TORCHVISION_WIDTH, embedding_dim_of
 
     try:
         config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))

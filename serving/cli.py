@@ -109,7 +109,7 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 def serve_repository_dir() -> Path:
     """A fresh folder for this process's model repository, under the cache; folders that a
     killed ``ascl serve`` left behind (their process is gone) are removed first."""
-    from ascl.serving.model_files import cache_dir
+    from ascl.cache import cache_dir
 
     root = cache_dir() / "serve"
     root.mkdir(parents=True, exist_ok=True)

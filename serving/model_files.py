@@ -8,14 +8,10 @@ exported once into a cache keyed by the spec and its modification time.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
-
-def cache_dir() -> Path:
-    """``$ASCL_CACHE`` or ``~/.cache/ascl``: exported models and the prepared Triton backends."""
-    return Path(os.environ.get("ASCL_CACHE") or Path.home() / ".cache" / "ascl")
+from ascl.cache import cache_dir
 
 
 def _spec_key(spec: str) -> str:

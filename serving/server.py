@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-from ascl.serving.model_files import cache_dir
+from ascl.cache import cache_dir
 
 
 class ServerError(RuntimeError):

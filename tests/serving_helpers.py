@@ -20,8 +20,8 @@ def export_random_encoder(path: Path, seed: int = 0, image_size: int = 32) -> Pa
 
     import torch
 
+    from ascl.encoder import Encoder
     from ascl.export.onnx_export import export_onnx
-    from ascl.training.encoder import Encoder
 
     key = (seed, image_size)
     if key not in _EXPORTED or not _EXPORTED[key].is_file():

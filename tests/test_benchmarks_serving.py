@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ascl.encoder import Encoder
 from ascl.hub import save_encoder
-from ascl.training.encoder import Encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -104,9 +104,9 @@ def test_newest_run_is_chosen_and_keyed_by_content(tmp_path: Path) -> None:
 def test_newest_run_is_exported_with_its_trained_weights(tmp_path: Path) -> None:
     import torch
 
+    from ascl.encoder import Encoder
     from ascl.export.runtime import OnnxEmbedder
     from ascl.training.checkpoint import ENCODER_PREFIX, save_checkpoint
-    from ascl.training.encoder import Encoder
 
     torch.manual_seed(3)
     encoder = Encoder(image_size=16).eval()

@@ -18,6 +18,7 @@ import onnx
 import pytest
 import torch
 
+from ascl.encoder import Encoder
 from ascl.export.cli import register
 from ascl.export.golden import init_encoder
 from ascl.export.image_sets import load_image_set
@@ -26,7 +27,6 @@ from ascl.export.pipeline import FILE_NAMES, reference_embeddings
 from ascl.export.runtime import OnnxEmbedder, cuda_driver_present, resolve_providers
 from ascl.hub import save_encoder
 from ascl.names import EMBEDDINGS, IMAGES
-from ascl.training.encoder import Encoder
 
 SIZE = 16
 CONFIG = {"arch": "resnet18", "stem": "cifar", "image_size": SIZE}

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ascl.encoder import Encoder
 from ascl.training.augment import AugmentConfig
 from ascl.training.byol import BYOL, BYOLRegressionLoss, InBatchASCLLoss
-from ascl.training.encoder import Encoder
 from ascl.training.fast import (
     Float32Loss,
     make_fast_optimizer,

@@ -14,11 +14,11 @@ import yaml
 from huggingface_hub import ModelCard
 
 from ascl.cli import main
+from ascl.encoder import Encoder
 from ascl.hub import load_encoder, save_encoder
 from ascl.hub_publish import EvalRequest, Source, build_facts
 from ascl.model_cards.card import KNN, LINEAR, CardFacts, Metric
 from ascl.model_cards.figures import pca_2d
-from ascl.training.encoder import Encoder
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import torch
 
+from ascl.encoder import Encoder
 from ascl.hub import save_encoder
-from ascl.training.encoder import Encoder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_endpoint import HubStandIn  # noqa: E402
@@ -35,7 +35,7 @@ from pathlib import Path
 from ascl.cli import main
 from ascl.hub import load_encoder
 from ascl.model_cards import registry
-from ascl.training.encoder import Encoder
+from ascl.encoder import Encoder
 args = json.loads(sys.argv[1])
 ref = Encoder.from_folder(Path(args["main"]))
 out = {}

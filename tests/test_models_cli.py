@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from ascl.cli import main
+from ascl.encoder import Encoder
 from ascl.hub import save_encoder
 from ascl.model_cards import catalog, registry
 from ascl.model_cards.card import KNN, CardFacts, Metric
-from ascl.training.encoder import Encoder
 
 
 def fake_hub_cache(cache: Path, repo_id: str, folder: Path) -> Path:

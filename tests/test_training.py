@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ascl.encoder import CIFAR10_MEAN, Encoder
 from ascl.training.checkpoint import (
     CheckpointError,
     encoder_from_checkpoint,
@@ -15,7 +16,6 @@ from ascl.training.checkpoint import (
     load_checkpoint,
 )
 from ascl.training.config import TrainConfig, load_config
-from ascl.training.encoder import CIFAR10_MEAN, Encoder
 from ascl.training.frameworks import build_framework
 from ascl.training.loop import train
 from ascl.training.metrics import read_metrics

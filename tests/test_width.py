@@ -19,11 +19,11 @@ import torchvision
 from conftest import free_port
 from serving_helpers import precision_at_k
 
+from ascl.encoder import Encoder
 from ascl.export.cli import register as register_export
 from ascl.export.runtime import OnnxEmbedder
 from ascl.hub import load_encoder, save_encoder
 from ascl.images import list_images, load_image
-from ascl.training.encoder import Encoder
 
 WIDTH = 16
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ascl.encoder import Encoder
 from ascl.training import distributed as D
-from ascl.training.encoder import Encoder
 from ascl.training.loss import MODES, compute_dtype, in_batch_ascl_regression
 from ascl.training.modules import ProjectionHead, convert_split_batchnorm, frozen_copy, momentum_update
 

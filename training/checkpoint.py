@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ascl.atomic import atomic_path
-from ascl.training.encoder import Encoder
+from ascl.encoder import Encoder
 
 FORMAT = "ascl-train-checkpoint"
 VERSION = 1

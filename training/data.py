@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from ascl.atomic import atomic_path
+from ascl.cache import cache_dir
 from ascl.images import decode_image, list_images, load_image, to_rgb_square
 
 if TYPE_CHECKING:
@@ -59,11 +60,6 @@ class ImageSet:
 
     def take(self, index: np.ndarray) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes)
-
-
-def cache_dir() -> Path:
-    """Where decoded datasets are cached: ``$ASCL_CACHE`` or ``~/.cache/ascl``."""
-    return Path(os.environ.get("ASCL_CACHE") or Path.home() / ".cache" / "ascl")
 
 
 def holdout_mask(labels: np.ndarray, fraction: float) -> np.ndarray:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ascl.encoder import Encoder
 from ascl.training.checkpoint import (
     CheckpointError,
     encoder_from_checkpoint,
@@ -19,7 +20,6 @@ from ascl.training.checkpoint import (
 )
 from ascl.training.data import load_split
 from ascl.training.distributed import resolve_device
-from ascl.training.encoder import Encoder
 from ascl.training.knn import embed_images, knn_accuracy
 from ascl.training.linear_probe import train_linear_probe
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from ascl.encoder import Encoder
 from ascl.training.byol import BYOL, BYOLRegressionLoss, InBatchASCLLoss
 from ascl.training.config import TrainConfig
-from ascl.training.encoder import Encoder
 from ascl.training.loss import ASCLLoss
 from ascl.training.moco import MoCo
 

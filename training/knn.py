@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ascl.encoder import Encoder
 from ascl.training import distributed as D
-from ascl.training.encoder import Encoder
 
 
 @torch.no_grad()

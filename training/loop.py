@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ascl.encoder import Encoder
 from ascl.training import distributed as D
 from ascl.training.checkpoint import restore, save_checkpoint, training_state
 from ascl.training.config import ConfigError, TrainConfig, config_to_dict
 from ascl.training.data import ImageSet, load_split
-from ascl.training.encoder import Encoder
 from ascl.training.frameworks import build_encoder, build_framework
 from ascl.training.knn import embed_images, knn_accuracy
 from ascl.training.loaders import ReferenceTwoViewLoader

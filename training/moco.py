@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ascl.encoder import Encoder
 from ascl.training import distributed as D
-from ascl.training.encoder import Encoder
 from ascl.training.modules import (
     MemoryQueue,
     ProjectionHead,

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ascl.encoder import Encoder
 from ascl.hub import load_encoder, save_encoder
 from ascl.hub_mixin import ConfigError
-from ascl.hub_weights import WeightsError
-from ascl.training.encoder import Encoder
+from ascl.weights import WeightsError
 
 KEY = "backbone.layer1.0.conv1.weight"
 
