@@ -4,6 +4,11 @@ Each module named in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which
 subcommands and sets ``func`` on their parsers. Registration only builds argparse parsers;
 heavy imports (torch, onnxruntime, gradio) happen inside the command functions, so
 ``ascl --help`` stays fast.
+
+Errors are handled here, once: a command raises an ``ascl.errors.AsclError`` (or a subclass)
+with a message that says what to do, and ``main`` prints ``error: <message>`` and returns its
+``exit_code`` (2: bad input, 1: the operation failed; ``ascl.errors``). Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ import sys
 from collections.abc import Sequence
 
 from ascl import __version__
+from ascl.errors import AsclError
 
 COMMAND_MODULES = (
     "ascl.training.cli",  # train, eval
     "ascl.export.cli",  # export
     "ascl.serving.cli",  # index, serve, query
-    "ascl.hub_cli",  # push, pull
+    "ascl.model_cards.cli",  # push, pull, models
     "ascl.demo.cli",  # demo, up
 )
 
@@ -46,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = args.func(args)
+    except AsclError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

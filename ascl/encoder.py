@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from ascl.hub_mixin import AsclHubMixin
+from ascl.pretrained import AsclHubMixin
 
 # embedding dim = multiplier x base width (the last stage has 8x the base width, x4 for Bottleneck)
 ARCHS: dict[str, int] = {"resnet18": 8, "resnet34": 8, "resnet50": 32}
@@ -65,7 +65,7 @@ def resnet_trunk(arch: str, width: int) -> torchvision.models.ResNet:
 
 class Encoder(
     nn.Module,
-    AsclHubMixin,  # PyTorchModelHubMixin, made strict and shard-aware (ascl/hub_mixin.py)
+    AsclHubMixin,  # PyTorchModelHubMixin, strict, through its documented hooks (ascl/pretrained.py)
     library_name="ascl-hub",
     tags=["ascl", "self-supervised", "contrastive-learning", "image-feature-extraction", "image-retrieval"],
     license="apache-2.0",
@@ -121,6 +121,12 @@ class Encoder(
             trunk.maxpool = nn.Identity()
         trunk.fc = nn.Identity()
         self.backbone = trunk
+        # Preprocessing constants as non-persistent buffers: they follow .to(device) and trace as
+        # constants, and stay out of the state_dict (the weights files hold weights only).
+        self.pixel_mean: torch.Tensor
+        self.pixel_std: torch.Tensor
+        self.register_buffer("pixel_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
 
     def config(self) -> dict[str, object]:
         """The constructor arguments, as written to ``config.json``."""
@@ -144,17 +150,15 @@ class Encoder(
     def normalize_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC [N, H, W, 3] at ``image_size`` -> normalised float NCHW [N, 3, H, W].
 
-        This is the single preprocessing rule shared by PyTorch, the exported graph and
-        serving: scale to [0, 1], subtract mean, divide by std.
+        This is the single preprocessing rule shared by PyTorch, the exported graph (traced
+        from here by ``ascl.export``) and serving: scale to [0, 1], subtract mean, divide by std.
         """
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        if not torch.jit.is_tracing() and (images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3):
             raise ValueError(
                 f"expected uint8 images of shape [N, H, W, 3], got {images.dtype} {tuple(images.shape)}"
             )
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
         x = images.permute(0, 3, 1, 2).float().div(255.0)  # [N, 3, H, W]
-        return (x - mean) / std
+        return (x - self.pixel_mean) / self.pixel_std
 
     @torch.no_grad()
     def embed_uint8(self, images: torch.Tensor) -> torch.Tensor:

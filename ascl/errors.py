@@ -15,6 +15,8 @@ attacker where things live). The full error stays in the server log.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 USAGE = 2  # bad input: the user fixes an argument, a file or a config
 FAILURE = 1  # good input, but the operation failed (server, export tolerance, upload)
@@ -29,6 +31,30 @@ class AsclError(Exception):
     def message(self) -> str:
         """The user-facing text (what ``ascl`` prints after ``error:``)."""
         return str(self.args[0]) if len(self.args) == 1 else str(self)
+
+
+class InputError(AsclError):
+    """Bad input met in a library that raises builtin errors (a file PIL cannot read, ...)."""
+
+
+class OperationError(AsclError):
+    """Good input, but the operation failed (a server, a remote service, the disk)."""
+
+    exit_code = FAILURE
+
+
+@contextmanager
+def user_errors(*types: type[BaseException], into: type[AsclError] = InputError, prefix: str = "") -> Iterator[None]:
+    """Re-raise builtin exceptions of ``types`` (from libraries) as ``into``, so the CLI reports them.
+
+    ``AsclError`` passes through unchanged; anything else keeps its traceback (a bug).
+    """
+    try:
+        yield
+    except AsclError:
+        raise
+    except types as exc:
+        raise into(f"{prefix}{exc}") from exc
 
 _OBJECT_REPR = re.compile(r"<([A-Za-z_][\w.]*) object at 0x[0-9a-fA-F]+>")
 _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]{6,}\b")

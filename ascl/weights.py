@@ -17,13 +17,15 @@ from huggingface_hub import constants, save_torch_state_dict
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ascl.errors import AsclError
+
 SINGLE_FILE = constants.SAFETENSORS_SINGLE_FILE  # model.safetensors
 INDEX_FILE = constants.SAFETENSORS_INDEX_FILE  # model.safetensors.index.json
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
-class WeightsError(ValueError):
+class WeightsError(AsclError, ValueError):
     """Weights that do not match the model, or a weight file that cannot be read."""
 
 

@@ -1,17 +1,23 @@
-"""Resolve the MODEL argument of ``ascl export`` to an Encoder plus the facts stamped into the graph."""
+"""The MODEL argument of ``ascl export``: an Encoder plus the facts stamped into the graph.
+
+Resolution is the core's (``ascl.models.resolve_model``); this module only adds what an export
+records: the model's name (``ascl.model_name``) and the revision of its weights
+(``ascl.source_revision``: the hub revision asked for, else a content hash of the weights).
+"""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ascl.errors import AsclError
+from ascl.models import SPEC_HELP, ModelRef, resolve_model
 
 if TYPE_CHECKING:
     from ascl.encoder import Encoder
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(AsclError, ValueError):
     """MODEL does not name an encoder we can load; the message says what was tried."""
 
 
@@ -19,46 +25,18 @@ class ModelLoadError(ValueError):
 class LoadedModel:
     encoder: Encoder
     name: str  # stored as ascl.model_name
-    revision: str  # stored as ascl.source_revision: hub revision, or a content hash of local weights
-
-
-def _content_revision(path: Path) -> str:
-    """sha256 (first 16 hex digits) of the weight files, so an export names the exact weights."""
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".pt", ".pth")
-    )
-    digest = hashlib.sha256()
-    for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return f"sha256:{digest.hexdigest()[:16]}" if files else "unknown"
-
-
-def _model_name(spec: str, path: Path) -> str:
-    if not path.exists():
-        return spec  # a registered name or a hub repo id
-    if path.is_file():
-        # runs/<name>/checkpoints/last.pt -> <name>
-        return path.parents[1].name if path.parent.name == "checkpoints" else path.stem
-    return path.resolve().name
+    revision: str  # stored as ascl.source_revision: hub revision, or a content hash of the weights
+    ref: ModelRef | None = None
 
 
 def load_model(spec: str, *, revision: str | None = None) -> LoadedModel:
-    """Anything ``ascl.hub.load_encoder`` accepts -> the encoder in eval mode, its name and revision.
+    """Any spec ``resolve_model`` accepts -> the encoder in eval mode, its name and revision.
 
     Raises ModelLoadError (naming ``spec``) when it is not a loadable encoder.
     """
-    from ascl.hub import load_encoder
-
-    path = Path(spec).expanduser()
     try:
-        encoder = load_encoder(spec, revision=revision)
+        ref = resolve_model(spec, revision=revision)
+        encoder = ref.load_encoder()
     except Exception as exc:  # any failure to build the encoder (bad pickle, bad config, ...) is the input's fault
-        raise ModelLoadError(
-            f"{spec}: not a loadable encoder ({exc}). MODEL must be a training checkpoint (.pt) or run "
-            "folder, a hub folder (config.json + model.safetensors), a registered model name or a hub repo id."
-        ) from exc
-    encoder.eval()
-    rev = revision or (_content_revision(path) if path.exists() else "main")
-    return LoadedModel(encoder, _model_name(spec, path), rev)
+        raise ModelLoadError(f"{spec}: not a loadable encoder ({exc}). MODEL must be {SPEC_HELP}.") from exc
+    return LoadedModel(encoder.eval(), ref.name, ref.source_revision, ref)

@@ -33,21 +33,18 @@ IDENTITY_KEYS = ("ascl.arch", "ascl.stem", "ascl.embedding_dim", "ascl.image_siz
 
 
 class UInt8Encoder(nn.Module):
-    """Wraps an Encoder so that it takes uint8 NHWC pixels. [N, H, W, 3] u8 -> [N, D] f32."""
+    """The exported module: an Encoder taking uint8 NHWC pixels. [N, H, W, 3] u8 -> [N, D] f32.
 
-    mean: torch.Tensor  # [1, 3, 1, 1], in 0..255 units
-    std: torch.Tensor  # [1, 3, 1, 1]
+    Preprocessing is the Encoder's own rule (``Encoder.normalize_uint8``), traced into the
+    graph, so PyTorch, ONNX and every server apply the same arithmetic.
+    """
 
     def __init__(self, encoder: Encoder) -> None:
         super().__init__()
         self.encoder = encoder
-        self.register_buffer("mean", torch.tensor(encoder.mean).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("std", torch.tensor(encoder.std).view(1, 3, 1, 1) * 255.0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.permute(0, 3, 1, 2).float()  # [N, 3, H, W], 0..255
-        x = (x - self.mean) / self.std
-        return self.encoder(x)  # [N, D], unit norm
+        return self.encoder(self.encoder.normalize_uint8(images))  # [N, D], unit norm
 
 
 def metadata_props(encoder: Encoder, model_name: str, source_revision: str) -> dict[str, str]:

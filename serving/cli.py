@@ -10,11 +10,12 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from ascl.errors import InputError, user_errors
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 IMAGES_HELP = (
@@ -22,12 +23,9 @@ IMAGES_HELP = (
     "file listing one image path per line, or 'cifar10-offline[:PATH]' for the CIFAR-10 JPEG tar (default PATH: "
     "../shared/data/cifar10/train.tar.gz beside the checkout)"
 )
+# Builtin errors of FAISS, ONNX Runtime, PIL and the file system that mean bad input here; the
+# root CLI reports them (ascl.errors: exit 2), and our own AsclErrors pass through unchanged.
 USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, OSError)
-
-
-def _fail(exc: BaseException) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
 
 
 def _add_model(p: argparse.ArgumentParser, default: str | None, when_absent: str) -> None:
@@ -39,7 +37,7 @@ def _add_model(p: argparse.ArgumentParser, default: str | None, when_absent: str
 
 def _model_of_index(index: str) -> str:
     """The model an index was built with (its manifest's ONNX file, when still there), else ``default``."""
-    from ascl.model_cards.registry import DEFAULT_ALIAS
+    from ascl.registry import DEFAULT_ALIAS
     from ascl.serving.index import read_manifest
 
     onnx = read_manifest(index).get("model", {}).get("onnx")
@@ -56,12 +54,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     from ascl.serving.build import build_index
     from ascl.serving.model_files import resolve_onnx
 
-    try:
+    with user_errors(*USER_ERRORS):
         onnx = resolve_onnx(args.model)
         report = build_index(onnx, args.images, args.out, factory=args.factory, batch_size=args.batch_size,
                              limit=args.limit)
-    except USER_ERRORS as exc:
-        return _fail(exc)
     print(f"{args.out}: version {report.version}, {report.total} vectors ({report.factory}); added {report.added}, "
           f"skipped {report.skipped_known} already indexed and {report.skipped_bad} unreadable")
     return 0
@@ -70,12 +66,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     from ascl.serving.index import read_manifest
 
-    try:
+    with user_errors(*USER_ERRORS):
         model = args.model or read_manifest(args.index).get("model", {}).get("onnx")
-    except USER_ERRORS as exc:
-        return _fail(exc)
     if not model:
-        return _fail(ValueError(f"{args.index}: the manifest names no model; pass --model"))
+        raise InputError(f"{args.index}: the manifest names no model; pass --model")
     args.model, args.out, args.factory = model, args.index, "auto"
     return cmd_build(args)
 
@@ -83,10 +77,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_remove(args: argparse.Namespace) -> int:
     from ascl.serving.build import remove_from_index
 
-    try:
+    with user_errors(*USER_ERRORS):
         removed, version = remove_from_index(args.index, args.ids or [], args.paths or [])
-    except USER_ERRORS as exc:
-        return _fail(exc)
     print(f"{args.index}: removed {removed}; version {version}")
     return 0
 
@@ -94,10 +86,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from ascl.serving.build import index_info
 
-    try:
+    with user_errors(*USER_ERRORS):
         info = index_info(args.index)
-    except USER_ERRORS as exc:
-        return _fail(exc)
     print(json.dumps(info, indent=2, sort_keys=True))
     return 0
 
@@ -129,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ascl.serving.service import SearchService
 
     max_request = int(args.max_request_mb * 2**20)
-    try:
+    with user_errors(*USER_ERRORS):
         read_manifest(args.index)
         onnx = resolve_onnx(args.model or _model_of_index(args.index))
         if args.repository_only:
@@ -145,8 +135,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         keep = args.repository is not None
         repo_dir = Path(args.repository) if keep else serve_repository_dir() / "models"
         write_repository(repo_dir, onnx, args.index, max_request_bytes=max_request)
-    except USER_ERRORS as exc:
-        return _fail(exc)
     service = SearchService(repo_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                             metrics_port=args.metrics_port, limits=Limits(max_request_bytes=max_request),
                             verbose=args.verbose, start_timeout_s=args.start_timeout)
@@ -162,13 +150,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   flush=True)
         failure = service.wait()
         if failure:
-            return _fail(ServerError(failure))
+            raise ServerError(failure)
         return 0
     except KeyboardInterrupt:
         print("stopping: in-flight requests finish first...", flush=True)
         return 0
-    except ServerError as exc:
-        return _fail(exc)
     finally:
         service.stop()
         signal.signal(signal.SIGTERM, previous)
@@ -179,13 +165,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     from ascl.serving.client import Client
 
-    try:
-        with Client(args.server, protocol=args.protocol) as client:
-            results = client.search(args.images, k=args.k)
-    except USER_ERRORS as exc:
-        return _fail(exc)
-    except Exception as exc:  # tritonclient raises its own type for server-side errors
-        return _fail(RuntimeError(f"{args.server}: {exc}"))
+    # tritonclient raises its own exception type for server-side and connection errors
+    with user_errors(Exception, prefix=f"{args.server}: "), Client(args.server, protocol=args.protocol) as client:
+        results = client.search(args.images, k=args.k)
     for image, hits in zip(args.images, results, strict=True):
         print(image)
         for rank, hit in enumerate(hits, 1):

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ascl.encoder import Encoder
-from ascl.hub import load_encoder, save_encoder
-from ascl.hub_mixin import ConfigError
+from ascl.hub import load_encoder
+from ascl.model_cards.publish import save_encoder
+from ascl.pretrained import ConfigError
 from ascl.weights import WeightsError
 
 KEY = "backbone.layer1.0.conv1.weight"

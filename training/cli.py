@@ -72,12 +72,9 @@ def add_train(sub: Any) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def _run_dir_of(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from ascl.atomic import atomic_write_text
+    from ascl.checkpoints import run_folder_of
     from ascl.training import distributed as D
     from ascl.training.checkpoint import find_checkpoint, load_checkpoint
     from ascl.training.config import ConfigError, dump_config, load_config
@@ -93,7 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = args.config if (args.config or ckpt) else DEFAULT_CONFIG
         base = {**ckpt["config"], "out": ""} if ckpt else None  # a resumed run stays where its checkpoint is
         cfg = load_config(config, overrides, base=base)
-        run_dir = Path(cfg.out) if cfg.out else (_run_dir_of(resume) if resume else Path("runs") / cfg.name)
+        run_dir = Path(cfg.out) if cfg.out else ((run_folder_of(resume) or resume.parent) if resume else Path("runs") / cfg.name)
         cfg.out = str(run_dir)
         if args.print_config:
             print(dump_config(cfg), end="")

@@ -1,21 +1,35 @@
 """The model-name registry: names this project ships, their hub repo ids and shipped folders.
 
-``Encoder.from_pretrained("<name>")`` and ``ascl.hub.load_encoder("<name>")`` look names up
-here. A registered model whose weights are shipped beside this file (``model_cards/<name>/``)
+``ascl.models.resolve_model("<name>")`` (and so ``load_encoder``, every ``--model`` option) looks
+names up here. A registered model whose weights are shipped in ``model_cards/<name>/``
 loads from that folder, with no network access (ask for a ``revision``, or pass the repo id,
 to get the hub's copy); a registered model that is not shipped comes from its hub repo. The
 name ``default`` is an alias of ``DEFAULT_MODEL``: what ``ascl up``, ``ascl serve``,
 ``ascl index`` and ``load_encoder()`` use when no model is given. Add a model by adding one
 ``ShippedModel`` below and, to ship its weights, a hub folder written by
 ``ascl push --dry-run --out model_cards/<name>``.
+
+The shipped folders are package data of ``ascl.model_cards`` (publishing); this core module
+only reads them, so it finds that folder through the import system without importing the
+package's code.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-SHIPPED_ROOT = Path(__file__).resolve().parent
+
+def _shipped_root() -> Path:
+    """The ``model_cards/`` folder, in a source checkout, an editable or a regular install."""
+    spec = importlib.util.find_spec("ascl.model_cards")  # locates the package; runs none of its code
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve()
+    return Path(__file__).resolve().parents[1] / "model_cards"
+
+
+SHIPPED_ROOT = _shipped_root()
 HUB_ORG = "ascl-hub"
 
 

@@ -1,0 +1,153 @@
+"""The layer picture of the README, checked from the source: every arrow between folders points down.
+
+Every ``import`` of an ``ascl`` module (module level, inside functions, under TYPE_CHECKING) is
+an arrow from the importing module's layer to the imported one's. Entry points sit on top and
+may call any layer: the CLI modules (``ascl/cli.py``, ``*/cli.py``, ``ascl/__main__.py``) and the
+package façade ``ascl/__init__.py`` (which lazily re-exports ``ASCLLoss`` and ``Encoder``).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# folder -> (import prefix, layer)
+FOLDERS = {
+    "ascl": ("ascl", "core"),
+    "training": ("ascl.training", "training"),
+    "export": ("ascl.export", "export"),
+    "model_cards": ("ascl.model_cards", "publishing"),
+    "serving": ("ascl.serving", "serving"),
+    "demo": ("ascl.demo", "demo"),
+}
+# What each layer may import besides itself (../shared/docs/DESIGN.md, the README's Architecture).
+ALLOWED = {
+    "core": set(),
+    "training": {"core"},
+    "export": {"core"},
+    "publishing": {"core", "training"},
+    "serving": {"core", "export"},
+    "demo": {"core", "serving"},
+}
+ENTRY_POINTS = {"ascl", "ascl.__main__", "ascl.cli"}
+SKIP_PARTS = {"templates"}  # Triton model files: run inside tritonserver, import only ascl.names / stdlib
+
+
+def project_modules() -> dict[str, Path]:
+    """Dotted module name -> source file, for every module of the ``ascl`` namespace."""
+    modules = {}
+    for folder, (prefix, _) in FOLDERS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            if SKIP_PARTS & set(rel.parts):
+                continue
+            parts = [p for p in rel.parts if p != "__init__"]
+            modules[".".join([prefix, *parts])] = path
+    return modules
+
+
+def imported_names(path: Path) -> set[str]:
+    """Every absolute ``ascl...`` module name that ``path`` imports, anywhere in the file."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("ascl"))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("ascl"):
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)  # `from ascl import registry`
+    return names
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) > 1:
+        for prefix, layer in FOLDERS.values():
+            if prefix != "ascl" and module.startswith(prefix + ".") or module == prefix:
+                return layer
+    return "core"
+
+
+def is_entry_point(module: str) -> bool:
+    return module in ENTRY_POINTS or module.endswith(".cli")
+
+
+def layer_arrows() -> dict[tuple[str, str], list[str]]:
+    """(from layer, to layer) -> the module imports behind it, entry points left out."""
+    modules = project_modules()
+    arrows: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for module, path in modules.items():
+        if is_entry_point(module):
+            continue
+        for name in imported_names(path):
+            target = name if name in modules else name.rpartition(".")[0]  # `from m import f` -> m
+            if target not in modules or target == "ascl":
+                continue
+            src, dst = layer_of(module), layer_of(target)
+            if src != dst:
+                arrows[(src, dst)].append(f"{module} -> {target}")
+    return arrows
+
+
+def find_cycle(edges: set[tuple[str, str]]) -> list[str] | None:
+    """A cycle in the directed graph ``edges`` (as a node list), or None."""
+    graph: dict[str, set[str]] = defaultdict(set)
+    for a, b in edges:
+        graph[a].add(b)
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+
+    def visit(node: str, stack: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt] if nxt in stack else [node, nxt]
+            if nxt not in state:
+                found = visit(nxt, [*stack, nxt])
+                if found:
+                    return found
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state:
+            found = visit(start, [start])
+            if found:
+                return found
+    return None
+
+
+def test_the_checker_sees_arrows_and_cycles() -> None:
+    assert layer_of("ascl.models") == "core" and layer_of("ascl.serving.gallery") == "serving"
+    assert layer_of("ascl.model_cards.publish") == "publishing" and layer_of("ascl.training") == "training"
+    assert find_cycle({("a", "b"), ("b", "c"), ("c", "a")}) == ["a", "b", "c", "a"]
+    assert find_cycle({("a", "b"), ("b", "c"), ("a", "c")}) is None
+    arrows = layer_arrows()
+    assert ("serving", "export") in arrows and ("training", "core") in arrows  # it does see real imports
+
+
+def test_every_arrow_between_folders_points_down() -> None:
+    upward = [
+        f"{src} may not import {dst}: " + "; ".join(sorted(set(why))[:5])
+        for (src, dst), why in sorted(layer_arrows().items())
+        if dst not in ALLOWED[src]
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_cycle_between_folders() -> None:
+    assert find_cycle(set(layer_arrows())) is None
+
+
+@pytest.mark.parametrize("folder", ["benchmarks"])
+def test_benchmarks_do_not_import_the_test_suite(folder: str) -> None:
+    offenders = []
+    for path in sorted((ROOT / folder).glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {m}" for m in mods if m.split(".")[0] in ("tests", "conftest", "pytest")]
+    assert not offenders, offenders
