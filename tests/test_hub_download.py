@@ -110,8 +110,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubStandIn
 
 def _run(script: str, args: dict[str, Any], env_extra: dict[str, str]) -> tuple[dict[str, Any], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    # HF_HUB_DISABLE_XET: the stand-in takes LFS files through the LFS batch API, not Xet (hub_endpoint.py).
     env.update({"HF_HOME": str(args["hf_home"]), "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_extra})
+                "HF_HUB_DISABLE_XET": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env_extra})
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(PRELUDE) + textwrap.dedent(script), json.dumps(args)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
