@@ -40,22 +40,18 @@ Engine = Callable[[np.ndarray], object]  # uint8 [N, S, S, 3] -> embeddings (any
 def digits_gallery(size: int, per_class: int = 100) -> tuple[str, np.ndarray, np.ndarray]:
     """scikit-learn's digits as uint8 RGB at ``size`` px, when no CIFAR-10 copy is around; classes
     interleaved, so that any leading slice (gallery, then calibration) holds every class."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
+    from ascl.image_sources import render_digits
 
-    digits = load_digits()
-    keep = np.stack([np.flatnonzero(digits.target == c)[:per_class] for c in range(10)]).T.ravel()  # classes interleaved
-    images = [
-        np.asarray(Image.fromarray((digits.images[i] / 16 * 255).astype(np.uint8)).resize((size, size)).convert("RGB"))
-        for i in keep
-    ]
-    return "sklearn digits", np.stack(images), digits.target[keep].astype(np.int64)
+    digits = render_digits(size)
+    keep = np.stack([np.flatnonzero(digits.labels == c)[:per_class] for c in range(10)]).T.ravel()  # classes interleaved
+    return "sklearn digits", digits.images[keep], digits.labels[keep]
 
 
 def load_gallery(source: str | None, size: int, count: int, offset: int = 0) -> tuple[str, np.ndarray, np.ndarray | None]:
-    from ascl.export.image_sets import default_source, load_image_set
+    from ascl.export.image_sets import load_image_set
+    from ascl.image_sources import default_cifar_tar
 
-    chosen = source or default_source()
+    chosen = source or default_cifar_tar()
     if chosen is None or chosen == "digits":
         name, images, labels = digits_gallery(size)
         return name, images[offset : offset + count], labels[offset : offset + count]

@@ -48,9 +48,9 @@ from bench_models import RANDOM_W64, load_benchmark_encoder  # noqa: E402
 
 def query_images(n: int) -> list[bytes]:
     """Real JPEGs from the CIFAR-10 copy: the last ``n`` of the first 10,000 (not in a small gallery)."""
-    from ascl.serving.sources import iter_source
+    from ascl.image_sources import iter_images
 
-    items = list(iter_source("cifar10-offline", limit=10_000))[-n:]
+    items = list(iter_images("cifar10-offline", limit=10_000))[-n:]
     return [item.read() for item in items]
 
 

@@ -107,15 +107,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tritonclient.utils import InferenceServerException
 
     from ascl import names
+    from ascl.image_sources import iter_images
     from ascl.serving.build import build_index
     from ascl.serving.front_door import Limits
     from ascl.serving.model_files import resolve_onnx
     from ascl.serving.repository import write_repository
     from ascl.serving.service import SearchService, free_local_port
-    from ascl.serving.sources import iter_source
 
     limit = int(args.max_request_mb * 2**20)
-    good = [item.read() for item in list(iter_source(args.images, limit=args.gallery + 64))[-64:]]
+    good = [item.read() for item in list(iter_images(args.images, limit=args.gallery + 64))[-64:]]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         onnx = resolve_onnx(args.model)

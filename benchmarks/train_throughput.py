@@ -41,7 +41,6 @@ from typing import Any
 from ascl import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,9 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(default: 10 on a GPU, 3 on CPU)")
     p.add_argument("--widths", default=None,
                    help="comma-separated base widths of the ResNet-18 (default: 64 on a GPU, 64,32 on CPU)")
-    p.add_argument("--data", default=f"cifar10-offline:{DEFAULT_TAR}",
-                   help="dataset spec (cifar10-offline:PATH, a folder, digits) or synthetic:N for N random "
-                        "uint8 images (default: the offline CIFAR-10 copy)")
+    p.add_argument("--data", default="cifar10-offline",
+                   help="dataset spec (ascl.image_sources: cifar10-offline[:PATH], a folder, digits, ...) or "
+                        "synthetic:N for N random uint8 images (default: the offline CIFAR-10 copy)")
     p.add_argument("--image-size", type=int, default=32, help="image side (default: 32)")
     p.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)),
                    help="DataLoader workers of the reference path (official recipe: 14) (default: cores - 2, max 14)")

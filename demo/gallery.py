@@ -1,30 +1,39 @@
 """Where the demo's gallery images come from, as one folder on disk plus a content key.
 
-``ascl up`` needs a gallery a newcomer already has. In order of preference: a folder the user
-names; the offline CIFAR-10 copy beside the checkout (a class-balanced subset, so the first
-start stays within a few minutes on a laptop CPU); torchvision's CIFAR-10 when the machine is
-online; and, offline with neither, scikit-learn's digits rendered to images (scikit-learn is a
-dependency of the ``train`` extra, so it is installed wherever the demo runs). Every source ends
-as an ImageFolder-style folder (``root/<label>/<file>``) so that the index and the demo can show
-the images, and every source has a key that changes when its content does, so caches built on
-it can be reused safely.
+``ascl up`` needs a gallery a newcomer already has. ``--gallery`` takes any spec of the one
+image-source grammar (``ascl.image_sources.describe_specs()``); without it, in order of
+preference: the offline CIFAR-10 JPEG tar (``ascl.image_sources.default_cifar_tar()``: a
+class-balanced subset, so the first start stays within a few minutes on a laptop CPU);
+torchvision's CIFAR-10 when the machine is online; and, offline with neither, scikit-learn's
+digits rendered to images (scikit-learn is a dependency of the ``train`` extra, so it is
+installed wherever the demo runs). Every source ends as an ImageFolder-style folder
+(``root/<label>/<file>``; a user's folder is used in place) so that the index and the demo can
+show the images, and every source has a key that changes when its content does, so caches
+built on it can be reused safely. The images are read through ``ascl.image_sources``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
-import socket
-import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ascl.atomic import atomic_dir
+from ascl.image_sources import (
+    ImageSourceError,
+    SourceImage,
+    default_cifar_tar,
+    iter_decoded,
+    iter_images,
+    load_torchvision,
+    parse_spec,
+    per_class_subset,
+)
 
-CIFAR_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10" / "train.tar.gz"
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DEFAULT_SUBSET = 2000  # images in a default gallery: ~15 s of CPU embedding at 32 px
-_CIFAR_MEMBER = re.compile(r"^(?:\./)?train/([a-z]+)/(\d+)\.(jpg|jpeg|png)$")
+TORCHVISION_NAMES = {"cifar10": ("CIFAR-10", 10), "cifar100": ("CIFAR-100", 100), "stl10": ("STL-10", 10)}
 
 
 @dataclass(frozen=True)
@@ -61,21 +70,55 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _safe_part(name: str | None) -> bool:
+    """A single, harmless path component (labels and names come from archives: never trusted as paths)."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0")  # type: ignore[operator]
+
+
+def _write_gallery(items: Iterable[SourceImage], root: Path) -> None:
+    """Write ``<label>/<file name>`` for every labelled image with a safe label and name, atomically."""
+    with atomic_dir(root) as tmp:
+        for item in items:
+            name = PurePosixPath(item.path).name
+            if not (_safe_part(item.label) and _safe_part(name)):
+                continue
+            folder = tmp / str(item.label)
+            folder.mkdir(exist_ok=True)
+            (folder / name).write_bytes(item.read())
+
+
 def from_folder(folder: Path) -> Gallery:
     """A user's own folder, used in place (nothing copied)."""
-    from ascl.images import list_images
-
     folder = folder.expanduser().resolve()
-    images = list_images(folder)  # raises FileNotFoundError naming the folder
-    if not images:
-        raise FileNotFoundError(f"{folder}: no images found (looked for .jpg, .png, .webp, ... recursively)")
-    return Gallery(folder, f"dir-{folder_key(folder)}", f"{len(images)} images from {folder}")
+    spec = parse_spec(folder)  # ImageSourceNotFound (a FileNotFoundError) names a missing folder
+    if spec.kind != "folder":
+        raise ImageSourceError(f"{folder}: not a folder of images")
+    count = sum(1 for _ in iter_images(spec))  # raises when it holds no images
+    return Gallery(folder, f"dir-{folder_key(folder)}", f"{count} images from {folder}")
+
+
+def from_list(list_file: Path, cache: Path) -> Gallery:
+    """The images a list file names, copied once into ``cache`` (a gallery is one folder)."""
+    spec = parse_spec(list_file)
+    items = list(iter_images(spec))
+    digest = hashlib.sha256(str(spec.source).encode())
+    for item in items:
+        stat = item.file.stat()  # type: ignore[union-attr]
+        digest.update(f"{item.path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    key = f"list-{digest.hexdigest()[:16]}"
+    root = cache / "galleries" / key
+    if not root.is_dir():
+        with atomic_dir(root) as tmp:
+            for i, item in enumerate(items):
+                (tmp / f"{i:05d}-{PurePosixPath(item.path).name}").write_bytes(item.read())
+    return Gallery(root, key, f"{len(items)} images listed in {list_file}")
 
 
 def cifar_subset_from_tar(tar_path: Path, cache: Path, per_class: int) -> Gallery:
-    """The first ``per_class`` images of every class of the offline CIFAR-10 JPEG copy.
+    """The first ``per_class`` images of every class of the offline CIFAR-10 JPEG copy (by name:
+    ``train/<class>/0000.jpg`` first), or of any archive of ``<label>/<image>`` members.
 
-    Extracted once into ``cache`` (member names are parsed, never used as paths, so a crafted
+    Written once into ``cache`` (member names are parsed, never used as paths, so a crafted
     archive cannot write outside the folder) and reused while the archive is unchanged.
     """
     key = f"cifar10tar-{file_sha256(tar_path)[:16]}-{per_class}"
@@ -83,84 +126,59 @@ def cifar_subset_from_tar(tar_path: Path, cache: Path, per_class: int) -> Galler
     total = per_class * len(CIFAR_CLASSES)
     description = f"CIFAR-10 training images, a subset of {total} ({per_class} per class) from {tar_path}"
     if not root.is_dir():
-        with atomic_dir(root) as tmp, tarfile.open(tar_path, "r:gz") as tar:
-            for member in tar:
-                match = _CIFAR_MEMBER.match(member.name)
-                if not member.isfile() or not match or int(match.group(2)) >= per_class:
-                    continue
-                label, number, suffix = match.groups()
-                if label not in CIFAR_CLASSES:
-                    continue
-                data = tar.extractfile(member)
-                if data is not None:
-                    (tmp / label).mkdir(exist_ok=True)
-                    (tmp / label / f"{int(number):04d}.{suffix}").write_bytes(data.read())
+        _write_gallery(per_class_subset(iter_images(parse_spec(tar_path)), per_class), root)
     return Gallery(root, key, description)
 
 
-def cifar_subset_from_torchvision(cache: Path, per_class: int, timeout_s: float = 15.0) -> Gallery:
-    """Download CIFAR-10 with torchvision (needs internet) and keep a balanced PNG subset."""
-    import torchvision
-
-    key = f"cifar10tv-{per_class}"
+def cifar_subset_from_torchvision(cache: Path, per_class: int, timeout_s: float = 15.0, *,
+                                  name: str = "cifar10") -> Gallery:
+    """Download a torchvision set (``cifar10`` unless ``name`` says another; needs internet) and keep
+    a balanced PNG subset: the first ``per_class`` training images of every class."""
+    title, _ = TORCHVISION_NAMES[name]
+    key = f"{name}tv-{per_class}"
     root = cache / "galleries" / key
     if not root.is_dir():
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(timeout_s)
-        try:
-            data = torchvision.datasets.CIFAR10(str(cache / "torchvision"), train=True, download=True)
-        finally:
-            socket.setdefaulttimeout(previous)
-        counts = dict.fromkeys(range(len(CIFAR_CLASSES)), 0)
-        with atomic_dir(root) as tmp:
-            for image, label in data:
-                if counts[label] >= per_class:
-                    continue
-                folder = tmp / CIFAR_CLASSES[label]
-                folder.mkdir(exist_ok=True)
-                image.save(folder / f"{counts[label]:04d}.png")
-                counts[label] += 1
-    return Gallery(root, key, f"CIFAR-10 training images from torchvision, {per_class} per class")
+        data = load_torchvision(name, "train", root=cache / "torchvision", timeout_s=timeout_s)
+        _write_gallery(per_class_subset(iter_decoded(data, f"{name}:train"), per_class), root)
+    return Gallery(root, key, f"{title} training images from torchvision, {per_class} per class")
 
 
 def digits_gallery(cache: Path, size: int = 32) -> Gallery:
     """scikit-learn's 1,797 handwritten digits (8x8, shipped with the package) as RGB PNGs."""
-    import numpy as np
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
     key = f"sklearn-digits-{size}"
     root = cache / "galleries" / key
     if not root.is_dir():
-        digits = load_digits()
-        with atomic_dir(root) as tmp:
-            for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-                gray = (pixels / 16.0 * 255).astype(np.uint8)  # [8, 8], 0..16 -> 0..255
-                image = Image.fromarray(gray, mode="L").resize((size, size), Image.Resampling.BILINEAR)
-                (tmp / str(int(label))).mkdir(exist_ok=True)
-                image.convert("RGB").save(tmp / str(int(label)) / f"{i:04d}.png")
-    return Gallery(root, key, "scikit-learn's 1,797 handwritten digits, rendered at 32x32")
+        _write_gallery(iter_images("digits", render_size=size), root)
+    return Gallery(root, key, f"scikit-learn's 1,797 handwritten digits, rendered at {size}x{size}")
 
 
 def resolve_gallery(source: str | None, cache: Path, *, subset: int = DEFAULT_SUBSET,
-                    cifar_tar: Path = CIFAR_TAR) -> Gallery:
-    """The gallery for ``ascl up``: ``source`` when given (a folder or a CIFAR-10 .tar.gz), else
-    the best default this machine has, with a note saying which and why."""
+                    cifar_tar: Path | None = None) -> Gallery:
+    """The gallery for ``ascl up``: ``source`` when given (any image-source spec), else the best
+    default this machine has, with a note saying which and why. ``cifar_tar``: the archive to
+    prefer (default: ``default_cifar_tar()``)."""
     per_class = max(1, subset // len(CIFAR_CLASSES))
     if source:
-        path = Path(source).expanduser()
-        if path.is_file() and path.name.endswith((".tar.gz", ".tgz")):
-            return cifar_subset_from_tar(path, cache, per_class)
-        if not path.exists():
-            raise FileNotFoundError(f"--gallery {source}: no such folder or file")
-        return from_folder(path)
-    if cifar_tar.is_file():
-        return cifar_subset_from_tar(cifar_tar, cache, per_class)
+        spec = parse_spec(source)  # ImageSourceNotFound (a FileNotFoundError) for a missing path
+        if spec.kind == "folder":
+            return from_folder(spec.path)  # type: ignore[arg-type]
+        if spec.kind == "list":
+            return from_list(spec.path, cache)  # type: ignore[arg-type]
+        if spec.kind == "tar":
+            return cifar_subset_from_tar(spec.path, cache, per_class)  # type: ignore[arg-type]
+        if spec.kind == "digits":
+            return digits_gallery(cache)
+        classes = TORCHVISION_NAMES[spec.name][1]
+        return cifar_subset_from_torchvision(cache, max(1, subset // classes), name=spec.name)
+    tar = cifar_tar if cifar_tar is not None else default_cifar_tar()
+    if tar is not None and tar.is_file():
+        return cifar_subset_from_tar(tar, cache, per_class)
     try:
         gallery = cifar_subset_from_torchvision(cache, per_class)
     except Exception as exc:  # offline: URLError, timeouts, DNS failures, checksum errors
         gallery = digits_gallery(cache)
-        reason = f"no CIFAR-10 copy at {cifar_tar} and the torchvision download failed ({_short(exc)})"
+        where = f"at {tar}" if tar is not None else "(set $ASCL_CIFAR10_TAR or pass --gallery cifar10-offline:PATH)"
+        reason = f"no CIFAR-10 copy {where} and the torchvision download failed ({_short(exc)})"
         return Gallery(gallery.root, gallery.key, gallery.description,
                        f"{reason}; using scikit-learn's digits instead. Pass --gallery FOLDER for your own images.")
     return gallery
@@ -169,4 +187,3 @@ def resolve_gallery(source: str | None, cache: Path, *, subset: int = DEFAULT_SU
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
-

@@ -24,11 +24,14 @@ MODEL_HELP = (
     "the encoder: a training checkpoint (.pt) or run folder, a hub folder (config.json + safetensors), "
     "a registered model name or a hub repo id"
 )
-IMAGES_HELP = (
-    "real images to verify on: a folder (ImageFolder sub-folders give labels for kNN top-1) or a .tar.gz "
-    "such as ../shared/data/cifar10/train.tar.gz; default: {default}the CIFAR-10 copy beside the checkout, "
-    "else synthetic images (fp32 parity only means much then)"
-)
+
+
+def _images_help(default: str) -> str:
+    from ascl.image_sources import describe_specs
+
+    return (f"real images to verify on (labels give kNN top-1): {describe_specs()}; default: {default}the "
+            "CIFAR-10 JPEG tar when one is found (see cifar10-offline), else synthetic images (fp32 parity only "
+            "means much then)")
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -49,9 +52,10 @@ def _errors() -> tuple[type[BaseException], ...]:
 
 
 def _gallery(source: str | None, fallback: str | None, size: int, count: int) -> ImageSet:
-    from ascl.export.image_sets import default_source, load_image_set, synthetic_image_set
+    from ascl.export.image_sets import load_image_set, synthetic_image_set
+    from ascl.image_sources import default_cifar_tar
 
-    chosen = source or fallback or default_source()
+    chosen = source or fallback or default_cifar_tar()
     if chosen is None:
         print("note: no --images given and no CIFAR-10 copy found: verifying on synthetic images", file=sys.stderr)
         return synthetic_image_set(size, count)
@@ -65,7 +69,8 @@ def _calibration(args: argparse.Namespace, size: int) -> ImageSet | None:
     if not args.int8:
         return None
     if not args.calibration:
-        raise CalibrationError("--int8 needs --calibration IMAGES (a folder or .tar.gz of training images)")
+        raise CalibrationError("--int8 needs --calibration IMAGES (a sample of training images: a folder, a list "
+                               "file, a .tar.gz or cifar10-offline; see --help)")
     # Same source as the verification gallery: take the images after the gallery's.
     offset = args.verify_size if args.images in (None, args.calibration) else 0
     try:
@@ -157,7 +162,7 @@ def cmd_golden(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser, *, verify_size: int, images_default: str = "") -> None:
-    p.add_argument("--images", default=None, help=IMAGES_HELP.format(default=images_default))
+    p.add_argument("--images", default=None, help=_images_help(images_default))
     p.add_argument("--verify-size", type=int, default=verify_size,
                    help="images in the verification gallery; more gives steadier recall@10, costs eager PyTorch time")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64],
@@ -168,6 +173,8 @@ def _common(p: argparse.ArgumentParser, *, verify_size: int, images_default: str
 
 
 def _add_onnx(sub: Any) -> None:
+    from ascl.image_sources import describe_specs
+
     p = sub.add_parser("onnx", formatter_class=HELP_FORMAT, help="export MODEL to verified ONNX files",
                        description="Export MODEL to DIR/encoder.onnx (+ encoder_fp16.onnx, encoder_int8.onnx) and "
                        "DIR/export.json, each verified against eager PyTorch before it is written. " + SIZE_RULE)
@@ -178,7 +185,7 @@ def _add_onnx(sub: Any) -> None:
     p.add_argument("--int8", action="store_true", help="also write encoder_int8.onnx (static QDQ, per-channel; "
                    "fastest on CPU); needs --calibration")
     p.add_argument("--calibration", default=None,
-                   help="training images for int8 calibration: a folder or .tar.gz (e.g. the CIFAR-10 copy)")
+                   help=f"training images for int8 calibration: {describe_specs()}")
     p.add_argument("--calibration-size", type=int, default=256,
                    help="calibration images; a few hundred is enough, more only costs time")
     p.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
@@ -220,6 +227,8 @@ def _add_tensorrt(sub: Any) -> None:
 
 
 def _add_golden(sub: Any) -> None:
+    from ascl.image_sources import describe_specs
+
     p = sub.add_parser("golden", formatter_class=HELP_FORMAT, help="(re)write a golden embedding set",
                        description="Store a few images and the embeddings MODEL gives them (eager PyTorch fp32) "
                        "under OUT/<model key>/, for the PyTorch / ONNX Runtime / TensorRT golden tests. Without "
@@ -227,7 +236,8 @@ def _add_golden(sub: Any) -> None:
     p.add_argument("--model", default=None, help=MODEL_HELP + "; default: the seed-0 initialised resnet18")
     p.add_argument("--out", default=str(Path("tests") / "golden"), help="golden root folder")
     p.add_argument("--images", default=None,
-                   help="where the 8 images come from (folder or .tar.gz); default: CIFAR-10 copy, else synthetic")
+                   help=f"where the 8 images come from: {describe_specs()}; default: the CIFAR-10 JPEG tar when "
+                        "one is found, else synthetic images")
     p.add_argument("--revision", default=None, help="hub revision when MODEL is a repo id")
     p.set_defaults(func=cmd_golden)
 

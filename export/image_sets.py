@@ -1,26 +1,25 @@
 """Real images for parity checks, calibration and benchmarks, as uint8 arrays with labels.
 
-Sources: a folder of images (flat, or an ImageFolder tree whose sub-folder names are labels)
-or a ``.tar.gz`` in the same layout (the offline CIFAR-10 copy). Every image goes through
-``ascl.images.load_image``/``decode_image``, the one preprocessing rule that serving uses, so a
-check here sees exactly the pixels a client would send.
+Sources are the one image-source grammar of ``ascl.image_sources`` (a folder, ImageFolder
+sub-folders giving labels; a list file; a ``.tar.gz`` of ``<label>/<image>`` or
+``cifar10-offline[:PATH]``; ``digits``; the torchvision sets). Every image goes through
+``ascl.images.decode_image``, the one preprocessing rule that serving uses, so a check here
+sees exactly the pixels a client would send. ``ImageSet`` (this module) is such a sample with
+the source it came from; the training side's decoded arrays are ``ascl.image_sources.DecodedImages``.
 """
 
 from __future__ import annotations
 
+import os
 import random
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
-from ascl.images import IMAGE_SUFFIXES, decode_image, list_images, load_image
+from ascl.image_sources import SourceImage, iter_images, parse_spec
 
-# The offline CIFAR-10 copy beside a checkout (see ../shared/data/cifar10/README.md).
 T = TypeVar("T")
-CIFAR_COPY = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "train.tar.gz"
 
 
 @dataclass(frozen=True)
@@ -36,19 +35,9 @@ class ImageSet:
         return int(self.images.shape[0])
 
 
-def default_source() -> Path | None:
-    """The CIFAR-10 copy when this checkout has one, else None."""
-    return CIFAR_COPY if CIFAR_COPY.is_file() else None
-
-
-def _label_of(relative: Path) -> str | None:
-    """ImageFolder rule: the first folder below the root names the class; files at the root have none."""
-    return relative.parts[0] if len(relative.parts) > 1 else None
-
-
 def _finish(arrays: list[np.ndarray], names: list[str | None], source: str) -> ImageSet:
     if not arrays:
-        raise ValueError(f"{source}: no images found (expected {', '.join(IMAGE_SUFFIXES)} files)")
+        raise ValueError(f"{source}: no images found (offset beyond the images of the source)")
     images = np.stack(arrays)  # [N, S, S, 3]
     if any(n is None for n in names):
         return ImageSet(images, None, (), source)
@@ -65,64 +54,33 @@ def _interleave(groups: dict[str | None, list[T]]) -> list[T]:
     return [g[i] for i in range(longest) for g in ordered if i < len(g)]
 
 
-def _from_folder(folder: Path, size: int, count: int, offset: int, seed: int) -> ImageSet:
-    groups: dict[str | None, list[Path]] = {}
-    for path in list_images(folder):
-        groups.setdefault(_label_of(path.relative_to(folder)), []).append(path)
-    for members in groups.values():
-        random.Random(seed).shuffle(members)  # sorted, then a fixed shuffle: reproducible
-    chosen = _interleave(groups)[offset : offset + count]
-    arrays = [load_image(p, size) for p in chosen]
-    names = [_label_of(p.relative_to(folder)) for p in chosen]
-    return _finish(arrays, names, str(folder))
-
-
-def _from_tar(archive: Path, size: int, count: int, offset: int) -> ImageSet:
-    """One pass over the archive, keeping at most offset + count encoded images per class."""
-    keep = offset + count
-    groups: dict[str | None, list[tuple[str, bytes]]] = {}
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                if not member.isfile() or Path(member.name).suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                parts = Path(member.name).parts  # train/<class>/<file> or <class>/<file>
-                label = parts[-2] if len(parts) >= 2 else None
-                group = groups.setdefault(label, [])
-                handle = tar.extractfile(member) if len(group) < keep else None
-                if handle is not None:
-                    group.append((member.name, handle.read()))
-    except (tarfile.TarError, OSError) as exc:
-        raise ValueError(f"{archive}: not a readable image archive ({exc})") from exc
-    for members in groups.values():
-        members.sort()
-    chosen = [(label, name, data) for label, members in groups.items() for name, data in members]
-    by_label: dict[str | None, list[tuple[str | None, str, bytes]]] = {}
-    for item in chosen:
-        by_label.setdefault(item[0], []).append(item)
-    picked = _interleave(by_label)[offset : offset + count]
-    arrays = [decode_image(data, size, name=f"{archive}:{name}") for _, name, data in picked]
-    return _finish(arrays, [label for label, _, _ in picked], str(archive))
-
-
-def load_image_set(source: str | Path, size: int, *, count: int, offset: int = 0, seed: int = 0) -> ImageSet:
+def load_image_set(source: str | os.PathLike[str], size: int, *, count: int, offset: int = 0,
+                   seed: int = 0) -> ImageSet:
     """Up to ``count`` images of ``source`` at ``size`` px, skipping the first ``offset``.
 
     The order is fixed and class-balanced (round-robin over classes; within a class a seeded
-    shuffle for folders, name order for archives), so any prefix has every class and disjoint
-    sets (a verification gallery and a calibration sample) come from different offsets.
-    Raises FileNotFoundError for a missing source and ValueError for one without images.
+    shuffle for folders, name order for archives, the source's order otherwise), so any prefix
+    has every class and disjoint sets (a verification gallery and a calibration sample) come
+    from different offsets. An archive is read once, keeping at most ``offset + count`` images
+    per class. Raises FileNotFoundError for a missing source and ValueError for one without
+    images (``ascl.image_sources.ImageSourceError`` is both an AsclError and one of those).
     """
-    source = Path(source)
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    if source.is_dir():
-        return _from_folder(source, size, count, offset, seed)
-    if source.is_file() and source.name.endswith((".tar", ".tar.gz", ".tgz")):
-        return _from_tar(source, size, count, offset)
-    if source.exists():
-        raise ValueError(f"{source}: expected a folder of images or a .tar.gz of them")
-    raise FileNotFoundError(f"{source}: no such folder or archive")
+    spec = parse_spec(source)
+    keep = offset + count
+    groups: dict[str | None, list[SourceImage]] = {}
+    for item in iter_images(spec):
+        group = groups.setdefault(item.label, [])
+        if spec.kind == "folder" or len(group) < keep:
+            group.append(item)
+    for members in groups.values():
+        if spec.kind == "folder":
+            random.Random(seed).shuffle(members)  # sorted, then a fixed shuffle: reproducible
+        elif spec.kind == "tar":
+            members.sort(key=lambda item: item.path)
+    picked = _interleave(groups)[offset : offset + count]
+    return _finish([item.decode(size) for item in picked], [item.label for item in picked], spec.text)
 
 
 def synthetic_image_set(size: int, count: int, seed: int = 0) -> ImageSet:
@@ -133,3 +91,4 @@ def synthetic_image_set(size: int, count: int, seed: int = 0) -> ImageSet:
     images = np.repeat(np.repeat(coarse, reps, axis=1), reps, axis=2)[:, :size, :size]  # [N, S, S, 3]
     noise = rng.normal(0, 12, size=images.shape)
     return ImageSet(np.clip(images + noise, 0, 255).astype(np.uint8), None, (), "synthetic")
+

@@ -18,11 +18,6 @@ from typing import Any
 from ascl.errors import InputError, user_errors
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
-IMAGES_HELP = (
-    "a folder of images (searched recursively; first-level sub-folders are labels, as in ImageFolder), a text "
-    "file listing one image path per line, or 'cifar10-offline[:PATH]' for the CIFAR-10 JPEG tar (default PATH: "
-    "../shared/data/cifar10/train.tar.gz beside the checkout)"
-)
 # Builtin errors of FAISS, ONNX Runtime, PIL and the file system that mean bad input here; the
 # root CLI reports them (ascl.errors: exit 2), and our own AsclErrors pass through unchanged.
 USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, OSError)
@@ -45,7 +40,9 @@ def _model_of_index(index: str) -> str:
 
 
 def _add_images(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--images", required=True, help=IMAGES_HELP)
+    from ascl.image_sources import describe_specs
+
+    p.add_argument("--images", required=True, help=describe_specs())
     p.add_argument("--batch-size", type=int, default=256, help="images embedded per ONNX Runtime call")
     p.add_argument("--limit", type=int, default=None, help="index at most this many images of the source")
 

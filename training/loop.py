@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from ascl.encoder import Encoder
+from ascl.image_sources import DecodedImages
 from ascl.training import distributed as D
 from ascl.training.checkpoint import restore, save_checkpoint, training_state
 from ascl.training.config import ConfigError, TrainConfig, config_to_dict
-from ascl.training.data import ImageSet, load_split
+from ascl.training.data import load_split
 from ascl.training.frameworks import build_encoder, build_framework
 from ascl.training.knn import embed_images, knn_accuracy
 from ascl.training.loaders import ReferenceTwoViewLoader
@@ -148,7 +149,7 @@ class Run:
     last_loss: float | None = None
     knn_top1: float | None = None
     train_seconds: float = 0.0  # training wall time of every sitting so far (kNN excluded)
-    knn_sets: tuple[ImageSet, ImageSet] | None = field(default=None, repr=False)
+    knn_sets: tuple[DecodedImages, DecodedImages] | None = field(default=None, repr=False)
 
     @property
     def steps_per_epoch(self) -> int:
