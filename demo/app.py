@@ -1,4 +1,4 @@
-"""The Gradio page: a thin shell over ``ascl.demo.search`` and a ``SearchBackend``.
+"""The Gradio page: a thin shell over ``ascl.demo.search`` and a ``GalleryService`` (``ascl.serving.gallery``).
 
 Gradio is imported inside the functions (``ascl --help`` must not pay for it), and telemetry,
 version checks and server-side rendering are switched off before the first import: the demo
@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ascl.demo import search as actions
-from ascl.demo.backends import SearchBackend
 from ascl.images import MAX_IMAGE_BYTES
+from ascl.serving.gallery import GalleryService
 
 QUIET_GRADIO_ENV = {
     "GRADIO_ANALYTICS_ENABLED": "False",  # no usage pings, no PyPI version check
@@ -31,7 +31,7 @@ def quiet_gradio() -> None:
         os.environ[key] = value
 
 
-def _results_view(outcome: actions.SearchOutcome, backend: SearchBackend) -> tuple[list[Any], str, list[dict[str, Any]]]:
+def _results_view(outcome: actions.SearchOutcome, backend: GalleryService) -> tuple[list[Any], str, list[dict[str, Any]]]:
     gallery = [(actions.thumbnail(r), actions.caption(r)) for r in outcome.results]
     status = (f"**{len(outcome.results)} results in {outcome.seconds * 1000:.1f} ms** "
               f"({backend.description})")
@@ -39,7 +39,7 @@ def _results_view(outcome: actions.SearchOutcome, backend: SearchBackend) -> tup
     return gallery, status, raw
 
 
-def build_app(backend: SearchBackend, examples: Sequence[Path] = (), *, title: str = "ascl image search",
+def build_app(backend: GalleryService, examples: Sequence[Path] = (), *, title: str = "ascl image search",
               subtitle: str = "") -> Any:
     """The Blocks app. Its API endpoints ``/search`` (image, k) and ``/add`` (image, label) are
     what ``gradio_client`` calls; the page wires the same handlers to upload, webcam, clipboard,

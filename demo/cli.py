@@ -67,18 +67,18 @@ def _add_port_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from ascl.demo.up import PortInUseError, Ports, UpOptions, default_cache, run_up
+    from ascl.demo.up import Ports, UpOptions, default_cache, run_up
 
     if args.gallery_size < 10:
         return _fail(f"--gallery-size must be at least 10, got {args.gallery_size}")
     opts = UpOptions(model=args.model, gallery=args.gallery, cache=(args.cache or default_cache()).expanduser(),
                      ports=Ports(args.port, args.grpc_port, args.http_port, args.metrics_port),
                      gallery_size=args.gallery_size, refresh=args.refresh)
-    from ascl.serving.server import ServerError
+    from ascl.serving.gallery import ServerError  # PortInUseError is one
 
     try:
         return run_up(opts)
-    except (PortInUseError, ServerError, FileNotFoundError, LookupError, ValueError) as exc:
+    except (ServerError, FileNotFoundError, LookupError, ValueError) as exc:
         return _fail(str(exc))
     except ImportError as exc:
         return _fail(f"{exc}; install the serving and demo extras: pip install 'ascl-hub[serve,demo]'")
@@ -87,11 +87,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ascl.demo.app import build_app, launch, quiet_gradio
     from ascl.demo.up import default_cache, example_files, gallery_roots, terminate_on_sigterm
+    from ascl.serving.gallery import index_exists
 
     quiet_gradio()
     cache = (args.cache or default_cache()).expanduser()
     index: Path | None = args.index
-    if index is not None and not (index / "manifest.json").is_file():
+    if index is not None and not index_exists(index):
         return _fail(f"--index {index}: not an index folder (no manifest.json); build one with 'ascl index build'")
     try:
         backend = _demo_backend(args, cache)
@@ -114,18 +115,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_backend(args: argparse.Namespace, cache: Path) -> Any:
-    from ascl.demo.backends import InProcessBackend, TritonBackend
     from ascl.demo.model import choose_model, ensure_onnx
+    from ascl.serving.gallery import InProcessGallery, TritonGallery
 
     if not args.in_process:
-        return TritonBackend(args.server, args.index)
+        return TritonGallery(args.server, args.index)
     if args.index is None:
         raise ValueError("--in-process needs --index IDX (an index folder from 'ascl index build' or 'ascl up')")
     if args.model and str(args.model).endswith(".onnx"):
         onnx_path = Path(args.model)
     else:
         onnx_path, _ = ensure_onnx(choose_model(args.model), cache)
-    return InProcessBackend(onnx_path, args.index)
+    return InProcessGallery(onnx_path, args.index)
 
 
 def _fail(message: str) -> int:

@@ -16,14 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ascl.demo.backends import Result, SearchBackend
+from ascl.errors import AsclError
 from ascl.images import MAX_IMAGE_BYTES, ImageError
+from ascl.serving.gallery import GalleryService, Result
 
 MAX_K = 50
 THUMBNAIL_SIDE = 256
 
 
-class UserError(Exception):
+class UserError(AsclError):
     """A failure the person at the screen can fix; ``str(e)`` is the message to show."""
 
 
@@ -77,7 +78,7 @@ def _too_large(name: str, size: int) -> str:
             "please resize or re-encode it (JPEG/PNG/WebP) and try again.")
 
 
-def friendly_message(exc: BaseException, backend: SearchBackend, name: str = "the image") -> str:
+def friendly_message(exc: BaseException, backend: GalleryService, name: str = "the image") -> str:
     """One sentence for the screen, from any exception a backend raises."""
     if isinstance(exc, UserError):
         return str(exc)
@@ -110,7 +111,7 @@ def check_k(k: Any) -> int:
     return value
 
 
-def search(backend: SearchBackend, image: bytes, k: Any, name: str = "the image") -> SearchOutcome:
+def search(backend: GalleryService, image: bytes, k: Any, name: str = "the image") -> SearchOutcome:
     """Search ``backend`` with encoded ``image``; raises UserError with a friendly message."""
     count = check_k(k)
     start = time.perf_counter()
@@ -121,7 +122,7 @@ def search(backend: SearchBackend, image: bytes, k: Any, name: str = "the image"
     return SearchOutcome(results, time.perf_counter() - start)
 
 
-def add(backend: SearchBackend, image: bytes, name: str, label: str | None = None) -> Result:
+def add(backend: GalleryService, image: bytes, name: str, label: str | None = None) -> Result:
     """Add ``image`` to the backend's gallery; raises UserError with a friendly message."""
     try:
         return backend.add(image, name=name, label=label or None)

@@ -2,9 +2,10 @@
 
 Steps, each cached under ``--cache`` by the content it depends on, so a second start only
 starts processes: choose the model (``ascl.demo.model``), export it to ONNX, pick the gallery
-(``ascl.demo.gallery``), build its FAISS index, start Triton with the model repository
-(``ascl.serving``), start the Gradio page on top of it. Ctrl-C or SIGTERM stops the page, then
-Triton (which stops its Python-backend stubs), and the command exits with no process left.
+(``ascl.demo.gallery``), build its FAISS index, start Triton with the model repository, start
+the Gradio page on top of it. Everything from serving comes through its gallery seam,
+``ascl.serving.gallery``. Ctrl-C or SIGTERM stops the page, then Triton (which stops its
+Python-backend stubs), and the command exits with no process left.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import importlib
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -40,24 +40,11 @@ class Ports:
     metrics: int = 8002
 
     def check_free(self, host: str = "127.0.0.1") -> None:
-        """Fail fast, before any slow step, when a port is taken."""
-        for name, port in (("--port", self.demo), ("--grpc-port", self.grpc), ("--http-port", self.http),
-                           ("--metrics-port", self.metrics)):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                # as servers do: a port whose old connections sit in TIME_WAIT is free to listen on
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    s.bind((host, port))
-                except OSError as exc:
-                    raise PortInUseError(
-                        f"port {port} ({name}) is in use ({exc.strerror}); stop what uses it or pass {name} N"
-                    ) from exc
-        if len({self.demo, self.grpc, self.http, self.metrics}) != 4:
-            raise PortInUseError("--port, --grpc-port, --http-port and --metrics-port must all differ")
+        """Fail fast, before any slow step, when a port is taken (PortInUseError, a ServerError)."""
+        from ascl.serving.gallery import check_ports_free
 
-
-class PortInUseError(RuntimeError):
-    """A port the user asked for is taken."""
+        check_ports_free({"--port": self.demo, "--grpc-port": self.grpc, "--http-port": self.http,
+                          "--metrics-port": self.metrics}, host)
 
 
 @dataclass
@@ -95,13 +82,10 @@ def shout(text: str) -> None:
 
 def example_files(index_dir: Path, count: int = EXAMPLES) -> list[Path]:
     """Gallery images to click: one per label first, from the index's metadata."""
-    from ascl.demo.backends import Result
-    from ascl.serving.index import GalleryIndex
+    from ascl.serving.gallery import index_records
 
-    index = GalleryIndex.load(index_dir)
     by_label: dict[str | None, list[Path]] = {}
-    for i in sorted(index.metadata):
-        result = Result.from_metadata(i, 0.0, index.metadata[i])
+    for result in index_records(index_dir):
         if result.file is not None:
             by_label.setdefault(result.label, []).append(result.file)
     picked: list[Path] = []
@@ -114,10 +98,9 @@ def example_files(index_dir: Path, count: int = EXAMPLES) -> list[Path]:
 
 def gallery_roots(index_dir: Path) -> list[Path]:
     """The folders the index's images live in (the page may show files from these only)."""
-    from ascl.serving.index import GalleryIndex
+    from ascl.serving.gallery import source_folders
 
-    sources = {str(m.get("source")) for m in GalleryIndex.load(index_dir).metadata.values()}
-    return sorted({Path(s) for s in sources if Path(s).is_dir()} | {index_dir})
+    return sorted(set(source_folders(index_dir)) | {index_dir})
 
 
 @contextmanager
@@ -170,12 +153,10 @@ def prepare(opts: UpOptions, timings: Timings) -> tuple[ModelChoice, Path, Galle
 
 def ensure_index(onnx_path: Path, gallery: Gallery, index_dir: Path) -> bool:
     """Build the gallery index unless it exists; returns True when it was built now."""
-    from ascl.serving.index import MANIFEST
+    from ascl.serving.gallery import build_index, index_exists
 
-    if (index_dir / MANIFEST).is_file():
+    if index_exists(index_dir):
         return False
-    from ascl.demo.serving_adapter import build_index
-
     build_index(onnx_path, gallery.root, index_dir)
     return True
 
@@ -183,8 +164,7 @@ def ensure_index(onnx_path: Path, gallery: Gallery, index_dir: Path) -> bool:
 def run_up(opts: UpOptions) -> int:
     """The whole of ``ascl up``; returns the exit code."""
     from ascl.demo.app import build_app, launch, quiet_gradio
-    from ascl.demo.backends import TritonBackend
-    from ascl.demo.serving_adapter import start_triton
+    from ascl.serving.gallery import TritonGallery, start_service
 
     quiet_gradio()
     timings = Timings()
@@ -197,10 +177,12 @@ def run_up(opts: UpOptions) -> int:
         try:
             choice, onnx_path, gallery, index_dir = prepare(opts, timings)
             say("triton:  starting ...")
-            server = timings.run("triton", lambda: start_triton(onnx_path, index_dir, opts.ports, opts.cache))
+            server = timings.run("triton", lambda: start_service(
+                onnx_path, index_dir, opts.cache / "triton", grpc_port=opts.ports.grpc, http_port=opts.ports.http,
+                metrics_port=opts.ports.metrics))
             stack.callback(_stopping, "Triton", server.stop)
             grpc_url = f"127.0.0.1:{opts.ports.grpc}"
-            backend = TritonBackend(grpc_url, index_dir)
+            backend = TritonGallery(grpc_url, index_dir)
             subtitle = (f"Model: {choice.description}. Gallery: {gallery.description}."
                         + (f"\n\n**{choice.warning}**" if choice.warning else ""))
             gradio_import.join()

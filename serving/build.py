@@ -1,7 +1,8 @@
 """Embed a gallery with ONNX Runtime and write it into a versioned FAISS index folder.
 
 Images already in the index (same content hash) are skipped, so re-running a build or an
-``add`` over the same source only embeds what is new.
+``add`` over the same source only embeds what is new. Adding single encoded images (an upload)
+is the gallery service's ``add_images`` (``ascl.serving.gallery``).
 """
 
 from __future__ import annotations
@@ -145,29 +146,27 @@ def build_index(
                 index = GalleryIndex.create(vectors.shape[1], chosen, model=model)
             else:
                 check_same_model(index, model, out)
-                now_known = index.known_keys()  # another writer may have added some meanwhile
-                keep = [i for i, r in enumerate(records) if r["sha1"] not in now_known]
-                counts["known"] += len(records) - len(keep)
-                vectors, records = vectors[keep], [records[i] for i in keep]
-            index.add(vectors, records)
-            version = index.save(out) if len(vectors) or index.version == 0 else index.version
+            before = index.ntotal
+            index.add_new(vectors, records)  # skips what another writer added meanwhile
+            added = index.ntotal - before
+            counts["known"] += len(records) - added
+            version = index.save(out) if added or index.version == 0 else index.version
     except BaseException:
         if created:  # leave no half-made folder behind
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)
         raise
-    return BuildReport(len(vectors), counts["known"], counts["bad"], index.ntotal, version,
+    return BuildReport(added, counts["known"], counts["bad"], index.ntotal, version,
                        str(index.manifest["factory"]))
 
 
 def remove_from_index(out: str | Path, ids: list[int], paths: list[str]) -> tuple[int, int]:
     """Remove entries by id or by stored path; returns (removed, new version)."""
-    with writer_lock(out, who="ascl index remove", on_wait=_say):
-        index = GalleryIndex.load(out)
-        wanted = set(ids) | {i for i, m in index.metadata.items() if m.get("path") in set(paths)}
-        removed = index.remove(wanted)
-        return removed, index.save(out) if removed else index.version
+    from ascl.serving.gallery import remove_images
+
+    done = remove_images(out, ids, paths=paths, who="ascl index remove", on_wait=_say)
+    return len(done.results), done.version
 
 
 def index_info(out: str | Path) -> dict[str, Any]:
@@ -179,43 +178,3 @@ def index_info(out: str | Path) -> dict[str, Any]:
         key = str(record.get("label"))
         labels[key] = labels.get(key, 0) + 1
     return {**manifest, "ntotal": index.ntotal, "labels": dict(sorted(labels.items()))}
-
-
-def add_image_bytes(
-    out: str | Path, onnx_path: str | Path, items: list[tuple[str, bytes]], *, label: str | None = None,
-    source: str = "upload",
-) -> list[int]:
-    """Add encoded images (name, bytes) to the index in ``out``; returns their ids.
-
-    For the demo's "add this image": a served index picks the new version up within a second.
-    An image already indexed (same bytes) is not added twice; its existing id is returned.
-    """
-    from ascl.export.runtime import OnnxEmbedder
-
-    embedder = OnnxEmbedder(onnx_path)
-    with writer_lock(out, who="add_image_bytes", on_wait=_say):
-        return _add_locked(GalleryIndex.load(out), Path(out), embedder, items, label, source)
-
-
-def _add_locked(index: GalleryIndex, out: Path, embedder: Any, items: list[tuple[str, bytes]], label: str | None,
-                source: str) -> list[int]:
-    by_sha = {str(m.get("sha1")): i for i, m in index.metadata.items()}
-    fresh: dict[str, int] = {}  # sha1 -> position among the images new to the index
-    pixels: list[np.ndarray] = []
-    records: list[dict[str, Any]] = []
-    slots: list[tuple[bool, int]] = []  # per item: (new?, position among the new ones or existing id)
-    for name, data in items:
-        sha1 = hashlib.sha1(data).hexdigest()
-        if sha1 in by_sha:
-            slots.append((False, by_sha[sha1]))
-            continue
-        if sha1 not in fresh:  # the same bytes twice in one call are one entry
-            fresh[sha1] = len(pixels)
-            pixels.append(decode_image(data, embedder.image_size, name=name))  # ImageError names the file
-            records.append({"path": name, "label": label, "size": len(data), "source": source, "sha1": sha1})
-        slots.append((True, fresh[sha1]))
-    new_ids: list[int] = []
-    if pixels:
-        new_ids = index.add(embedder.embed(np.stack(pixels)), records).tolist()
-        index.save(out)
-    return [new_ids[value] if is_new else value for is_new, value in slots]

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from ascl.atomic import atomic_path, atomic_write_text
+from ascl.errors import AsclError
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".writer.lock"
@@ -50,7 +51,7 @@ IVF_NPROBE = 64
 REFINE_K_FACTOR = 32  # PQ shortlists k * 32 candidates, re-ranked with SQ8 codes (cheap, near exact)
 
 
-class IndexFileError(ValueError):
+class IndexFileError(AsclError, ValueError):
     """A problem with an index folder that the user can fix; the message says how."""
 
 
@@ -248,6 +249,32 @@ class GalleryIndex:
             self.metadata[i] = {"id": i, **record}
         self.manifest["next_id"] = start + len(vectors)
         return ids
+
+    def add_new(self, vectors: np.ndarray, records: Sequence[dict[str, Any]]) -> list[int]:
+        """Add the records whose content key (``sha1``) is not indexed yet; returns one id per record.
+
+        The one dedupe rule of every writer (``ascl index build/add``, the gallery service's add):
+        a record whose ``sha1`` is indexed already, or appears earlier in ``records``, keeps that
+        entry's id and adds nothing. vectors: [N, D] unit embeddings, one per record.
+        """
+        by_key = {str(m["sha1"]): i for i, m in self.metadata.items() if "sha1" in m}
+        pending: dict[str, int] = {}  # sha1 -> position among the records added now
+        keep: list[int] = []
+        slots: list[tuple[bool, int]] = []  # per record: (added now?, position among the new ones or id)
+        for j, record in enumerate(records):
+            key = str(record["sha1"]) if "sha1" in record else None
+            if key is not None and key in by_key:
+                slots.append((False, by_key[key]))
+                continue
+            if key is None or key not in pending:
+                if key is not None:
+                    pending[key] = len(keep)
+                slots.append((True, len(keep)))
+                keep.append(j)
+            else:
+                slots.append((True, pending[key]))
+        new_ids = self.add(np.asarray(vectors)[keep], [records[j] for j in keep]).tolist()
+        return [new_ids[value] if is_new else value for is_new, value in slots]
 
     def remove(self, ids: Iterable[int]) -> int:
         """Remove ``ids``; returns how many were present. HNSW cannot delete, so it is rebuilt."""

@@ -12,10 +12,10 @@ from __future__ import annotations
 import traceback
 from typing import Any
 
-from ascl.errors import public_message
+from ascl.errors import AsclError, public_message
 
 
-class RequestError(ValueError):
+class RequestError(AsclError, ValueError):
     """A request the client must change (empty, too large, inconsistent)."""
 
 

@@ -29,10 +29,23 @@ from pathlib import Path
 from types import TracebackType
 
 from ascl.cache import cache_dir
+from ascl.errors import FAILURE, USAGE, AsclError
 
 
-class ServerError(RuntimeError):
+class ServerError(AsclError, RuntimeError):
     """The server could not start or stopped unexpectedly; the message says why."""
+
+    exit_code = FAILURE
+
+
+class PortInUseError(ServerError):
+    """A port a server should listen on is taken (or asked for twice); ``name`` says which one."""
+
+    exit_code = USAGE
+
+    def __init__(self, message: str, *, name: str = "", host: str = "", port: int = 0) -> None:
+        super().__init__(message)
+        self.name, self.host, self.port = name, host, port
 
 
 def pytriton_root() -> Path:
@@ -153,12 +166,12 @@ ADMIN_KEY_HEADER = "ascl-admin-key"
 
 
 def check_ports_free(ports: dict[str, int], host: str, metrics_host: str | None = None) -> None:
-    """ServerError naming the first of ``ports`` (name -> port) that something listens on."""
+    """PortInUseError (a ServerError) naming the first of ``ports`` (name -> port) that something listens on."""
     for name, port in ports.items():
         where = metrics_host if name == "metrics" and metrics_host else host
         if port_in_use(where, port):
-            raise ServerError(f"{where}:{port} ({name} port) is already in use; stop what listens there or pick "
-                              f"another with --{name}-port")
+            raise PortInUseError(f"{where}:{port} ({name} port) is already in use; stop what listens there or pick "
+                                 f"another with --{name}-port", name=name, host=where, port=port)
 
 
 def client_host(host: str) -> str:

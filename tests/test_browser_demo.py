@@ -34,15 +34,14 @@ RESULTS_RENDERED = """(n) => {
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[str]:
     from ascl.demo.app import build_app, launch
-    from ascl.demo.backends import InProcessBackend
     from ascl.demo.model import choose_model, ensure_onnx
-    from ascl.demo.serving_adapter import build_index
     from ascl.demo.up import example_files, gallery_roots
+    from ascl.serving.gallery import InProcessGallery, build_index
 
     cache = tmp_path_factory.mktemp("browser-cache")
     onnx_path, _ = ensure_onnx(choose_model(None, runs_dir=cache / "no-runs"), cache)
     build_index(onnx_path, digits_folder, cache / "index")
-    app = build_app(InProcessBackend(onnx_path, cache / "index"), example_files(cache / "index"), subtitle="browser test")
+    app = build_app(InProcessGallery(onnx_path, cache / "index"), example_files(cache / "index"), subtitle="browser test")
     url = launch(app, free_port(), allowed_paths=gallery_roots(cache / "index"))
     yield url
     app.close()

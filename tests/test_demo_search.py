@@ -12,11 +12,10 @@ import pytest
 from PIL import Image
 
 from ascl.demo import search as actions
-from ascl.demo.backends import InProcessBackend
 from ascl.demo.gallery import cifar_subset_from_tar, digits_gallery, folder_key, resolve_gallery
 from ascl.demo.model import choose_model, ensure_onnx
-from ascl.demo.serving_adapter import build_index
 from ascl.images import MAX_IMAGE_BYTES
+from ascl.serving.gallery import InProcessGallery, build_index
 
 
 def png_bytes(seed: int, size: int = 40) -> bytes:
@@ -73,10 +72,10 @@ def digits_index(onnx_path: Path, digits_folder: Path, demo_cache: Path) -> Path
 
 
 @pytest.fixture()
-def backend(onnx_path: Path, digits_index: Path, tmp_path: Path) -> InProcessBackend:
+def backend(onnx_path: Path, digits_index: Path, tmp_path: Path) -> InProcessGallery:
     """A fresh copy of the index per test, so additions do not leak between tests."""
     shutil.copytree(digits_index, tmp_path / "index")
-    return InProcessBackend(onnx_path, tmp_path / "index")
+    return InProcessGallery(onnx_path, tmp_path / "index")
 
 
 @pytest.mark.usefixtures("no_shipped_default")
@@ -121,7 +120,7 @@ def test_newest_run_is_exported_with_its_trained_weights(tmp_path: Path) -> None
     np.testing.assert_allclose(OnnxEmbedder(onnx_path).embed(pixels), expected, atol=1e-4)
 
 
-def test_search_ranks_k_results_and_finds_the_query_first(backend: InProcessBackend, digits_folder: Path,
+def test_search_ranks_k_results_and_finds_the_query_first(backend: InProcessGallery, digits_folder: Path,
                                                           tmp_path: Path) -> None:
     query = sorted(digits_folder.rglob("*.png"))[30]
     outcome = actions.search(backend, query.read_bytes(), 7)
@@ -135,21 +134,21 @@ def test_search_ranks_k_results_and_finds_the_query_first(backend: InProcessBack
     assert actions.thumbnail(outcome.results[0], tmp_path) == str(thumb)  # reused, not rewritten
 
 
-def test_added_image_is_found_first_at_once(backend: InProcessBackend) -> None:
+def test_added_image_is_found_first_at_once(backend: InProcessGallery) -> None:
     new = png_bytes(7)
     before = backend.count()
     added = actions.add(backend, new, "noise.png", "noise")
     assert backend.count() == before + 1
     top = actions.search(backend, new, 3).results[0]
     assert (top.id, top.label) == (added.id, "noise") and top.file is not None and top.file.read_bytes() == new
-    fresh = InProcessBackend(backend.embedder.path, backend.index_dir)  # the addition is on disk too
+    fresh = InProcessGallery(backend.embedder.path, backend.index_dir)  # the addition is on disk too
     assert actions.search(fresh, new, 1).results[0].id == added.id
     again = actions.add(backend, new, "same-bytes-again.png", "other label")
     assert again.id == added.id and backend.count() == before + 1  # same content: one id
 
 
-def test_labels_are_bounded_and_cleaned(backend: InProcessBackend) -> None:
-    from ascl.demo.backends import MAX_LABEL_CHARS, clean_label
+def test_labels_are_bounded_and_cleaned(backend: InProcessGallery) -> None:
+    from ascl.serving.gallery import MAX_LABEL_CHARS, clean_label
 
     assert clean_label("  a\n cat\t") == "a cat" and clean_label("   ") is None
     with pytest.raises(actions.UserError, match=f"at most {MAX_LABEL_CHARS} characters"):
@@ -158,7 +157,7 @@ def test_labels_are_bounded_and_cleaned(backend: InProcessBackend) -> None:
         clean_label("bell\x07")
 
 
-def test_bad_inputs_become_friendly_errors(backend: InProcessBackend, tmp_path: Path) -> None:
+def test_bad_inputs_become_friendly_errors(backend: InProcessGallery, tmp_path: Path) -> None:
     with pytest.raises(actions.UserError, match="not an image we can read"):
         actions.search(backend, b"this is text", 5, "notes.txt")
     with pytest.raises(actions.UserError, match="between 1 and"):
@@ -175,9 +174,9 @@ def test_bad_inputs_become_friendly_errors(backend: InProcessBackend, tmp_path: 
 def test_server_down_is_a_friendly_error() -> None:
     from conftest import free_port
 
-    from ascl.demo.backends import TritonBackend
+    from ascl.serving.gallery import TritonGallery
 
-    backend = TritonBackend(f"127.0.0.1:{free_port()}")
+    backend = TritonGallery(f"127.0.0.1:{free_port()}")
     with pytest.raises(actions.UserError, match="search server is not answering"):
         actions.search(backend, png_bytes(4), 5)
     with pytest.raises(actions.UserError, match="--index"):

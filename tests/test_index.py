@@ -156,7 +156,8 @@ def test_cli_errors_are_clear(onnx_model: Path, digits_folder: Path, tmp_path: P
 def test_add_image_bytes_dedups_and_versions(onnx_model: Path, digits_folder: Path, tmp_path: Path) -> None:
     from ascl.export.runtime import OnnxEmbedder
     from ascl.images import ImageError, decode_image
-    from ascl.serving.build import add_image_bytes, build_index
+    from ascl.serving.build import build_index
+    from ascl.serving.gallery import add_image_bytes
 
     out = tmp_path / "idx"
     build_index(onnx_model, str(digits_folder / "2"), out, progress=False)

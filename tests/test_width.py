@@ -22,8 +22,9 @@ from serving_helpers import precision_at_k
 from ascl.encoder import Encoder
 from ascl.export.cli import register as register_export
 from ascl.export.runtime import OnnxEmbedder
-from ascl.hub import load_encoder, save_encoder
+from ascl.hub import load_encoder
 from ascl.images import list_images, load_image
+from ascl.model_cards.publish import save_encoder
 
 WIDTH = 16
 
@@ -123,11 +124,11 @@ def test_width_16_export_parity_and_int8(narrow_onnx: Path, narrow_hub: tuple[Pa
 
 
 def test_width_16_index_and_in_process_search(narrow_onnx: Path, digits_folder: Path, tmp_path: Path) -> None:
-    from ascl.demo.backends import InProcessBackend
     from ascl.serving.build import build_index
+    from ascl.serving.gallery import InProcessGallery
 
     build_index(narrow_onnx / "encoder.onnx", str(digits_folder), tmp_path / "idx", progress=False)
-    backend = InProcessBackend(narrow_onnx / "encoder.onnx", tmp_path / "idx")
+    backend = InProcessGallery(narrow_onnx / "encoder.onnx", tmp_path / "idx")
     assert backend.index.dim == 128
     query = list_images(digits_folder)[5]
     hits = backend.search(query.read_bytes(), 5)
