@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_config(args: argparse.Namespace) -> Any:
     """The paper's recipe with this run's batch size, lr scaling and schedule."""
     from ascl.training.config import config_from_dict
+    from ascl.training.knn import KNN_K, KNN_T
 
     return config_from_dict({
         "name": "time_to_accuracy", "seed": args.seed, "device": args.device, "framework": "moco",
@@ -82,7 +83,7 @@ def build_config(args: argparse.Namespace) -> Any:
         "loss": {"mode": "ascl", "t1": args.t1, "t2": args.t2, "n_neighbors": 1},
         "optim": {"lr_per_256": args.lr_per_256, "momentum": 0.9, "weight_decay": args.weight_decay,
                   "warmup_epochs": args.warmup_epochs},
-        "eval": {"knn_every": args.knn_every, "knn_k": 200, "knn_t": 0.1, "knn_val_subset": args.knn_val_subset},
+        "eval": {"knn_every": args.knn_every, "knn_k": KNN_K, "knn_t": KNN_T, "knn_val_subset": args.knn_val_subset},
     }).validate()
 
 

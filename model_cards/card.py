@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 import yaml
@@ -17,6 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 KNN = "kNN"
 LINEAR = "linear probe"
+TEMPLATE = "card_template.md"  # beside this file
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class CardFacts:
     @property
     def load_name(self) -> str:
         """The shortest name that loads it: the registered name when registered, else the repo id."""
-        from ascl.model_cards.registry import lookup
+        from ascl.registry import lookup
 
         entry = lookup(self.model_name)
         if entry is not None and entry.repo_id == (self.repo_id or entry.repo_id):
@@ -126,4 +128,26 @@ def render_card(
         facts=facts,
         repo_url=repo_url or "",
         paper_url=paper_url or "https://arxiv.org/abs/2207.11163",
+    )
+
+
+def card_template() -> str:
+    """The Jinja model-card template shipped in ``ascl.model_cards``."""
+    return resources.files("ascl.model_cards").joinpath(TEMPLATE).read_text(encoding="utf-8")
+
+
+def encoder_card(encoder: Any, facts: CardFacts | None = None) -> ModelCard:
+    """The project's card for ``encoder``: ``facts`` (``CardFacts.minimal`` when None) rendered with
+    ``card_template()`` over the class-level hub metadata of its class (library, tags, license,
+    links: the ``PyTorchModelHubMixin`` keywords of ``ascl.encoder.Encoder``).
+    """
+    from ascl.encoder import PAPER_URL, REPO_URL
+
+    info = getattr(type(encoder), "_hub_mixin_info", None)
+    return render_card(
+        facts if facts is not None else CardFacts.minimal(encoder),
+        card_data=info.model_card_data if info is not None else ModelCardData(),
+        template=card_template(),
+        repo_url=getattr(info, "repo_url", None) or REPO_URL,
+        paper_url=getattr(info, "paper_url", None) or PAPER_URL,
     )

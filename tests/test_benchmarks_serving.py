@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ascl.encoder import Encoder
-from ascl.hub import save_encoder
+from ascl.model_cards.publish import save_encoder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,7 +25,7 @@ from ascl.export.image_sets import load_image_set
 from ascl.export.onnx_export import export_onnx
 from ascl.export.pipeline import FILE_NAMES, reference_embeddings
 from ascl.export.runtime import OnnxEmbedder, cuda_driver_present, resolve_providers
-from ascl.hub import save_encoder
+from ascl.model_cards.publish import save_encoder
 from ascl.names import EMBEDDINGS, IMAGES
 
 SIZE = 16

@@ -15,10 +15,10 @@ from huggingface_hub import ModelCard
 
 from ascl.cli import main
 from ascl.encoder import Encoder
-from ascl.hub import load_encoder, save_encoder
-from ascl.hub_publish import EvalRequest, Source, build_facts
+from ascl.hub import load_encoder
 from ascl.model_cards.card import KNN, LINEAR, CardFacts, Metric
 from ascl.model_cards.figures import pca_2d
+from ascl.model_cards.publish import EvalRequest, Source, build_facts, save_encoder
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +54,9 @@ def test_card_metadata_survives_modelcard_load(encoder: Encoder, tmp_path: Path)
     assert "model-index" in (folder / "README.md").read_text()
 
 
-def test_bare_save_pretrained_card_says_not_evaluated(encoder: Encoder, tmp_path: Path) -> None:
-    encoder.save_pretrained(tmp_path / "bare")
-    card = ModelCard.load(tmp_path / "bare" / "README.md")
+def test_card_without_facts_says_not_evaluated(encoder: Encoder, tmp_path: Path) -> None:
+    """The project's card is publishing's (save_encoder), not the mixin's: without facts it says so."""
+    card = ModelCard.load(save_encoder(encoder, tmp_path / "bare") / "README.md")
     assert card.data.library_name == "ascl-hub" and not card.data.eval_results
     assert "has not been evaluated yet" in card.text
 
@@ -156,8 +156,8 @@ def _png() -> bytes:
 
 
 def test_push_rejects_bad_repo_id_and_missing_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["push", str(tmp_path), "--repo-id", "no-slash", "--dry-run"]) == 1
+    assert main(["push", str(tmp_path), "--repo-id", "no-slash", "--dry-run"]) == 2  # bad input
     assert "USER/NAME" in capsys.readouterr().err
-    assert main(["push", str(tmp_path / "nope.pt"), "--repo-id", "a/b", "--dry-run", "--out", str(tmp_path / "o")]) == 1
+    assert main(["push", str(tmp_path / "nope.pt"), "--repo-id", "a/b", "--dry-run", "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

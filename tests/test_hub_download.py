@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from ascl.encoder import Encoder
-from ascl.hub import save_encoder
+from ascl.model_cards.publish import save_encoder
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_endpoint import HubStandIn  # noqa: E402
@@ -34,7 +34,7 @@ import json, sys, torch
 from pathlib import Path
 from ascl.cli import main
 from ascl.hub import load_encoder
-from ascl.model_cards import registry
+from ascl import registry
 from ascl.encoder import Encoder
 args = json.loads(sys.argv[1])
 ref = Encoder.from_folder(Path(args["main"]))
@@ -91,7 +91,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubStandIn
     tmp = tmp_path_factory.mktemp("hubworld")
     torch.manual_seed(1)
     main_dir = tmp / "main"
-    Encoder(image_size=32).eval().save_pretrained(main_dir, max_shard_size="16MB")
+    save_encoder(Encoder(image_size=32).eval(), main_dir, max_shard_size="16MB")
     v1 = save_encoder(Encoder(image_size=16), tmp / "v1")
     narrow = save_encoder(Encoder(image_size=16, width=16), tmp / "narrow", max_shard_size="200KB")
     shipped_root = tmp / "shipped"

@@ -64,3 +64,38 @@ def test_unlabelled_entries_are_left_out_and_empty_is_an_error() -> None:
     assert knn_accuracy(bank, labels, bank[:2], torch.tensor([0, 1]), k=1) == 1.0
     with pytest.raises(ValueError, match="labelled images"):
         knn_accuracy(bank, torch.full((4,), -1), bank[:2], torch.tensor([0, 1]))
+
+
+def test_one_knn_protocol_for_eval_training_and_the_card(capsys: pytest.CaptureFixture[str]) -> None:
+    """KNN_K / KNN_T are the one definition: 'ascl eval knn', the config's monitor defaults and the card agree."""
+    from ascl.cli import build_parser
+    from ascl.model_cards.publish import KNN_NAME
+    from ascl.training import evaluate
+    from ascl.training.config import EvalConfig
+    from ascl.training.knn import KNN_K, KNN_T
+
+    assert (KNN_K, KNN_T) == (200, 0.1)  # the paper's protocol: the shipped card's numbers are measured with it
+    assert (evaluate.KNN_K, evaluate.KNN_T) == (KNN_K, KNN_T)
+    assert (EvalConfig().knn_k, EvalConfig().knn_t) == (KNN_K, KNN_T)
+    assert f"kNN top-1 (k={KNN_K}, t={KNN_T})" == KNN_NAME
+    args = build_parser().parse_args(["eval", "knn", "run"])
+    assert (args.k, args.t) == (None, None)  # None: evaluate_knn's defaults, KNN_K and KNN_T
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "knn", "--help"])
+    shown = capsys.readouterr().out
+    assert f"k={KNN_K}" in shown and f"t={KNN_T}" in shown
+
+
+def test_one_pass_evaluation_gives_the_numbers_of_eval_knn_and_eval_linear() -> None:
+    """training.evaluate.evaluate (the card's) embeds once and agrees with evaluate_knn and evaluate_linear."""
+    from ascl.encoder import Encoder
+    from ascl.training.evaluate import EvalData, evaluate, evaluate_knn, evaluate_linear
+
+    torch.manual_seed(0)
+    encoder = Encoder(width=8, image_size=16).eval()
+    data = EvalData("digits", train_subset=200, val_subset=60, device="cpu")
+    both = evaluate(encoder, data, probe_epochs=3)
+    assert both.knn_top1 == pytest.approx(evaluate_knn(encoder, data)["value"], abs=1 / 60)
+    assert both.linear_top1 == pytest.approx(evaluate_linear(encoder, data, epochs=3)["value"], abs=1 / 60)
+    assert (both.n_train, both.n_val) == (200, 60) and both.val_embeddings.shape == (60, encoder.embedding_dim)
+    assert torch.allclose(both.val_embeddings.norm(dim=1), torch.ones(60), atol=1e-5)

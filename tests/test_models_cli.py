@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from ascl import registry
 from ascl.cli import main
 from ascl.encoder import Encoder
-from ascl.hub import save_encoder
-from ascl.model_cards import catalog, registry
+from ascl.model_cards import catalog
 from ascl.model_cards.card import KNN, CardFacts, Metric
+from ascl.model_cards.publish import save_encoder
 
 
 def fake_hub_cache(cache: Path, repo_id: str, folder: Path) -> Path:

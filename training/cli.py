@@ -138,8 +138,11 @@ def add_eval(sub: Any) -> None:
     knn = ev.add_parser("knn", formatter_class=FMT, help="weighted kNN top-1 (k=200, t=0.1)",
                         description="kNN top-1: val embeddings vote among their k nearest train embeddings.")
     _add_eval_common(knn)
-    knn.add_argument("--k", type=int, default=200, help="neighbours that vote (200 is the standard for CIFAR)")
-    knn.add_argument("--t", type=float, default=0.1, help="vote temperature: weights exp(similarity / t)")
+    # None: the protocol's ascl.training.knn.KNN_K / KNN_T (not imported here: it loads torch)
+    knn.add_argument("--k", type=int, default=None,
+                     help="neighbours that vote (default: the protocol's KNN_K, k=200, the standard for CIFAR)")
+    knn.add_argument("--t", type=float, default=None,
+                     help="vote temperature: weights exp(similarity / t) (default: the protocol's KNN_T, t=0.1)")
     knn.set_defaults(func=cmd_eval)
     lin = ev.add_parser("linear", formatter_class=FMT, help="linear probe top-1 on frozen features",
                         description="Linear probe: a linear classifier on frozen, pre-extracted pooled features.")
@@ -160,7 +163,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         encoder = load_model(args.model)
         data = EvalData(spec, args.val_fraction, args.train_subset, args.val_subset, args.batch_size, args.device)
         if args.eval_command == "knn":
-            result = evaluate_knn(encoder, data, k=args.k, t=args.t)
+            protocol = {name: value for name, value in (("k", args.k), ("t", args.t)) if value is not None}
+            result = evaluate_knn(encoder, data, **protocol)  # KNN_K / KNN_T unless given
         else:
             result = evaluate_linear(encoder, data, epochs=args.epochs, lr=args.lr)
     except _user_errors() as exc:

@@ -1,4 +1,4 @@
-"""kNN evaluation of embeddings (k=200, t=0.1, the standard weighted vote of InstDisc/MoCo)."""
+"""kNN evaluation of embeddings: the standard weighted vote of InstDisc/MoCo (``KNN_K``, ``KNN_T``)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import torch
 
 from ascl.encoder import Encoder
 from ascl.training import distributed as D
+
+# The kNN protocol of the paper (and of InstDisc/MoCo on CIFAR): 200 neighbours, vote temperature 0.1.
+# The one definition, used by 'ascl eval knn' and by the card's evaluation (ascl push); the training
+# monitor takes k and t from the run's config (eval.knn_k / eval.knn_t), which default to these.
+KNN_K = 200
+KNN_T = 0.1
 
 
 @torch.no_grad()
@@ -33,7 +39,7 @@ def embed_images(
 @torch.no_grad()
 def knn_predict(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-    k: int = 200, t: float = 0.1, chunk: int = 1024,
+    k: int = KNN_K, t: float = KNN_T, chunk: int = 1024,
 ) -> torch.Tensor:
     """Weighted kNN vote: each of the k nearest bank entries votes exp(sim / t) for its label.
 
@@ -52,7 +58,7 @@ def knn_predict(
 
 def knn_accuracy(
     bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
-    k: int = 200, t: float = 0.1,
+    k: int = KNN_K, t: float = KNN_T,
 ) -> float:
     """Top-1 accuracy (in [0, 1]) of the weighted kNN vote; unlabelled entries (-1) are dropped."""
     keep_b, keep_q = bank_labels >= 0, query_labels >= 0

@@ -1,15 +1,19 @@
 """``ascl push``, ``ascl pull`` and ``ascl models``: publish encoders to a Hugging Face Hub,
-fetch them, and list the ones this machine has.
+fetch them, and list the ones this machine has (``ascl.model_cards.publish``, ``.catalog``).
 
-Only argparse at import time; torch and huggingface_hub load inside the commands.
+Only argparse at import time; torch and huggingface_hub load inside the commands. Errors are
+``ascl.errors.AsclError`` subclasses, raised to ``ascl.cli.main``, which prints them and
+returns their exit code (2: bad input such as a --repo-id that is not USER/NAME; 1: the hub
+refused or could not provide a model).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
+
+from ascl.errors import FAILURE, AsclError
 
 HELP_FMT = argparse.ArgumentDefaultsHelpFormatter
 
@@ -93,35 +97,27 @@ def register(sub: Any) -> None:
     models.set_defaults(func=cmd_models)
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 1
+class NotOnThisMachine(AsclError, LookupError):
+    """A model name ``ascl models --path`` cannot find among the shipped and cached models (exit 1)."""
+
+    exit_code = FAILURE
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     """Export (and unless --dry-run, upload) the encoder of ``args.source``."""
-    from huggingface_hub.errors import HfHubHTTPError
+    from ascl.model_cards.publish import check_repo_id
 
-    from ascl.hub_publish import export_folder, upload
+    name = check_repo_id(args.repo_id)
+    if args.out is None and not args.dry_run:
+        import tempfile
 
-    if args.repo_id.count("/") != 1:
-        return _fail(f"--repo-id must be USER/NAME, got {args.repo_id!r}")
-    name = args.repo_id.split("/")[1]
-    try:
-        if args.out is None and not args.dry_run:
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix="ascl-push-") as tmp:
-                return _push(args, Path(tmp) / name, name, export_folder, upload)
-        return _push(args, args.out or Path("hub") / name, name, export_folder, upload)
-    except HfHubHTTPError as e:
-        return _fail(f"the hub refused the upload: {e}")
-    except (ValueError, LookupError, OSError, RuntimeError) as e:
-        return _fail(str(e))
+        with tempfile.TemporaryDirectory(prefix="ascl-push-") as tmp:
+            return _push(args, Path(tmp) / name, name)
+    return _push(args, args.out or Path("hub") / name, name)
 
 
-def _push(args: argparse.Namespace, out: Path, name: str, export_folder: Any, upload: Any) -> int:
-    from ascl.hub_publish import EvalRequest
+def _push(args: argparse.Namespace, out: Path, name: str) -> int:
+    from ascl.model_cards.publish import EvalRequest, export_folder, upload
 
     evaluation = EvalRequest(data=args.data, val_fraction=args.val_fraction, subset=args.eval_subset,
                              device=args.device, enabled=not args.no_eval)
@@ -142,38 +138,60 @@ def _push(args: argparse.Namespace, out: Path, name: str, export_folder: Any, up
     return 0
 
 
-def cmd_pull(args: argparse.Namespace) -> int:
-    """Download ``args.repo_id`` to the cache and print the local folder."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+class DownloadFailed(AsclError, RuntimeError):
+    """The hub could not provide the model ``ascl pull`` asked for (exit 1)."""
 
-    from ascl.hub_mixin import OFFLINE_HINT
-    from ascl.model_cards import registry
+    exit_code = FAILURE
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Download ``args.repo_id`` to the cache and print the local folder.
+
+    The download is the project's one (``download_folder``: config and weights, its errors),
+    then the rest of the same commit (card, plots). A registered model the hub cannot provide
+    falls back to the copy shipped with the package, when no revision was asked for.
+    """
+    import sys
+
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from ascl import registry
+    from ascl.pretrained import OFFLINE_HINT, ModelNotFoundError, download_folder
 
     entry = registry.lookup(args.repo_id)
     repo_id = entry.repo_id if entry else args.repo_id
     try:
-        path = snapshot_download(repo_id, revision=args.revision)
-    except (HfHubHTTPError, LocalEntryNotFoundError, HFValidationError) as e:
+        folder = download_folder(repo_id, revision=args.revision)
+    except (ModelNotFoundError, HfHubHTTPError) as e:
         if entry is not None and args.revision is None and entry.is_shipped(registry.SHIPPED_ROOT):
             print(f"the hub could not provide {repo_id}; using the copy shipped with ascl-hub", file=sys.stderr)
             print(entry.folder(registry.SHIPPED_ROOT))
             return 0
-        if isinstance(e, RepositoryNotFoundError):
-            return _fail(f"model {repo_id!r} not found on {constants.ENDPOINT} (or it is private and no valid "
-                         f"token was given). Check the id.\n{OFFLINE_HINT}")
-        if isinstance(e, RevisionNotFoundError):
-            return _fail(f"revision {args.revision!r} not found in {repo_id!r} on {constants.ENDPOINT}")
+        if isinstance(e, ModelNotFoundError):
+            raise DownloadFailed(str(e)) from e
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return _fail(f"cannot download {repo_id!r}: {first}\n{OFFLINE_HINT}")
-    print(path)
+        raise DownloadFailed(f"cannot download {repo_id!r} from {constants.ENDPOINT}: {first}\n{OFFLINE_HINT}") from e
+    _fetch_rest_of_snapshot(repo_id, folder)
+    print(folder)
     return 0
+
+
+def _fetch_rest_of_snapshot(repo_id: str, folder: Path) -> None:
+    """The files loading does not need (README.md card, plots) at the commit ``folder`` holds.
+
+    Best effort: the folder loads without them. (Goes once ``download_folder`` can be asked for
+    every file of a repo.)
+    """
+    import sys
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        snapshot_download(repo_id, revision=folder.name)  # folder: .../snapshots/<commit>
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+        print(f"warning: {repo_id}: only config and weights were downloaded, not its card ({e})", file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -186,7 +204,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         try:
             print(catalog.model_path(args.path))
         except LookupError as e:
-            return _fail(str(e))
+            if isinstance(e, AsclError):
+                raise
+            raise NotOnThisMachine(str(e)) from e
         return 0
     entries = catalog.all_models()
     if args.json:

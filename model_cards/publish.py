@@ -1,27 +1,41 @@
-"""Turn a training run (or any encoder) into a publishable hub folder, and upload it.
+"""Publishing: turn a training run (or any encoder) into a hub folder with its card, and upload it.
 
-The folder holds the encoder only (the training wrapper's queue, momentum encoder and heads
-never leave the run folder), its card, the training curve and a 2-D map of validation
-embeddings. Accuracies are measured with ``ascl.hub_eval`` (the ``ascl eval`` protocol) when
-labelled data is known; otherwise they are the ones recorded in a JSON run record (``run.json``
-or ``--run-info``), or the last kNN monitor value of the run's ``metrics.csv``. The card's
-table says for each number where it came from and on which split.
+``save_encoder`` writes a hub folder (config.json, safetensors, the project's README.md card);
+``export_folder`` builds the card's facts for a run or model first (``build_facts``) and
+``upload`` sends the folder to a Hugging Face Hub. The folder holds the encoder only (the
+training wrapper's queue, momentum encoder and heads never leave the run folder), its card,
+the training curve and a 2-D map of validation embeddings. Accuracies are measured with
+``ascl.model_cards.evaluation`` (the ``ascl eval`` protocol of ``ascl.training.evaluate``) when
+labelled data is known; otherwise they are the ones recorded in a JSON run record
+(``run.json`` or ``--run-info``), or the last kNN monitor value of the run's ``metrics.csv``.
+The card's table says for each number where it came from and on which split.
+
+Errors a user can act on are ``PublishError`` (bad input: exit 2) and ``PublishFailure`` (the
+hub refused or failed: exit 1), both ``ascl.errors.AsclError``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from huggingface_hub.errors import HfHubHTTPError
 
-from ascl.hub import is_hub_folder, load_encoder, save_encoder
-from ascl.model_cards.card import KNN, LINEAR, CardFacts, Metric
-from ascl.model_cards.figures import plot_projection, plot_training_curve, read_metrics_csv
-from ascl.weights import DEFAULT_MAX_SHARD_SIZE
+from ascl.atomic import atomic_dir
+from ascl.errors import FAILURE, AsclError
+from ascl.hub import is_hub_folder, load_encoder
+from ascl.model_cards.card import KNN, LINEAR, CardFacts, Metric, encoder_card
+from ascl.model_cards.figures import plot_projection
+from ascl.training.knn import KNN_K, KNN_T
+from ascl.training.metrics import plot_curves, read_metrics
+from ascl.weights import DEFAULT_MAX_SHARD_SIZE, save_weights
 
 if TYPE_CHECKING:
     from ascl.encoder import Encoder
@@ -29,7 +43,7 @@ if TYPE_CHECKING:
 CURVE_PNG = "training_curve.png"
 RUN_CURVES_PNG = "curves.png"  # drawn by ascl train in the run folder
 PROJECTION_PNG = "embeddings_pca.png"
-KNN_NAME = "kNN top-1 (k=200, t=0.1)"
+KNN_NAME = f"kNN top-1 (k={KNN_K}, t={KNN_T})"  # the protocol of ascl eval knn
 LINEAR_NAME = "linear-probe top-1"
 WALL_TIME_COLUMNS = ("wall_time_s", "elapsed_s", "time_s", "elapsed")
 # Keys of a JSON run record (run.json, or the time_to_accuracy benchmark's result), first found wins.
@@ -40,6 +54,70 @@ INFO_CURVE = ("curve_png", "png")
 INFO_KNN = ("knn_top1", "final_knn_top1")
 INFO_LINEAR = ("linear_top1", "linear_probe_top1")
 HUB_DATASETS = {"cifar10": ("CIFAR-10", "cifar10"), "cifar100": ("CIFAR-100", "cifar100"), "stl10": ("STL-10", "stl10")}
+
+
+class PublishError(AsclError, ValueError):
+    """Input publishing cannot use: a repo id, a source model, a run record, a dataset (exit 2)."""
+
+
+class PublishFailure(AsclError, RuntimeError):
+    """Good input, failed operation: the hub refused the upload or failed a request (exit 1)."""
+
+    exit_code = FAILURE
+
+
+@contextmanager
+def _publish_errors(hub_refused: str = "the hub failed a request") -> Iterator[None]:
+    """Errors of the layers below as publishing errors, keeping their message: bad input
+    (ValueError, LookupError, OSError) -> ``PublishError``; RuntimeError and the hub's HTTP errors
+    (told as ``hub_refused: <error>``) -> ``PublishFailure``. An ``AsclError`` passes as it is.
+    """
+    try:
+        yield
+    except AsclError:
+        raise
+    except HfHubHTTPError as e:  # an OSError: before the input errors
+        raise PublishFailure(f"{hub_refused}: {e}") from e
+    except RuntimeError as e:
+        raise PublishFailure(str(e)) from e
+    except (ValueError, LookupError, OSError) as e:
+        raise PublishError(str(e)) from e
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if it is ``USER/NAME``, else a ``PublishError``; returns NAME."""
+    if repo_id.count("/") != 1:
+        raise PublishError(f"--repo-id must be USER/NAME, got {repo_id!r}")
+    return repo_id.split("/")[1]
+
+
+def save_encoder(
+    encoder: Encoder,
+    folder: str | Path,
+    *,
+    facts: CardFacts | None = None,
+    extra_files: Mapping[str, Path] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """Write a hub folder: config.json, safetensors (sharded above ``max_shard_size``), README.md.
+
+    The card is the project's (``ascl.model_cards.card.encoder_card``), rendered from ``facts``
+    (``CardFacts``; the encoder's own config when None) by this module, whatever card the
+    mixin's ``save_pretrained`` writes. ``extra_files`` (name in the folder -> source path),
+    e.g. the card's plots, are copied in. The folder is replaced as a whole or not at all.
+    """
+    folder = Path(folder)
+    card = encoder_card(encoder, facts)
+    with atomic_dir(folder) as tmp:
+        for name, source in (extra_files or {}).items():
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise PublishError(f"extra file name {name!r} must be relative to the hub folder")
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, tmp / name)
+        encoder.save_pretrained(tmp)  # the mixin: config.json and the weights (one file)
+        save_weights(encoder, tmp, max_shard_size=max_shard_size)  # the weights as asked: replaces that file
+        card.save(tmp / "README.md")  # after save_pretrained: the project's card is the one that ships
+    return folder
 
 
 @dataclass
@@ -93,12 +171,12 @@ def _run_facts(facts: CardFacts, run_dir: Path, figures: Path) -> tuple[list[dic
         facts.datasets = [dataset[1]] if dataset[1] != "imagefolder" else []
     if (run_dir / "run.json").is_file():
         apply_run_info(facts, run_dir / "run.json", extra)
-    rows = read_metrics_csv(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
+    rows = read_metrics(run_dir / "metrics.csv")
     if facts.wall_time_s is None and (wall := _last_float(rows, WALL_TIME_COLUMNS)) is not None:
         facts.wall_time_s = wall[1]
     if (run_dir / RUN_CURVES_PNG).is_file():  # the curves 'ascl train' drew itself
         extra[CURVE_PNG] = run_dir / RUN_CURVES_PNG
-    elif plot_training_curve(rows, figures / CURVE_PNG, title=f"{facts.model_name}: training") is not None:
+    elif plot_curves(rows, figures / CURVE_PNG, title=f"{facts.model_name}: training") is not None:
         extra[CURVE_PNG] = figures / CURVE_PNG
     if CURVE_PNG in extra:
         facts.curve_png = CURVE_PNG
@@ -117,9 +195,9 @@ def apply_run_info(facts: CardFacts, path: Path, extra: dict[str, Path]) -> None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable JSON run record ({e})") from e
+        raise PublishError(f"{path}: not a readable JSON run record ({e})") from e
     if not isinstance(info, dict):
-        raise ValueError(f"{path}: a run record must be a JSON object")
+        raise PublishError(f"{path}: a run record must be a JSON object")
     facts.hardware = facts.hardware or (str(h) if (h := _first(info, INFO_HARDWARE)) else None)
     if facts.wall_time_s is None and isinstance(w := _first(info, INFO_WALL_TIME), int | float):
         facts.wall_time_s = float(w)
@@ -201,7 +279,7 @@ def build_facts(
     req = evaluation or EvalRequest()
     spec = req.data or _run_data(facts).get("spec")
     if req.enabled and spec:
-        from ascl.hub_eval import evaluate
+        from ascl.model_cards.evaluation import evaluate
 
         val_fraction = req.val_fraction if req.val_fraction is not None else float(_run_data(facts).get("val_fraction", 0.1))
         ev = evaluate(enc, str(spec), val_fraction=val_fraction, subset=req.subset, device=req.device)
@@ -234,30 +312,41 @@ def export_folder(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     commands: list[str] | None = None,
 ) -> tuple[Path, CardFacts]:
-    """Write the hub folder for ``spec`` into ``out`` (atomically); returns it and its card facts."""
-    source = open_source(spec, revision=revision)
-    model_name = name or (repo_id.split("/")[-1] if repo_id else f"ascl-{source.encoder.arch}")
-    with tempfile.TemporaryDirectory(prefix="ascl-card-") as tmp:
-        facts, extra = build_facts(source, Path(tmp), name=model_name, repo_id=repo_id, evaluation=evaluation,
-                                   hardware=hardware, wall_time_s=wall_time_s, run_info=run_info,
-                                   commands=commands)
-        save_encoder(source.encoder.cpu(), out, facts=facts, extra_files=extra, max_shard_size=max_shard_size)
+    """Write the hub folder for ``spec`` into ``out`` (atomically); returns it and its card facts.
+
+    Raises ``PublishError`` for input it cannot use (the message of the error below it),
+    ``PublishFailure`` when the hub or the evaluation failed.
+    """
+    with _publish_errors():
+        source = open_source(spec, revision=revision)
+        model_name = name or (repo_id.split("/")[-1] if repo_id else f"ascl-{source.encoder.arch}")
+        with tempfile.TemporaryDirectory(prefix="ascl-card-") as tmp:
+            facts, extra = build_facts(source, Path(tmp), name=model_name, repo_id=repo_id, evaluation=evaluation,
+                                       hardware=hardware, wall_time_s=wall_time_s, run_info=run_info,
+                                       commands=commands)
+            save_encoder(source.encoder.cpu(), out, facts=facts, extra_files=extra, max_shard_size=max_shard_size)
     return out, facts
 
 
 def upload(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None,
            token: str | None = None) -> str:
-    """Create the repo if needed (and the branch ``revision``), upload ``folder``; the commit URL."""
+    """Create the repo if needed (and the branch ``revision``), upload ``folder``; the commit URL.
+
+    A repo id that is not USER/NAME is a ``PublishError``; an upload the hub refuses (or a
+    request it fails) is a ``PublishFailure``.
+    """
     from huggingface_hub import HfApi
 
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision and revision != "main":
-        api.create_branch(repo.repo_id, branch=revision, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=repo.repo_id,
-        folder_path=folder,
-        revision=revision,
-        commit_message=f"Upload {repo.repo_id} with ascl push",
-    )
+    check_repo_id(repo_id)
+    with _publish_errors("the hub refused the upload"):
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo.repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo.repo_id,
+            folder_path=folder,
+            revision=revision,
+            commit_message=f"Upload {repo.repo_id} with ascl push",
+        )
     return str(info.commit_url)
