@@ -9,19 +9,22 @@ that export, serving and the demo can take a run folder without importing traini
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from ascl.encoder import Encoder
 from ascl.errors import AsclError
+
+if TYPE_CHECKING:  # torch is imported by the functions that need it: resolving a spec needs none
+    import torch
+    from torch import nn
+
+    from ascl.encoder import Encoder
 
 FORMAT = "ascl-train-checkpoint"
 VERSION = 1
 ENCODER_PREFIX = "encoder."
 CHECKPOINT_SUFFIXES = (".pt", ".pth")
 LAST = "last.pt"
+RUN_FILES = ("config.yaml", "metrics.csv", "run.json")  # what ascl train writes beside its checkpoints
 
 
 class CheckpointError(AsclError, ValueError):
@@ -46,13 +49,15 @@ def run_folder_of(checkpoint: Path) -> Path | None:
     checkpoint = Path(checkpoint)
     if checkpoint.parent.name == "checkpoints":
         return checkpoint.parents[1]
-    if (checkpoint.parent / "config.yaml").is_file() or (checkpoint.parent / "metrics.csv").is_file():
+    if any((checkpoint.parent / name).is_file() for name in RUN_FILES):
         return checkpoint.parent
     return None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read one of our checkpoints (weights_only=True); clear errors for anything else."""
+    import torch
+
     path = find_checkpoint(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -85,6 +90,8 @@ def load_strict(module: nn.Module, weights: dict[str, torch.Tensor], path: Path,
 
 def encoder_from_checkpoint(path: str | Path) -> Encoder:
     """The shipped Encoder of a training checkpoint or run folder, every weight loaded (strict)."""
+    from ascl.encoder import Encoder
+
     ckpt_path = find_checkpoint(path)
     state = load_checkpoint(ckpt_path)
     cfg = state["encoder_config"]

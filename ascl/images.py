@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ascl.errors import public_message
+from ascl.errors import AsclError, public_message
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # 20 MiB of encoded data per image
 MAX_REQUEST_BYTES = 64 * 1024 * 1024  # 64 MiB of encoded data per request, all its images together
@@ -26,7 +26,7 @@ HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit (and 32-bit 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-class ImageError(ValueError):
+class ImageError(AsclError, ValueError):
     """An input that is not a usable image; the message says why and what to do."""
 
 

@@ -147,11 +147,13 @@ class ModelRef:
         return Encoder.from_folder(self.path)
 
 
-def resolve_model(spec: str | Path | None = None, *, revision: str | None = None) -> ModelRef:
+def resolve_model(spec: str | Path | None = None, *, revision: str | None = None, from_hub: bool = False) -> ModelRef:
     """The ``ModelRef`` of ``spec`` (None: ``default``); see the module docstring for the order.
 
     Hub repos are downloaded (or found in the cache) here, so the ref's ``path`` is local.
-    Errors say what was tried and what a spec may be.
+    ``from_hub`` (``ascl pull``) asks the hub first even for a shipped name, falling back to the
+    shipped copy, and fetches the whole repo (card and plots too). Errors say what was tried and
+    what a spec may be.
     """
     text = str(spec) if spec is not None else DEFAULT_ALIAS
     if text == RANDOM or text.startswith(RANDOM + ":"):
@@ -165,12 +167,12 @@ def resolve_model(spec: str | Path | None = None, *, revision: str | None = None
         return local
     entry = lookup(text)
     if entry is not None:
-        return _resolve_registered(text, entry, revision)
+        return _resolve_registered(text, entry, revision, from_hub=from_hub)
     if text.endswith(".onnx"):
         raise ModelSpecError(f"{text}: no such ONNX file; export one with 'ascl export onnx MODEL --out DIR'")
     if _looks_like_path(text):
         raise ModelSpecError(f"{path} does not exist; --model takes {SPEC_HELP}")
-    folder = download_folder(text, revision=revision)
+    folder = download_folder(text, revision=revision, everything=from_hub)
     return ModelRef(text, "hub_repo", text, folder, repo_id=text, revision=revision)
 
 
@@ -201,15 +203,15 @@ def _resolve_local(text: str, path: Path, revision: str | None) -> ModelRef | No
     return ModelRef(text, "run_folder", path.resolve().name, path, run_folder=path)
 
 
-def _resolve_registered(text: str, entry: ShippedModel, revision: str | None) -> ModelRef:
+def _resolve_registered(text: str, entry: ShippedModel, revision: str | None, *, from_hub: bool) -> ModelRef:
     """A registered name: the shipped folder when it holds the weights, else (or with a revision) the hub."""
     shipped = entry.folder()
-    if entry.is_shipped() and revision is None:
+    if entry.is_shipped() and revision is None and not from_hub:
         return ModelRef(text, "shipped", entry.name, shipped, repo_id=entry.repo_id)
     try:
-        folder = download_folder(entry.repo_id, revision=revision)
+        folder = download_folder(entry.repo_id, revision=revision, everything=from_hub)
     except ModelNotFoundError as e:
-        if entry.is_shipped():
+        if entry.is_shipped() and revision is None:
             log.warning("using the shipped copy of %r at %s: the hub could not provide it (%s)", text, shipped, e)
             return ModelRef(text, "shipped", entry.name, shipped, repo_id=entry.repo_id)
         raise ModelNotFoundError(

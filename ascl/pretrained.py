@@ -25,13 +25,14 @@ from typing import Any, TypeVar
 from huggingface_hub import PyTorchModelHubMixin, constants, snapshot_download
 from huggingface_hub.errors import (
     GatedRepoError,
+    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
 
-from ascl.errors import AsclError
+from ascl.errors import FAILURE, AsclError
 from ascl.weights import INDEX_FILE, SINGLE_FILE, load_weights_strict, save_weights
 
 T = TypeVar("T", bound="AsclHubMixin")
@@ -39,6 +40,7 @@ T = TypeVar("T", bound="AsclHubMixin")
 CONFIG_FILE = constants.CONFIG_NAME  # config.json
 # What loading needs from a repo: never README/plots, never pickle.
 LOAD_PATTERNS = [CONFIG_FILE, SINGLE_FILE, INDEX_FILE, "model-*-of-*.safetensors"]
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt"]
 OFFLINE_HINT = (
     "Offline? Set HF_HUB_OFFLINE=1 to load from the local cache, or pass a local hub folder, "
     "a training run folder or a checkpoint (.pt) instead."
@@ -50,7 +52,9 @@ class ConfigError(AsclError, ValueError):
 
 
 class ModelNotFoundError(AsclError, LookupError):
-    """A repo id, revision or model name that cannot be found; the message says what to do."""
+    """A repo id, revision or model name the hub (or its cache) cannot provide; the message says what to do."""
+
+    exit_code = FAILURE  # the spec is well formed; fetching it failed
 
 
 def is_hub_folder(path: Path) -> bool:
@@ -141,11 +145,14 @@ def download_folder(
     force_download: bool = False,
     token: str | bool | None = None,
     local_files_only: bool = False,
+    everything: bool = False,
 ) -> Path:
     """Download (or find in the cache) the config and weights of a hub repo; the snapshot folder.
 
     The one download of the project: ``from_pretrained``, the resolver and ``ascl pull`` use it.
-    Errors say whether the id, the revision or the network was the problem, and what to do.
+    ``everything`` also fetches the rest of the repo (card, plots), as ``ascl pull`` does; never
+    pickle weights either way. Errors say whether the id, the revision or the network was the
+    problem, and what to do.
     """
     where = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
     try:
@@ -156,7 +163,8 @@ def download_folder(
             force_download=force_download,
             token=token,
             local_files_only=local_files_only,
-            allow_patterns=LOAD_PATTERNS,
+            allow_patterns=None if everything else LOAD_PATTERNS,
+            ignore_patterns=PICKLE_PATTERNS if everything else None,
         )
     except HFValidationError as e:
         raise ModelNotFoundError(
@@ -175,6 +183,9 @@ def download_folder(
             f"or is disabled (HF_HUB_OFFLINE={int(constants.is_offline_mode())}). Download it once while online "
             "(ascl pull REPO_ID), or pass a local hub folder, run folder or checkpoint."
         ) from e
+    except HfHubHTTPError as e:  # any other refusal or server error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(f"cannot download {where} from {constants.ENDPOINT}: {first}\n{OFFLINE_HINT}") from e
     folder = Path(str(path))
     if not (folder / CONFIG_FILE).is_file():
         raise ModelNotFoundError(f"hub repo {where} has no {CONFIG_FILE}; it is not a model saved by save_pretrained")

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from huggingface_hub import constants, save_torch_state_dict
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
 from ascl.errors import AsclError
+
+if TYPE_CHECKING:  # torch comes with the model; reading a folder's file list needs none
+    import torch
+    from torch import nn
 
 SINGLE_FILE = constants.SAFETENSORS_SINGLE_FILE  # model.safetensors
 INDEX_FILE = constants.SAFETENSORS_INDEX_FILE  # model.safetensors.index.json

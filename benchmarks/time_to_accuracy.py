@@ -26,13 +26,12 @@ from typing import Any
 from ascl import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TAR = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=f"cifar10-offline:{DEFAULT_TAR}",
-                   help="dataset spec (ascl.training.data): cifar10-offline:PATH/train.tar.gz, a folder, digits")
+    p.add_argument("--data", default="cifar10-offline",
+                   help="dataset spec (ascl.image_sources): cifar10-offline[:PATH/train.tar.gz], a folder, digits")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--epochs", type=int, default=200, help="training epochs (the cosine schedule spans them)")
     p.add_argument("--batch-size", type=int, default=512, help="pairs per step; lr scales linearly with it")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from ascl.demo.gallery import DEFAULT_SUBSET
+from ascl.errors import InputError, user_errors
+from ascl.image_sources import describe_specs
 
 Formatter = argparse.ArgumentDefaultsHelpFormatter
+MISSING_EXTRAS = "install the serving and demo extras (pip install 'ascl-hub[serve,demo]'): "
 
 
 def register(sub: Any) -> None:
@@ -27,8 +29,8 @@ def register(sub: Any) -> None:
                          "default model ('ascl models' marks it), else your newest run in runs/, else a random "
                          "encoder (with a warning)")
     up.add_argument("--gallery", default=None,
-                    help="folder of images to search (sub-folders are labels) or a CIFAR-10 .tar.gz; default: the "
-                         "offline CIFAR-10 copy in ../shared/data, else torchvision CIFAR-10 (online), else "
+                    help=f"the images to search: {describe_specs()}; default: --gallery-size images of the "
+                         "offline CIFAR-10 copy when one is found, else torchvision CIFAR-10 (online), else "
                          "scikit-learn's digits")
     up.add_argument("--gallery-size", type=int, default=DEFAULT_SUBSET,
                     help="images taken from CIFAR-10 for the default gallery (balanced over classes); more images "
@@ -70,18 +72,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     from ascl.demo.up import Ports, UpOptions, default_cache, run_up
 
     if args.gallery_size < 10:
-        return _fail(f"--gallery-size must be at least 10, got {args.gallery_size}")
+        raise InputError(f"--gallery-size must be at least 10, got {args.gallery_size}")
     opts = UpOptions(model=args.model, gallery=args.gallery, cache=(args.cache or default_cache()).expanduser(),
                      ports=Ports(args.port, args.grpc_port, args.http_port, args.metrics_port),
                      gallery_size=args.gallery_size, refresh=args.refresh)
-    from ascl.serving.gallery import ServerError  # PortInUseError is one
-
-    try:
+    with user_errors(ImportError, prefix=MISSING_EXTRAS), user_errors(FileNotFoundError, LookupError, ValueError):
         return run_up(opts)
-    except (ServerError, FileNotFoundError, LookupError, ValueError) as exc:
-        return _fail(str(exc))
-    except ImportError as exc:
-        return _fail(f"{exc}; install the serving and demo extras: pip install 'ascl-hub[serve,demo]'")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -93,11 +89,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cache = (args.cache or default_cache()).expanduser()
     index: Path | None = args.index
     if index is not None and not index_exists(index):
-        return _fail(f"--index {index}: not an index folder (no manifest.json); build one with 'ascl index build'")
-    try:
+        raise InputError(f"--index {index}: not an index folder (no manifest.json); build one with 'ascl index build'")
+    with user_errors(FileNotFoundError, ValueError, RuntimeError):
         backend = _demo_backend(args, cache)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        return _fail(str(exc))
     examples = example_files(index) if index is not None else []
     allowed = gallery_roots(index) if index is not None else []
     app = build_app(backend, examples, subtitle=f"Searching with {backend.description}.")
@@ -121,14 +115,6 @@ def _demo_backend(args: argparse.Namespace, cache: Path) -> Any:
     if not args.in_process:
         return TritonGallery(args.server, args.index)
     if args.index is None:
-        raise ValueError("--in-process needs --index IDX (an index folder from 'ascl index build' or 'ascl up')")
-    if args.model and str(args.model).endswith(".onnx"):
-        onnx_path = Path(args.model)
-    else:
-        onnx_path, _ = ensure_onnx(choose_model(args.model), cache)
+        raise InputError("--in-process needs --index IDX (an index folder from 'ascl index build' or 'ascl up')")
+    onnx_path, _ = ensure_onnx(choose_model(args.model), cache)  # an .onnx --model is used as it is
     return InProcessGallery(onnx_path, args.index)
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2

@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ascl.models import ModelRef, resolve_model
 from ascl import registry
+from ascl.models import ModelRef, resolve_model
+from ascl.serving.gallery import model_onnx
 
 RANDOM_SEED = 0
 RUNS_DIR = Path("runs")
@@ -80,6 +81,4 @@ def choose_model(spec: str | None, runs_dir: Path = RUNS_DIR) -> ModelChoice:
 
 def ensure_onnx(choice: ModelChoice, cache: Path, *, refresh: bool = False) -> tuple[Path, bool]:
     """(the ONNX export of ``choice`` in the cache, whether it was exported just now)."""
-    from ascl.serving.model_files import cached_onnx
-
-    return cached_onnx(choice.ref, cache=cache, refresh=refresh)
+    return model_onnx(choice.ref, cache=cache, refresh=refresh)

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ascl.errors import user_errors
+
 if TYPE_CHECKING:
     from ascl.export.image_sets import ImageSet
 
@@ -34,21 +36,9 @@ def _images_help(default: str) -> str:
             "means much then)")
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
-def _errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that are the user's to fix: reported as one line, no traceback."""
-    from ascl.export.model_source import ModelLoadError
-    from ascl.export.pipeline import ModelMismatchError, OutputError
-    from ascl.export.quantize import CalibrationError
-    from ascl.export.tensorrt_build import TensorRTUnavailable
-    from ascl.images import ImageError
-
-    return (ModelLoadError, ModelMismatchError, OutputError, CalibrationError, TensorRTUnavailable, ImageError,
-            FileNotFoundError, PermissionError, ValueError)
+# Builtin errors of ONNX, ONNX Runtime and the file system that mean bad input here; our own
+# errors (ascl.errors.AsclError: model, calibration, output, parity) reach the root CLI as they are.
+USER_ERRORS = (FileNotFoundError, PermissionError, ValueError)
 
 
 def _gallery(source: str | None, fallback: str | None, size: int, count: int) -> ImageSet:
@@ -84,22 +74,21 @@ def cmd_onnx(args: argparse.Namespace) -> int:
     from ascl.export.pipeline import ParityError, export_model
 
     try:
-        loaded = load_model(args.model, revision=args.revision)
-        size = loaded.encoder.image_size
-        calibration = _calibration(args, size)
-        gallery = _gallery(args.images, args.calibration, size, args.verify_size)
-        result = export_model(
-            loaded, args.out, gallery, opset=args.opset, fp16=args.fp16, calibration=calibration,
-            calibration_method=args.calibration_method, force=args.force, batch_sizes=args.batch_sizes,
-            min_recall=args.min_recall,
-        )
+        with user_errors(*USER_ERRORS):
+            loaded = load_model(args.model, revision=args.revision)
+            size = loaded.encoder.image_size
+            calibration = _calibration(args, size)
+            gallery = _gallery(args.images, args.calibration, size, args.verify_size)
+            result = export_model(
+                loaded, args.out, gallery, opset=args.opset, fp16=args.fp16, calibration=calibration,
+                calibration_method=args.calibration_method, force=args.force, batch_sizes=args.batch_sizes,
+                min_recall=args.min_recall,
+            )
     except ParityError as exc:
         for report in exc.reports:
             print(report.summary(), file=sys.stderr)
-        return _fail(f"export refused, nothing written to {args.out}: a model missed its tolerance "
-                     "(see above); use --force to write it anyway", 1)
-    except _errors() as exc:
-        return _fail(str(exc))
+        raise ParityError(f"export refused, nothing written to {args.out}: a model missed its tolerance "
+                          "(see above); use --force to write it anyway", exc.reports) from exc
     for report in result.reports:
         print(report.summary())
     for precision, path in result.files.items():
@@ -114,15 +103,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ascl.export.pipeline import verify_file
     from ascl.export.runtime import resolve_providers
 
-    try:
+    with user_errors(*USER_ERRORS):
         loaded = load_model(args.model, revision=args.revision)
         size = loaded.encoder.image_size
         providers = resolve_providers(args.providers, image_size=size)
         gallery = _gallery(args.images, None, size, args.verify_size)
         report = verify_file(args.onnx, loaded.encoder, gallery, providers=providers, batch_sizes=args.batch_sizes,
                              min_recall=args.min_recall)
-    except _errors() as exc:
-        return _fail(str(exc))
     print(report.summary())
     if args.json:
         atomic_write_text(args.json, json.dumps(report.to_dict(), indent=2))
@@ -132,11 +119,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_tensorrt(args: argparse.Namespace) -> int:
     from ascl.export.tensorrt_build import build_engine
 
-    try:
+    with user_errors(*USER_ERRORS):
         plan = build_engine(args.onnx, args.out, min_batch=args.min, opt_batch=args.opt, max_batch=args.max,
                             fp16=args.fp16, workspace_gib=args.workspace_gib)
-    except _errors() as exc:
-        return _fail(str(exc))
     print(f"wrote {plan} (batch {args.min}..{args.max}, tuned for {args.opt}{', fp16' if args.fp16 else ''})")
     return 0
 
@@ -144,7 +129,7 @@ def cmd_tensorrt(args: argparse.Namespace) -> int:
 def cmd_golden(args: argparse.Namespace) -> int:
     from ascl.export.golden import GOLDEN_IMAGES, INIT_KEY, INIT_SEED, init_encoder, model_key, write_golden
 
-    try:
+    with user_errors(*USER_ERRORS):
         if args.model:
             from ascl.export.model_source import load_model
 
@@ -155,8 +140,6 @@ def cmd_golden(args: argparse.Namespace) -> int:
             source = {"kind": "init", "seed": INIT_SEED}
         gallery = _gallery(args.images, None, encoder.image_size, GOLDEN_IMAGES)
         folder = write_golden(encoder, gallery.images, args.out, key=key, source={**source, "images": Path(gallery.source).name})
-    except _errors() as exc:
-        return _fail(str(exc))
     print(f"wrote {folder}")
     return 0
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from ascl import __version__
 from ascl.atomic import atomic_write_text
+from ascl.errors import FAILURE, AsclError
 from ascl.export.image_sets import ImageSet
 from ascl.export.onnx_export import IDENTITY_KEYS, PRECISION_KEY, metadata_props
 from ascl.export.parity import ParityReport, compare
@@ -37,20 +38,22 @@ REPORT_NAME = "export.json"
 DEFAULT_BATCH_SIZES = (1, 64)
 
 
-class ParityError(RuntimeError):
+class ParityError(AsclError, RuntimeError):
     """An exported model missed its tolerance; ``reports`` holds the measurements."""
+
+    exit_code = FAILURE
 
     def __init__(self, message: str, reports: Sequence[ParityReport]) -> None:
         super().__init__(message)
         self.reports = list(reports)
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(AsclError, ValueError):
     """An ONNX file that was exported from a different model than the one it is checked against."""
 
 
-class OutputError(OSError):
-    """The output folder cannot be created or written."""
+class OutputError(AsclError, OSError):
+    """The output folder cannot be created or written (the user picks another: a usage error)."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ascl.errors import AsclError
 from ascl.names import IMAGES
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -30,7 +31,7 @@ CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Add", "Relu", "GlobalAveragePool"]
 
 
-class CalibrationError(ValueError):
+class CalibrationError(AsclError, ValueError):
     """Calibration data that cannot calibrate (empty, wrong shape)."""
 
 

@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 
 from ascl.atomic import atomic_write_bytes
+from ascl.errors import AsclError
 from ascl.export.profiles import TRT_MAX_BATCH, TRT_MIN_BATCH, TRT_OPT_BATCH, check_profile
 from ascl.names import EMBEDDINGS, IMAGES
 
 INSTALL_HINT = "install it with: pip install 'ascl-hub[tensorrt]' (needs an NVIDIA GPU and driver)"
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(AsclError, RuntimeError):
     """The tensorrt package (or a GPU for it) is missing; the message says how to get it."""
 
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ascl.model_cards import registry
+from ascl import registry
 
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"

@@ -138,60 +138,22 @@ def _push(args: argparse.Namespace, out: Path, name: str) -> int:
     return 0
 
 
-class DownloadFailed(AsclError, RuntimeError):
-    """The hub could not provide the model ``ascl pull`` asked for (exit 1)."""
-
-    exit_code = FAILURE
-
-
 def cmd_pull(args: argparse.Namespace) -> int:
-    """Download ``args.repo_id`` to the cache and print the local folder.
+    """Download ``args.repo_id`` (the whole repo: weights, card, plots) to the cache and print the folder.
 
-    The download is the project's one (``download_folder``: config and weights, its errors),
-    then the rest of the same commit (card, plots). A registered model the hub cannot provide
-    falls back to the copy shipped with the package, when no revision was asked for.
+    Resolution is the core's (``resolve_model(..., from_hub=True)``): a registered name asks the
+    hub for its repo and, when the hub cannot provide it and no revision was asked for, falls
+    back to the copy shipped with the package.
     """
     import sys
 
-    from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError
+    from ascl.models import resolve_model
 
-    from ascl import registry
-    from ascl.pretrained import OFFLINE_HINT, ModelNotFoundError, download_folder
-
-    entry = registry.lookup(args.repo_id)
-    repo_id = entry.repo_id if entry else args.repo_id
-    try:
-        folder = download_folder(repo_id, revision=args.revision)
-    except (ModelNotFoundError, HfHubHTTPError) as e:
-        if entry is not None and args.revision is None and entry.is_shipped(registry.SHIPPED_ROOT):
-            print(f"the hub could not provide {repo_id}; using the copy shipped with ascl-hub", file=sys.stderr)
-            print(entry.folder(registry.SHIPPED_ROOT))
-            return 0
-        if isinstance(e, ModelNotFoundError):
-            raise DownloadFailed(str(e)) from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DownloadFailed(f"cannot download {repo_id!r} from {constants.ENDPOINT}: {first}\n{OFFLINE_HINT}") from e
-    _fetch_rest_of_snapshot(repo_id, folder)
-    print(folder)
+    ref = resolve_model(args.repo_id, revision=args.revision, from_hub=True)
+    if ref.kind == "shipped":
+        print(f"the hub could not provide {ref.repo_id}; using the copy shipped with ascl-hub", file=sys.stderr)
+    print(ref.path)
     return 0
-
-
-def _fetch_rest_of_snapshot(repo_id: str, folder: Path) -> None:
-    """The files loading does not need (README.md card, plots) at the commit ``folder`` holds.
-
-    Best effort: the folder loads without them. (Goes once ``download_folder`` can be asked for
-    every file of a repo.)
-    """
-    import sys
-
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        snapshot_download(repo_id, revision=folder.name)  # folder: .../snapshots/<commit>
-    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
-        print(f"warning: {repo_id}: only config and weights were downloaded, not its card ({e})", file=sys.stderr)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -16,7 +16,6 @@ hub refused or failed: exit 1), both ``ascl.errors.AsclError``.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -30,9 +29,10 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from ascl.atomic import atomic_dir
 from ascl.errors import FAILURE, AsclError
-from ascl.hub import is_hub_folder, load_encoder
 from ascl.model_cards.card import KNN, LINEAR, CardFacts, Metric, encoder_card
 from ascl.model_cards.figures import plot_projection
+from ascl.models import resolve_model
+from ascl.pretrained import read_json_object
 from ascl.training.knn import KNN_K, KNN_T
 from ascl.training.metrics import plot_curves, read_metrics
 from ascl.weights import DEFAULT_MAX_SHARD_SIZE, save_weights
@@ -129,14 +129,9 @@ class Source:
 
 
 def open_source(spec: str, *, revision: str | None = None) -> Source:
-    """Load the encoder of ``spec`` (see ``load_encoder``) and find its run folder, if any."""
-    path = Path(spec).expanduser()
-    run_dir: Path | None = None
-    if path.is_file() and not is_hub_folder(path.parent):
-        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
-    elif path.is_dir() and not is_hub_folder(path):
-        run_dir = path
-    return Source(load_encoder(spec, revision=revision), run_dir if run_dir and run_dir.is_dir() else None)
+    """The encoder of ``spec`` (``ascl.models.resolve_model``) and its run folder, when it came from one."""
+    ref = resolve_model(spec, revision=revision)
+    return Source(ref.load_encoder(), ref.run_folder)
 
 
 def _last_float(rows: list[dict[str, str]], columns: tuple[str, ...] | list[str]) -> tuple[str, float] | None:
@@ -192,12 +187,7 @@ def apply_run_info(facts: CardFacts, path: Path, extra: dict[str, Path]) -> None
     ``benchmarks/time_to_accuracy.py``): hardware, wall time, recipe, curve PNG and recorded
     kNN / linear-probe accuracies (percent). Facts given on the command line win.
     """
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PublishError(f"{path}: not a readable JSON run record ({e})") from e
-    if not isinstance(info, dict):
-        raise PublishError(f"{path}: a run record must be a JSON object")
+    info = read_json_object(path, PublishError, "run facts (a run record)")
     facts.hardware = facts.hardware or (str(h) if (h := _first(info, INFO_HARDWARE)) else None)
     if facts.wall_time_s is None and isinstance(w := _first(info, INFO_WALL_TIME), int | float):
         facts.wall_time_s = float(w)

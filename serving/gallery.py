@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, overload
+from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import numpy as np
 
@@ -51,12 +51,15 @@ from ascl.serving.index import (
 from ascl.serving.server import PortInUseError, ServerError
 from ascl.serving.server import check_ports_free as _check_server_ports
 
+if TYPE_CHECKING:
+    from ascl.models import ModelRef
+
 __all__ = [
     "ADDED_FOLDER", "MAX_LABEL_CHARS", "Added", "AddNotServedError", "GalleryService", "InProcessGallery",
     "IndexFileError", "LabelError", "NoIndexFolderError", "PortInUseError", "Removed", "Result", "RunningService",
     "ServerError", "TritonGallery", "add_image_bytes", "add_images", "build_index", "check_ports_free",
-    "clean_label", "index_count", "index_exists", "index_manifest", "index_records", "remove_images",
-    "source_folders", "start_service",
+    "clean_label", "index_count", "index_exists", "index_manifest", "index_records", "model_onnx",
+    "remove_images", "source_folders", "start_service",
 ]
 
 ADDED_FOLDER = "added"  # inside the index folder: the images added through the service
@@ -392,6 +395,13 @@ class TritonGallery(_Gallery):
 
 
 # ---------------------------------------------------------------------------- index folders, ports, the service
+
+
+def model_onnx(ref: ModelRef, *, cache: str | Path | None = None, refresh: bool = False) -> tuple[Path, bool]:
+    """(the ONNX file that serves ``ref``, whether it was exported just now): the content-keyed export cache."""
+    from ascl.export.cache import cached_onnx
+
+    return cached_onnx(ref, cache=cache, refresh=refresh)
 
 
 def build_index(onnx_path: str | Path, images: str | Path, index_dir: str | Path, *, factory: str = "auto") -> int:

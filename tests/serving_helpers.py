@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -55,3 +56,13 @@ def precision_at_k(ids: np.ndarray, query_labels: list[str], label_of: dict[int,
     """Mean fraction of the returned ids whose label equals the query's label."""
     agree = [[label_of[int(i)] == q for i in row] for row, q in zip(ids, query_labels, strict=True)]
     return float(np.mean(agree))
+
+
+def png_bytes(seed: int, size: int = 40) -> bytes:
+    """A PNG of seeded random pixels: an upload that decodes, different for every seed."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()

@@ -151,3 +151,33 @@ def test_benchmarks_do_not_import_the_test_suite(folder: str) -> None:
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.name}: {m}" for m in mods if m.split(".")[0] in ("tests", "conftest", "pytest")]
     assert not offenders, offenders
+
+
+def longest_chain(start: str) -> list[str]:
+    """The longest import chain (no module twice) from ``start``: what a reader of it may have to follow."""
+    modules = project_modules()
+    graph = {}
+    for module, path in modules.items():
+        targets = {n if n in modules else n.rpartition(".")[0] for n in imported_names(path)}
+        graph[module] = sorted(t for t in targets if t in modules and t not in (module, "ascl"))
+    best: list[str] = []
+
+    def walk(path: list[str]) -> None:
+        nonlocal best
+        if len(path) > len(best):
+            best = list(path)
+        for nxt in graph[path[-1]]:
+            if nxt not in path:
+                walk([*path, nxt])
+
+    walk([start])
+    return best
+
+
+def test_the_ascl_up_path_is_short_and_downhill() -> None:
+    chain = longest_chain("ascl.demo.up")
+    layers = [layer_of(m) for m in chain]
+    crossings = [(a, b) for a, b in zip(layers, layers[1:], strict=False) if a != b]
+    assert all(b in ALLOWED[a] for a, b in crossings), chain
+    # Before the core model layer: 13 modules, 5 layers, 5 crossings up and down (README, Architecture).
+    assert len(chain) <= 11 and len(set(layers)) <= 4, " -> ".join(chain)

@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import base64
-import io
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from serving_helpers import png_bytes
 
 from ascl.demo import search as actions
 from ascl.demo.gallery import cifar_subset_from_tar, digits_gallery, folder_key, resolve_gallery
 from ascl.demo.model import choose_model, ensure_onnx
 from ascl.images import MAX_IMAGE_BYTES
 from ascl.serving.gallery import InProcessGallery, build_index
-
-
-def png_bytes(seed: int, size: int = 40) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ NOT_SHIPPED = "ascl-resnet18-cifar10"  # registered, weights not shipped: the fa
 def onnx_path(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The seeded random encoder's export: what ``ascl up`` falls back to when no default is shipped."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("ascl.model_cards.registry.DEFAULT_MODEL", NOT_SHIPPED)
+        mp.setattr("ascl.registry.DEFAULT_MODEL", NOT_SHIPPED)
         choice = choose_model(None, runs_dir=tmp_path_factory.mktemp("no-runs"))
     path, exported = ensure_onnx(choice, demo_cache)
     assert exported
@@ -46,11 +39,11 @@ def onnx_path(demo_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture()
 def no_shipped_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("ascl.model_cards.registry.DEFAULT_MODEL", NOT_SHIPPED)
+    monkeypatch.setattr("ascl.registry.DEFAULT_MODEL", NOT_SHIPPED)
 
 
 def test_the_shipped_default_comes_first(tmp_path: Path) -> None:
-    from ascl.model_cards.registry import DEFAULT_MODEL, lookup
+    from ascl.registry import DEFAULT_MODEL, lookup
 
     for name in (DEFAULT_MODEL, "default"):
         entry = lookup(name)

@@ -6,7 +6,6 @@ briefly trained on real digits (so BatchNorm statistics and weights are not the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -18,8 +17,8 @@ import onnx
 import pytest
 import torch
 
+from ascl.cli import main
 from ascl.encoder import Encoder
-from ascl.export.cli import register
 from ascl.export.golden import init_encoder
 from ascl.export.image_sets import load_image_set
 from ascl.export.onnx_export import export_onnx
@@ -33,11 +32,8 @@ CONFIG = {"arch": "resnet18", "stem": "cifar", "image_size": SIZE}
 
 
 def run_cli(*argv: str) -> int:
-    """``ascl export ...`` through the same argparse wiring as the ascl entry point."""
-    parser = argparse.ArgumentParser(prog="ascl")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", *argv])
-    return int(args.func(args))
+    """``ascl export ...`` through the ascl entry point (which reports errors and picks the exit code)."""
+    return main(["export", *argv])
 
 
 def _brief_training(encoder: Encoder, images: np.ndarray, steps: int = 3) -> None:

@@ -8,7 +8,6 @@ implementations answer on the very same gallery.
 from __future__ import annotations
 
 import ast
-import io
 import shutil
 import socket
 from collections.abc import Iterator
@@ -18,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import free_port
-from PIL import Image
-from serving_helpers import export_random_encoder, processes_mentioning
+from serving_helpers import export_random_encoder, png_bytes, processes_mentioning
 
 from ascl.errors import FAILURE, USAGE, AsclError
 from ascl.images import ImageError, list_images
@@ -41,13 +39,6 @@ from ascl.serving.index import GalleryIndex, manifest_version
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ("description", "embed", "search", "add", "remove", "count")
-
-
-def png_bytes(seed: int, size: int = 40) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -168,27 +159,22 @@ def _serving_imports(path: Path) -> list[str]:
     return found
 
 
-# demo/model.py resolves models through ascl.serving.model_files; it is being rewritten to use
-# the core model resolver (a separate change), and is the one file allowed to until then.
-NOT_YET_ON_THE_SEAM = {"model.py": {"ascl.serving.model_files"}}
-
-
 def test_demo_uses_only_the_gallery_seam() -> None:
     files = sorted((ROOT / "demo").glob("*.py"))
     assert {"up.py", "cli.py", "search.py", "app.py"} <= {f.name for f in files}
     for path in files:
-        allowed = {"ascl.serving.gallery"} | NOT_YET_ON_THE_SEAM.get(path.name, set())
+        allowed = {"ascl.serving.gallery"}
         stray = sorted(set(_serving_imports(path)) - allowed)
         assert stray == [], f"demo/{path.name} goes around ascl.serving.gallery: {stray}"
 
 
-def test_gallery_module_imports_only_serving_export_runtime_and_core() -> None:
+def test_gallery_module_imports_only_serving_the_export_runtime_and_cache_and_core() -> None:
     tree = ast.parse((ROOT / "serving" / "gallery.py").read_text())
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     ascl_modules = {m for m in modules if m == "ascl" or m.startswith("ascl.")}
     higher = {m for m in ascl_modules if m.split(".")[1:2] in (["demo"], ["training"], ["model_cards"])}
     assert higher == set()
-    assert {m for m in ascl_modules if m.startswith("ascl.export")} <= {"ascl.export.runtime"}
+    assert {m for m in ascl_modules if m.startswith("ascl.export")} <= {"ascl.export.runtime", "ascl.export.cache"}
 
 
 # ---------------------------------------------------------------------------- Triton and in-process, one gallery

@@ -139,7 +139,7 @@ def test_port_in_use_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
 
 
 def test_screen_tells_what_runs(running: Up) -> None:
-    from ascl.model_cards.registry import DEFAULT_MODEL
+    from ascl.registry import DEFAULT_MODEL
 
     text = running.output()
     assert f"model:   {DEFAULT_MODEL}, the pretrained default" in text

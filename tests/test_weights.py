@@ -59,7 +59,7 @@ def test_round_trip_is_bit_identical(encoder: Encoder, saved: Path) -> None:
 
 def test_sharded_save_loads_back(encoder: Encoder, tmp_path: Path) -> None:
     folder = tmp_path / "sharded"
-    encoder.save_pretrained(folder, max_shard_size="4MB")
+    save_encoder(encoder, folder, max_shard_size="4MB")
     shards = sorted(folder.glob("model-*-of-*.safetensors"))
     assert len(shards) >= 3 and not (folder / "model.safetensors").exists()
     index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -96,7 +96,7 @@ def test_missing_or_extra_weight_names_the_key(saved: Path, tmp_path: Path, chan
 
 def test_truncated_shard_names_the_file(encoder: Encoder, tmp_path: Path) -> None:
     folder = tmp_path / "trunc"
-    encoder.save_pretrained(folder, max_shard_size="4MB")
+    save_encoder(encoder, folder, max_shard_size="4MB")
     shard = sorted(folder.glob("model-*-of-*.safetensors"))[1]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])

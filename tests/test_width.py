@@ -7,7 +7,6 @@ check, int8, the FAISS index, the in-process demo backend and the real ``tritons
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,8 +18,8 @@ import torchvision
 from conftest import free_port
 from serving_helpers import precision_at_k
 
+from ascl.cli import main
 from ascl.encoder import Encoder
-from ascl.export.cli import register as register_export
 from ascl.export.runtime import OnnxEmbedder
 from ascl.hub import load_encoder
 from ascl.images import list_images, load_image
@@ -30,10 +29,7 @@ WIDTH = 16
 
 
 def run_export(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="ascl")
-    register_export(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["export", *argv])
-    return int(args.func(args))
+    return main(["export", *argv])
 
 
 def test_width_64_is_torchvisions_resnet18() -> None:

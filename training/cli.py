@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ascl.errors import InputError, user_errors
+from ascl.image_sources import describe_specs
+
 DEFAULT_CONFIG = "cifar10_resnet18"
 FLAG_KEYS = {
     "data": "data.spec", "epochs": "epochs", "batch_size": "batch_size", "max_steps": "max_steps", "out": "out",
@@ -27,18 +30,9 @@ class FMT(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from ascl.images import ImageError
-    from ascl.training.checkpoint import CheckpointError
-    from ascl.training.config import ConfigError
-    from ascl.training.data import DataError
-
-    return (ConfigError, DataError, CheckpointError, ImageError, FileNotFoundError, RuntimeError, ValueError)
-
-
-def _fail(exc: BaseException) -> int:
-    print(f"error: {exc}", file=sys.stderr)
-    return 2
+# Builtin errors of torch, PIL and the file system that mean bad input here; ConfigError,
+# DataError, CheckpointError and ImageError are AsclErrors and reach the root CLI as they are.
+USER_ERRORS = (FileNotFoundError, RuntimeError, ValueError)
 
 
 def add_train(sub: Any) -> None:
@@ -50,8 +44,7 @@ def add_train(sub: Any) -> None:
     p.add_argument("--config", default=None,
                    help=f"YAML file or shipped config name (cifar10_resnet18 = the paper's 200-epoch recipe, "
                         f"digits_tiny = seconds on CPU); default {DEFAULT_CONFIG}, or the checkpoint's config with --resume")
-    p.add_argument("--data", help="dataset: an image folder, cifar10, cifar100, stl10, cifar10-offline[:TAR], digits "
-                                  "(default: from the config)")
+    p.add_argument("--data", help=f"dataset: {describe_specs()} (default: from the config)")
     p.add_argument("--epochs", type=int, help="epochs; the cosine schedule spans all of them (default: from the config)")
     p.add_argument("--batch-size", type=int, help="global batch size; lr scales as optim.lr_per_256 x batch/256 (default: config)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (a smoke run; the schedule still spans "
@@ -81,28 +74,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ascl.training.loop import train
 
     try:
-        overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None]
-        overrides += list(args.set)
-        ckpt, resume = None, None
-        if args.resume is not None:
-            resume = find_checkpoint(args.resume or args.out or "")
-            ckpt = load_checkpoint(resume)
-        config = args.config if (args.config or ckpt) else DEFAULT_CONFIG
-        base = {**ckpt["config"], "out": ""} if ckpt else None  # a resumed run stays where its checkpoint is
-        cfg = load_config(config, overrides, base=base)
-        run_dir = Path(cfg.out) if cfg.out else ((run_folder_of(resume) or resume.parent) if resume else Path("runs") / cfg.name)
-        cfg.out = str(run_dir)
-        if args.print_config:
-            print(dump_config(cfg), end="")
-            return 0
-        if resume is None and (run_dir / "checkpoints").exists():
-            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick --out NEW")
-        if D.rank() == 0:
-            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        result = train(cfg, run_dir, resume=resume, ckpt=ckpt, progress=not args.no_progress)
-        is_main = D.rank() == 0
-    except _user_errors() as exc:
-        return _fail(exc)
+        with user_errors(*USER_ERRORS):
+            overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None]
+            overrides += list(args.set)
+            ckpt, resume = None, None
+            if args.resume is not None:
+                resume = find_checkpoint(args.resume or args.out or "")
+                ckpt = load_checkpoint(resume)
+            config = args.config if (args.config or ckpt) else DEFAULT_CONFIG
+            base = {**ckpt["config"], "out": ""} if ckpt else None  # a resumed run stays where its checkpoint is
+            cfg = load_config(config, overrides, base=base)
+            run_dir = Path(cfg.out) if cfg.out else ((run_folder_of(resume) or resume.parent) if resume else Path("runs") / cfg.name)
+            cfg.out = str(run_dir)
+            if args.print_config:
+                print(dump_config(cfg), end="")
+                return 0
+            if resume is None and (run_dir / "checkpoints").exists():
+                raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pick --out NEW")
+            if D.rank() == 0:
+                atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+            result = train(cfg, run_dir, resume=resume, ckpt=ckpt, progress=not args.no_progress)
+            is_main = D.rank() == 0
     finally:
         D.cleanup()
     if not is_main:
@@ -156,10 +148,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ascl.atomic import atomic_write_text
     from ascl.training.evaluate import EvalData, default_data, evaluate_knn, evaluate_linear, load_model
 
-    try:
+    with user_errors(*USER_ERRORS):
         spec = args.data or default_data(args.model)
         if spec is None:
-            raise ValueError(f"{args.model}: no training config to take the dataset from; pass --data")
+            raise InputError(f"{args.model}: no training config to take the dataset from; pass --data")
         encoder = load_model(args.model)
         data = EvalData(spec, args.val_fraction, args.train_subset, args.val_subset, args.batch_size, args.device)
         if args.eval_command == "knn":
@@ -167,8 +159,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             result = evaluate_knn(encoder, data, **protocol)  # KNN_K / KNN_T unless given
         else:
             result = evaluate_linear(encoder, data, epochs=args.epochs, lr=args.lr)
-    except _user_errors() as exc:
-        return _fail(exc)
     result["model"] = str(args.model)
     print(f"{result['metric']}: {100 * result['value']:.2f}% on {result['val_images']} val images of {spec} "
           f"({result['train_images']} train images)")

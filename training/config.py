@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ascl.errors import AsclError
 from ascl.training.augment import AugmentConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -25,7 +26,7 @@ SWITCHES = ("auto", "on", "off")
 AMPS = ("auto", "bf16", "off")  # no fp16: it would need loss scaling and its host syncs
 
 
-class ConfigError(ValueError):
+class ConfigError(AsclError, ValueError):
     """A configuration the user can fix; the message names the key or file."""
 
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from ascl.encoder import Encoder
+from ascl.models import load_encoder
 from ascl.training.checkpoint import (
     CheckpointError,
-    encoder_from_checkpoint,
     find_checkpoint,
     load_checkpoint,
 )
@@ -32,18 +32,8 @@ PROBE_LR = 1e-3  # its Adam learning rate (cosine decay)
 
 
 def load_model(spec: str) -> Encoder:
-    """An Encoder from a checkpoint / run folder, else through ``ascl.hub.load_encoder`` if present."""
-    try:
-        path = find_checkpoint(spec)
-    except CheckpointError:
-        path = None
-    if path is not None:
-        return encoder_from_checkpoint(path)
-    try:
-        from ascl.hub import load_encoder
-    except ImportError:
-        raise CheckpointError(f"{spec}: no such checkpoint or run folder") from None
-    return load_encoder(spec)  # type: ignore[no-any-return]
+    """The Encoder of any model spec (``ascl.models``: a run folder, a checkpoint, a hub folder, a name)."""
+    return load_encoder(spec)
 
 
 def default_data(spec: str) -> str | None:
