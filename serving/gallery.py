@@ -231,12 +231,19 @@ class Removed:
 
 
 def remove_images(index_dir: str | Path, ids: Iterable[int], *, paths: Iterable[str] = (),
-                  who: str = "a gallery remove", on_wait: Callable[[str], None] | None = None) -> Removed:
+                  who: str = "a gallery remove", on_wait: Callable[[str], None] | None = None,
+                  only_if_present: Iterable[int] = ()) -> Removed:
     """Remove entries by id or by stored path in one new index version, under the writer lock
-    (``ascl index remove`` and the gallery services). Nothing is written when none is there."""
+    (``ascl index remove``, ``ascl dedup --drop`` and the gallery services). Nothing is written
+    when none is there, nor (IndexConflictError) when an id of ``only_if_present`` (what the caller
+    keeps in their place, e.g. a duplicate's original) is no longer indexed."""
     index_dir = Path(index_dir)
     with writer_lock(index_dir, who=who, on_wait=on_wait):
         index = GalleryIndex.load(index_dir)
+        gone_meanwhile = sorted({int(i) for i in only_if_present} - set(index.metadata))
+        if gone_meanwhile:
+            raise IndexConflictError(f"{index_dir}: id {gone_meanwhile[0]}, which this removal keeps, was removed "
+                                     "meanwhile by another writer; nothing was written: run it again")
         wanted = {int(i) for i in ids} | {i for i, m in index.metadata.items() if m.get("path") in set(paths)}
         gone = [Result.from_metadata(i, 0.0, index.metadata[i]) for i in sorted(wanted) if i in index.metadata]
         index.remove(r.id for r in gone)
