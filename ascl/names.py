@@ -15,6 +15,7 @@ TOP_K = "k"
 IDS = "ids"
 SCORES = "scores"
 METADATA = "metadata"
+WHERE = "where"  # optional: a metadata filter as JSON text per row ({"label": "cat"}), see ascl.serving.filters
 
 # Triton model names in the generated repository.
 MODEL_PREPROCESS = "preprocess"

@@ -41,18 +41,27 @@ def _results_view(outcome: actions.SearchOutcome, backend: GalleryService) -> tu
 
 def build_app(backend: GalleryService, examples: Sequence[Path] = (), *, title: str = "ascl image search",
               subtitle: str = "") -> Any:
-    """The Blocks app. Its API endpoints ``/search`` (image, k) and ``/add`` (image, label) are
-    what ``gradio_client`` calls; the page wires the same handlers to upload, webcam, clipboard,
-    example clicks and the k slider."""
+    """The Blocks app. Its API endpoints ``/search`` (image, k, label filter: "any" by default)
+    and ``/add`` (image, label) are what ``gradio_client`` calls; the page wires the same handlers
+    to upload, webcam, clipboard, example clicks, the k slider and the label filter (a dropdown of
+    the gallery's labels: the search then passes ``where={"label": ...}``)."""
     quiet_gradio()
     import gradio as gr
 
-    def on_search(image: Any, k: Any) -> tuple[Any, str, Any]:
+    def label_choices() -> list[str]:
+        """"any", then the gallery's labels (read again after an add, which may bring a new one)."""
+        try:
+            labels = backend.labels()
+        except Exception:  # the label list is a convenience: searching still works without it
+            labels = []
+        return [actions.ANY_LABEL, *[lab for lab in labels if lab != actions.ANY_LABEL]]
+
+    def on_search(image: Any, k: Any, only: Any = actions.ANY_LABEL) -> tuple[Any, str, Any]:
         if image is None:  # the image was cleared: leave results and messages as they are
             return gr.skip(), gr.skip(), gr.skip()
         try:
             data, name = actions.upload_bytes(image)
-            outcome = actions.search(backend, data, k, name)
+            outcome = actions.search(backend, data, k, name, label=only)
         except actions.UserError as exc:
             gr.Warning(str(exc))
             return [], f"**Error:** {exc}", []
@@ -69,9 +78,9 @@ def build_app(backend: GalleryService, examples: Sequence[Path] = (), *, title: 
         raw = [{"id": result.id, "label": result.label, "name": result.name}]
         return f"**Added as id {result.id}**: it is in the index now and found by the next search.", raw
 
-    def after_add(image: Any, k: Any, added: str) -> tuple[Any, str, Any]:
-        gallery, found, raw = on_search(image, k)
-        return gallery, f"{added}<br>{found}", raw
+    def after_add(image: Any, k: Any, only: Any, added: str) -> tuple[Any, str, Any, Any]:
+        gallery, found, raw = on_search(image, k, only)
+        return gallery, f"{added}<br>{found}", raw, gr.update(choices=label_choices())  # a new label is offered
 
     with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"# {title}\n{subtitle}")
@@ -80,6 +89,8 @@ def build_app(backend: GalleryService, examples: Sequence[Path] = (), *, title: 
                 image = gr.Image(sources=["upload", "webcam", "clipboard"], type="filepath", label="Query image",
                                  height=280, elem_id="query-image")
                 k = gr.Slider(1, actions.MAX_K, value=DEFAULT_K, step=1, label="k (number of results)")
+                only = gr.Dropdown(label_choices(), value=actions.ANY_LABEL, label="Only results labelled",
+                                   elem_id="label-filter")
                 search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
                 with gr.Row():
                     label = gr.Textbox(label="Label for the added image (optional)", scale=2)
@@ -95,11 +106,12 @@ def build_app(backend: GalleryService, examples: Sequence[Path] = (), *, title: 
             gr.Examples([[str(p)] for p in examples], inputs=[image], label="Gallery examples (click one)",
                         examples_per_page=12, elem_id="examples")
         outputs = [gallery, status, raw]
-        search_btn.click(on_search, [image, k], outputs, api_name="search", preprocess=False)
-        image.change(on_search, [image, k], outputs, api_visibility="private", preprocess=False)
-        k.release(on_search, [image, k], outputs, api_visibility="private", preprocess=False)
+        search_btn.click(on_search, [image, k, only], outputs, api_name="search", preprocess=False)
+        image.change(on_search, [image, k, only], outputs, api_visibility="private", preprocess=False)
+        k.release(on_search, [image, k, only], outputs, api_visibility="private", preprocess=False)
+        only.input(on_search, [image, k, only], outputs, api_visibility="private", preprocess=False)
         add_btn.click(on_add, [image, label], [status, raw], api_name="add", preprocess=False).success(
-            after_add, [image, k, status], outputs, api_visibility="private", preprocess=False
+            after_add, [image, k, only, status], [*outputs, only], api_visibility="private", preprocess=False
         )
     return app
 

@@ -21,6 +21,7 @@ from ascl.images import MAX_IMAGE_BYTES, ImageError
 from ascl.serving.gallery import GalleryService, Result
 
 MAX_K = 50
+ANY_LABEL = "any"  # the label filter's choice that filters nothing
 THUMBNAIL_SIDE = 256
 
 
@@ -111,12 +112,19 @@ def check_k(k: Any) -> int:
     return value
 
 
-def search(backend: GalleryService, image: bytes, k: Any, name: str = "the image") -> SearchOutcome:
-    """Search ``backend`` with encoded ``image``; raises UserError with a friendly message."""
+def label_filter(label: str | None) -> dict[str, str] | None:
+    """The search filter for a label chosen on the page: None for ``ANY_LABEL`` (or nothing)."""
+    return None if label in (None, "", ANY_LABEL) else {"label": str(label)}
+
+
+def search(backend: GalleryService, image: bytes, k: Any, name: str = "the image",
+           label: str | None = None) -> SearchOutcome:
+    """Search ``backend`` with encoded ``image`` (only entries labelled ``label``, unless it is
+    ``ANY_LABEL`` or None); raises UserError with a friendly message."""
     count = check_k(k)
     start = time.perf_counter()
     try:
-        results = backend.search(image, count)
+        results = backend.search(image, count, where=label_filter(label))
     except Exception as exc:
         raise UserError(friendly_message(exc, backend, name)) from exc
     return SearchOutcome(results, time.perf_counter() - start)

@@ -159,12 +159,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
             shutil.rmtree(repo_dir.parent, ignore_errors=True)
 
 
+def parse_where_args(items: list[str] | None) -> dict[str, str | list[str]]:
+    """``--where FIELD=VALUE`` options as a filter: one field repeated is any of its values, fields AND."""
+    where: dict[str, list[str]] = {}
+    for item in items or []:
+        field, sep, value = item.partition("=")
+        if not sep or not field.strip():
+            raise InputError(f"--where {item!r}: expected FIELD=VALUE, e.g. --where label=cat")
+        where.setdefault(field.strip(), []).append(value)
+    return {f: v[0] if len(v) == 1 else v for f, v in where.items()}
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from ascl.serving.client import Client
+    from ascl.serving.filters import where_json
 
+    where = parse_where_args(args.where)
+    where_json(where)  # a filter over the size limit fails here, before any connection
     # tritonclient raises its own exception type for server-side and connection errors
     with user_errors(Exception, prefix=f"{args.server}: "), Client(args.server, protocol=args.protocol) as client:
-        results = client.search(args.images, k=args.k)
+        results = client.search(args.images, k=args.k, where=where or None)
     for image, hits in zip(args.images, results, strict=True):
         print(image)
         for rank, hit in enumerate(hits, 1):
@@ -237,4 +251,8 @@ def register(sub: Any) -> None:
     query.add_argument("-k", type=int, default=10, help="hits per image")
     query.add_argument("--server", default="localhost:8001", help="gRPC host:port of 'ascl serve'")
     query.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="grpc (default port 8001) or http")
+    query.add_argument("--where", action="append", default=None, metavar="FIELD=VALUE",
+                       help="only hits whose metadata FIELD equals VALUE (compared as text), e.g. --where label=cat; "
+                            "repeat it: the same field again adds a value (any of them), another field must match "
+                            "too (AND); the server names the known fields when one is unknown")
     query.set_defaults(func=cmd_query)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ascl import names
+from ascl.serving.filters import Where, where_json
 from ascl.serving.index import Hit
 
 ImageLike = bytes | str | Path | np.ndarray
@@ -98,20 +99,32 @@ class Client:
         ]
         return np.concatenate(parts).astype(np.float32)  # [N, D]
 
-    def search(self, images: Sequence[ImageLike], k: int = 10) -> list[list[Hit]]:
-        """The ``k`` nearest gallery entries of each image, best first."""
+    def search(self, images: Sequence[ImageLike], k: int = 10, where: Where | None = None) -> list[list[Hit]]:
+        """The ``k`` nearest gallery entries of each image, best first.
+
+        ``where`` keeps only entries whose metadata pass it, e.g. ``{"label": "cat"}``; several
+        fields must all match, a list of values is any of them (``{"label": ["cat", "dog"]}``);
+        values compare as text. The filter runs inside the server's FAISS index, so each image
+        still gets ``k`` hits when ``k`` entries match (fewer only when fewer match; none: []).
+        An unknown field fails the request with a message that lists the known ones.
+        """
         encoded = [encode_image(i) for i in images]
         if not encoded:
             raise ValueError("search() needs at least one image")
+        where_text = where_json(where)  # FilterError (a ValueError) for a malformed filter, before sending
         results: list[list[Hit]] = []
         for batch in _chunks(encoded, self.max_batch):
             k_in = self._tc.InferInput(names.TOP_K, [len(batch), 1], "INT32")
             k_in.set_data_from_numpy(np.full((len(batch), 1), k, dtype=np.int32))
-            out = self._infer(names.MODEL_IMAGE_SEARCH, [self._bytes_input(batch), k_in],
-                              [names.IDS, names.SCORES, names.METADATA])
+            inputs = [self._bytes_input(batch), k_in]
+            if where_text:  # sent only with a filter: servers without the input keep answering the rest
+                where_in = self._tc.InferInput(names.WHERE, [len(batch), 1], "BYTES")
+                where_in.set_data_from_numpy(np.full((len(batch), 1), where_text.encode(), dtype=np.object_))
+                inputs.append(where_in)
+            out = self._infer(names.MODEL_IMAGE_SEARCH, inputs, [names.IDS, names.SCORES, names.METADATA])
             ids, scores, meta = (out.as_numpy(n) for n in (names.IDS, names.SCORES, names.METADATA))  # [B, k]
             results.extend(
-                [Hit(int(i), float(s), json.loads(m)) for i, s, m in zip(r_i, r_s, r_m, strict=True)]
+                [Hit(int(i), float(s), json.loads(m)) for i, s, m in zip(r_i, r_s, r_m, strict=True) if i >= 0]
                 for r_i, r_s, r_m in zip(ids, scores, meta, strict=True)
             )
         return results

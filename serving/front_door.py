@@ -12,6 +12,9 @@ Triton itself listens on private 127.0.0.1 ports. The front door is what clients
 - **No empty tensors.** An inference request with a zero-sized dimension (a batch of no
   images) is refused here (INVALID_ARGUMENT / 400): Triton 2.51 would batch it with other
   clients' requests, and the Python backend then fails the whole batch while unpacking it.
+- **Small filters.** The optional ``where`` input (a metadata filter, JSON text per row) is
+  forwarded like every other input, but a filter over ``MAX_FILTER_BYTES`` (16 KiB), or more
+  than ``MAX_FILTER_ROWS`` of them, is refused here (INVALID_ARGUMENT / 400).
 - **No requests from web pages.** An HTTP request that carries a browser ``Origin`` of another
   site, or a body type a form can send without a CORS preflight (``text/plain``,
   ``application/x-www-form-urlencoded``, ``multipart/form-data``), is refused.
@@ -33,6 +36,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ascl.names import WHERE
+from ascl.serving.filters import MAX_FILTER_BYTES
 from ascl.serving.server import ServerError
 
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
@@ -46,6 +51,7 @@ HTTP_FORWARDED = (
 SIMPLE_FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
 FORWARDED_HEADERS = ("Content-Type", "Content-Encoding", "Accept-Encoding", "Inference-Header-Content-Length")
 INFER = "ModelInfer"
+MAX_FILTER_ROWS = 1024  # elements of one `where` tensor (a request holds at most 64 rows)
 RESTARTING = "the inference server is restarting; retry shortly"
 LOST_IN_FLIGHT = "the inference server stopped while this request was in flight; retry it"
 REFUSED = ("not served on this port: ascl serve exposes health, metadata and inference only "
@@ -176,7 +182,9 @@ class FrontDoor:
         else:
             self._channel = grpc.aio.insecure_channel(backend.grpc, options=[
                 ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            # auto_decompress off: a gzip answer (the client's Accept-Encoding) goes back as the bytes
+            # its forwarded Content-Encoding describes, not decompressed under a gzip header
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
         for closing in (old_channel, old_session):
             if closing is not None:
                 await closing.close()
@@ -317,10 +325,38 @@ def grpc_infer_problem(request: bytes) -> str | None:
         message = service_pb2.ModelInferRequest.FromString(request)
     except Exception:  # protobuf's DecodeError; Triton would refuse it too
         return "not a valid ModelInferRequest"
-    for inp in message.inputs:
+    raw = message.raw_input_contents
+    for at, inp in enumerate(message.inputs):
         problem = empty_shape_problem(inp.name, list(inp.shape))
+        if not problem and inp.name == WHERE:
+            if len(raw) == len(message.inputs):
+                problem = where_problem(list(inp.shape), raw=raw[at])
+            else:
+                problem = where_problem(list(inp.shape), sizes=[len(b) for b in inp.contents.bytes_contents])
         if problem:
             return problem
+    return None
+
+
+def where_problem(shape: list[int], *, raw: bytes | None = None, sizes: list[int] | None = None) -> str | None:
+    """Why a ``where`` tensor (Triton's serialized BYTES: a 4-byte little-endian length before each
+    element, or the element sizes) must not reach Triton: too many rows, or a filter over the limit."""
+    count = 1
+    for d in shape:
+        count *= max(int(d), 0)
+    if count > MAX_FILTER_ROWS:
+        return f"input {WHERE!r} has {count} elements; at most {MAX_FILTER_ROWS} filters per request"
+    if raw is not None:
+        sizes, at = [], 0
+        while at < len(raw) and len(sizes) <= count:
+            size = int.from_bytes(raw[at:at + 4], "little") if at + 4 <= len(raw) else -1
+            if size < 0 or at + 4 + size > len(raw):
+                return f"input {WHERE!r} is not a valid BYTES tensor"
+            sizes.append(size)
+            at += 4 + size
+    largest = max(sizes or [0])
+    if largest > MAX_FILTER_BYTES:
+        return f"input {WHERE!r}: a filter of {largest} bytes is over the {MAX_FILTER_BYTES // 1024} KiB limit"
     return None
 
 
@@ -331,13 +367,34 @@ def http_infer_problem(body: bytes, header_length: str | None) -> str | None:
     try:
         header = json.loads(body[: int(header_length)] if header_length else body)
         inputs = header.get("inputs", []) if isinstance(header, dict) else []
+        offset = int(header_length) if header_length else len(body)  # binary tensors follow, in input order
         for inp in inputs:
-            problem = empty_shape_problem(str(inp.get("name")), list(inp.get("shape", [])))
+            shape = list(inp.get("shape", []))
+            problem = empty_shape_problem(str(inp.get("name")), shape)
+            binary = int((inp.get("parameters") or {}).get("binary_data_size", 0))
+            if not problem and inp.get("name") == WHERE:
+                if binary:
+                    problem = where_problem(shape, raw=body[offset:offset + binary])
+                else:
+                    problem = where_problem(shape, sizes=[len(str(v).encode()) for v in _flat(inp.get("data", []))])
+            offset += binary
             if problem:
                 return problem
     except (ValueError, TypeError, AttributeError):
         return "the request is not a KServe v2 inference request (JSON header)"
     return None
+
+
+def _flat(data: Any) -> list[Any]:
+    """The elements of a JSON tensor's ``data`` (nested lists or flat)."""
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    for item in data:
+        out.extend(_flat(item))
+        if len(out) > MAX_FILTER_ROWS:
+            break
+    return out
 
 
 def _never_arrived(code: Any, details: str) -> bool:

@@ -39,6 +39,7 @@ import numpy as np
 from ascl.atomic import atomic_write_bytes
 from ascl.errors import FAILURE, AsclError
 from ascl.images import decode_image
+from ascl.serving.filters import Where
 from ascl.serving.index import (
     MANIFEST,
     GalleryIndex,
@@ -110,12 +111,20 @@ class GalleryService(Protocol):
         ...
 
     @overload
-    def search(self, images: bytes, k: int) -> list[Result]: ...
+    def search(self, images: bytes, k: int, where: Where | None = None) -> list[Result]: ...
     @overload
-    def search(self, images: Sequence[bytes], k: int) -> list[list[Result]]: ...
-    def search(self, images: bytes | Sequence[bytes], k: int) -> list[Result] | list[list[Result]]:
+    def search(self, images: Sequence[bytes], k: int, where: Where | None = None) -> list[list[Result]]: ...
+    def search(self, images: bytes | Sequence[bytes], k: int,
+               where: Where | None = None) -> list[Result] | list[list[Result]]:
         """The ``k`` nearest gallery entries of one image (a ranked list, best first) or of each of
-        several (one ranked list each); ``k`` is clamped to the gallery size."""
+        several (one ranked list each); ``k`` is clamped to the gallery size. ``where`` keeps only
+        entries whose metadata pass it (``{"label": "cat"}``; a list of values: any of them; several
+        fields: all), inside FAISS: still ``k`` results when ``k`` entries match; FilterError for an
+        unknown field."""
+        ...
+
+    def labels(self) -> list[str]:
+        """The labels the gallery's entries carry, sorted (empty when it cannot tell)."""
         ...
 
     def add(self, image: bytes, *, name: str, label: str | None = None) -> Result:
@@ -262,6 +271,10 @@ def _embed_locally(embedder: Any, images: Sequence[bytes], names: Sequence[str] 
     return np.asarray(embedder.embed(pixels), dtype=np.float32)  # [N, D]
 
 
+def _labels(records: Iterable[dict[str, Any]]) -> list[str]:
+    return sorted({str(m["label"]) for m in records if m.get("label") is not None})
+
+
 def _say(text: str) -> None:
     import sys
 
@@ -276,18 +289,20 @@ class _Gallery:
 
     description: str
 
-    def _search(self, images: list[bytes], k: int) -> list[list[Result]]:
+    def _search(self, images: list[bytes], k: int, where: Where | None) -> list[list[Result]]:
         raise NotImplementedError
 
     @overload
-    def search(self, images: bytes, k: int) -> list[Result]: ...
+    def search(self, images: bytes, k: int, where: Where | None = None) -> list[Result]: ...
     @overload
-    def search(self, images: Sequence[bytes], k: int) -> list[list[Result]]: ...
-    def search(self, images: bytes | Sequence[bytes], k: int) -> list[Result] | list[list[Result]]:
-        """The ``k`` nearest gallery entries of ``images`` (one encoded image, or a list), best first."""
+    def search(self, images: Sequence[bytes], k: int, where: Where | None = None) -> list[list[Result]]: ...
+    def search(self, images: bytes | Sequence[bytes], k: int,
+               where: Where | None = None) -> list[Result] | list[list[Result]]:
+        """The ``k`` nearest gallery entries of ``images`` (one encoded image, or a list), best first,
+        among those passing ``where`` (``ascl.serving.filters``)."""
         if isinstance(images, bytes | bytearray):
-            return self._search([bytes(images)], k)[0]
-        return self._search(list(images), k)
+            return self._search([bytes(images)], k, where)[0]
+        return self._search(list(images), k, where)
 
 
 class InProcessGallery(_Gallery):
@@ -318,10 +333,15 @@ class InProcessGallery(_Gallery):
         """Encoded images -> [N, D] unit embeddings (raises ImageError, naming the image, for bad input)."""
         return _embed_locally(self.embedder, list(images), names)
 
-    def _search(self, images: list[bytes], k: int) -> list[list[Result]]:
+    def _search(self, images: list[bytes], k: int, where: Where | None) -> list[list[Result]]:
+        index = self._current()
+        index.field_index().matching(where)  # a bad filter fails before the images are embedded
         queries = self.embed(images)  # [Q, D]
         return [[Result.from_metadata(h.id, h.score, h.metadata) for h in hits]
-                for hits in self._current().hits(queries, k)]  # k is clamped to the index size
+                for hits in index.hits(queries, k, where)]  # k is clamped to the index size
+
+    def labels(self) -> list[str]:
+        return _labels(self._current().metadata.values())
 
     def add(self, image: bytes, *, name: str, label: str | None = None) -> Result:
         return add_images(self.index_dir, [(name, image)], self.embed, label=label).results[0]
@@ -353,9 +373,15 @@ class TritonGallery(_Gallery):
         """[N, D] unit embeddings computed by the server (``names`` are not sent)."""
         return np.asarray(self.client.embed(list(images)), dtype=np.float32)
 
-    def _search(self, images: list[bytes], k: int) -> list[list[Result]]:
+    def _search(self, images: list[bytes], k: int, where: Where | None) -> list[list[Result]]:
         return [[Result.from_metadata(h.id, h.score, h.metadata) for h in hits]
-                for hits in self.client.search(images, k=k)]  # the server clamps k to the index size
+                for hits in self.client.search(images, k=k, where=where)]  # the server clamps k to the index size
+
+    def labels(self) -> list[str]:
+        """The labels in the served index folder (read here; empty without ``index_dir``)."""
+        if self.index_dir is None:
+            return []
+        return _labels(GalleryIndex.load(self.index_dir).metadata.values())
 
     def _folder(self) -> Path:
         if self.index_dir is None:

@@ -17,8 +17,8 @@ for the read-modify-write of one change (``ascl index build/add/remove`` and the
 use it), and ``GalleryIndex.save`` refuses to write over a version it did not start from, so
 two writers can never lose each other's changes.
 
-This module imports only numpy, faiss and ``ascl`` core modules: the Triton search model
-vendors it into the model repository.
+This module imports only numpy, faiss, ``ascl`` core modules and ``ascl.serving.filters``
+(filtered search): the Triton search model vendors them into the model repository.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import numpy as np
 
 from ascl.atomic import atomic_path, atomic_write_text
 from ascl.errors import AsclError
+from ascl.serving.filters import FieldIndex, Where
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".writer.lock"
@@ -172,6 +173,7 @@ class GalleryIndex:
         self.index = index
         self.metadata = metadata
         self.manifest = manifest
+        self._fields: FieldIndex | None = None  # the filter lookup of these entries (built on first use)
 
     @classmethod
     def create(cls, dim: int, factory: str, *, model: dict[str, Any] | None = None) -> GalleryIndex:
@@ -219,6 +221,13 @@ class GalleryIndex:
     def ntotal(self) -> int:
         return int(self.index.ntotal)
 
+    def field_index(self) -> FieldIndex:
+        """Metadata field -> value -> entries, for filtered search: built once per version of the entries."""
+        fields = self._fields
+        if fields is None:
+            fields = self._fields = FieldIndex(self.index, self.metadata)
+        return fields
+
     def known_keys(self) -> set[str]:
         """Content keys (sha1 of the image bytes) already indexed: re-runs skip these."""
         return {str(m["sha1"]) for m in self.metadata.values() if "sha1" in m}
@@ -245,6 +254,7 @@ class GalleryIndex:
             return ids
         self.train_if_needed(vectors)
         self.index.add_with_ids(vectors, ids)
+        self._fields = None
         for i, record in zip(ids.tolist(), records, strict=True):
             self.metadata[i] = {"id": i, **record}
         self.manifest["next_id"] = start + len(vectors)
@@ -289,6 +299,7 @@ class GalleryIndex:
             removed = self._rebuild_without(set(wanted.tolist()))
         for i in wanted.tolist():
             self.metadata.pop(i, None)
+        self._fields = None
         return removed
 
     def _rebuild_without(self, drop: set[int]) -> int:
@@ -305,11 +316,14 @@ class GalleryIndex:
         self.index = fresh.index
         return removed
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, where: Where | str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """queries [Q, D] -> (scores [Q, k'] float32, ids [Q, k'] int64), best first, k' = min(k, N).
 
         A k larger than the index is clamped (an index can shrink while clients keep asking for
         their usual k); k <= 0 raises ValueError, so that a server fails that one request.
+        ``where`` (``{"label": "cat"}``, ``ascl.serving.filters``) keeps only the entries that pass
+        it, inside FAISS: k' = min(k, matching entries), none matching gives [Q, 0]; an unknown
+        field raises FilterError (a ValueError) naming the known ones.
         """
         if k <= 0:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -319,12 +333,14 @@ class GalleryIndex:
         k = min(k, self.ntotal)
         if k == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        if where:
+            return self.field_index().search(self.index, queries, k, where)
         scores, ids = self.index.search(queries, k)
         return scores.astype(np.float32), ids.astype(np.int64)
 
-    def hits(self, queries: np.ndarray, k: int) -> list[list[Hit]]:
+    def hits(self, queries: np.ndarray, k: int, where: Where | str | None = None) -> list[list[Hit]]:
         """Like ``search`` but with metadata attached: one ranked list per query."""
-        scores, ids = self.search(queries, k)
+        scores, ids = self.search(queries, k, where)
         return [
             [Hit(int(i), float(s), self.metadata.get(int(i), {})) for s, i in zip(row_s, row_i, strict=True) if i >= 0]
             for row_s, row_i in zip(scores, ids, strict=True)

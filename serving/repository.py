@@ -29,6 +29,7 @@ VENDORED = {
     "atomic.py": ASCL_ROOT / "ascl" / "atomic.py",
     "serving/__init__.py": ASCL_ROOT / "serving" / "__init__.py",
     "serving/index.py": ASCL_ROOT / "serving" / "index.py",
+    "serving/filters.py": ASCL_ROOT / "serving" / "filters.py",
     "serving/request_errors.py": ASCL_ROOT / "serving" / "request_errors.py",
     "export/__init__.py": ASCL_ROOT / "export" / "__init__.py",
     "export/runtime.py": ASCL_ROOT / "export" / "runtime.py",
@@ -121,10 +122,18 @@ def search_config(facts: ModelFacts, index_dir: str) -> Any:
     _python_model(config, ENCODER_MAX_BATCH, {"index_dir": index_dir, "poll_seconds": "0.5"}, 500)
     _tensor(config.input.add(), names.EMBEDDINGS, "TYPE_FP32", [facts.embedding_dim])
     _tensor(config.input.add(), names.TOP_K, "TYPE_INT32", [1])
+    _optional_where(config)
     _tensor(config.output.add(), names.IDS, "TYPE_INT64", [-1])
     _tensor(config.output.add(), names.SCORES, "TYPE_FP32", [-1])
     _tensor(config.output.add(), names.METADATA, "TYPE_STRING", [-1])
     return config
+
+
+def _optional_where(config: Any) -> None:
+    """The metadata filter input: optional, so that clients that send none (older ones) keep working."""
+    where = config.input.add()
+    _tensor(where, names.WHERE, "TYPE_STRING", [1])
+    where.optional = True
 
 
 def _step(config: Any, model: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:
@@ -148,12 +157,14 @@ def image_search_config(facts: ModelFacts) -> Any:
     config = _pb().ModelConfig(name=names.MODEL_IMAGE_SEARCH, platform="ensemble", max_batch_size=REQUEST_MAX_BATCH)
     _tensor(config.input.add(), names.IMAGE_BYTES, "TYPE_STRING", [1])
     _tensor(config.input.add(), names.TOP_K, "TYPE_INT32", [1])
+    _optional_where(config)  # mapped to the search step's optional input: absent there when absent here
     _tensor(config.output.add(), names.IDS, "TYPE_INT64", [-1])
     _tensor(config.output.add(), names.SCORES, "TYPE_FP32", [-1])
     _tensor(config.output.add(), names.METADATA, "TYPE_STRING", [-1])
     _step(config, names.MODEL_PREPROCESS, {names.IMAGE_BYTES: names.IMAGE_BYTES}, {names.IMAGES: "_pixels"})
     _step(config, names.MODEL_ENCODER, {names.IMAGES: "_pixels"}, {names.EMBEDDINGS: "_embeddings"})
-    _step(config, names.MODEL_SEARCH, {names.EMBEDDINGS: "_embeddings", names.TOP_K: names.TOP_K},
+    _step(config, names.MODEL_SEARCH,
+          {names.EMBEDDINGS: "_embeddings", names.TOP_K: names.TOP_K, names.WHERE: names.WHERE},
           {names.IDS: names.IDS, names.SCORES: names.SCORES, names.METADATA: names.METADATA})
     return config
 

@@ -111,3 +111,28 @@ def test_clicking_an_example_searches(page: Any) -> None:
     wait_for(page, "document.querySelector('#results').innerText.includes('1.000 · 1 · ')",
              shot="demo-example-timeout.png")
     wait_for(page, RESULTS_RENDERED, 10, shot="demo-example-timeout.png")
+
+
+ALL_CAPTIONS_LABELLED = """(label) => {
+    const captions = document.querySelector('#results').innerText.match(/\\d\\.\\d{3} · [^·\\n]+ · #\\d+/g) || [];
+    return captions.length >= 10 && captions.every(c => c.includes(` · ${label} · `));
+}"""
+
+
+def choose_label(page: Any, label: str) -> None:
+    page.locator("#label-filter input").click()
+    page.get_by_role("option", name=label, exact=True).click()
+
+
+def test_choosing_a_label_returns_only_that_label(page: Any, digits_folder: Path) -> None:
+    upload(page, sorted(digits_folder.rglob("*.png"))[30])  # a 2
+    wait_for(page, RESULTS_RENDERED, 10, shot="demo-filter-before-timeout.png")
+    choose_label(page, "5")  # the dropdown lists the gallery's labels; choosing one searches again
+    wait_for(page, ALL_CAPTIONS_LABELLED, "5", shot="demo-filter-timeout.png")
+    wait_for(page, RESULTS_RENDERED, 10, shot="demo-filter-timeout.png")
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "demo-label-filter.png"), full_page=True)
+    assert "10 results in" in status_text(page)
+    choose_label(page, "any")  # back to the whole gallery: the query (a 2) finds itself first
+    wait_for(page, "document.querySelector('#results').innerText.includes('1.000 · 2 · ')",
+             shot="demo-filter-any-timeout.png")

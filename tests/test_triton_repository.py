@@ -86,6 +86,16 @@ def test_configs_match_onnx_graph(model_and_index: tuple[Path, Path], tmp_path: 
     assert [(t.name, dtype(t.data_type)) for t in search.output] == [
         (names.IDS, "TYPE_INT64"), (names.SCORES, "TYPE_FP32"), (names.METADATA, "TYPE_STRING")]
     assert list(search.input[0].dims) == [512]
+    # the metadata filter: an optional BYTES row on `search` and on the `image_search` ensemble,
+    # which maps it into its search step (a request without it leaves it out there too)
+    for model in (search, configs[names.MODEL_IMAGE_SEARCH]):
+        where = {t.name: t for t in model.input}[names.WHERE]
+        assert (dtype(where.data_type), list(where.dims), where.optional) == ("TYPE_STRING", [1], True)
+        others = [t.name for t in model.input if t.optional]
+        assert others == [names.WHERE]
+    (search_step,) = [s for s in configs[names.MODEL_IMAGE_SEARCH].ensemble_scheduling.step
+                      if s.model_name == names.MODEL_SEARCH]
+    assert search_step.input_map[names.WHERE] == names.WHERE
     index_param = search.parameters["index_dir"].string_value
     assert Path(index_param) == index_dir if platform == "python" else (repo / "search" / "1" / index_param / "manifest.json").is_file()
 
@@ -101,6 +111,9 @@ def test_configs_match_onnx_graph(model_and_index: tuple[Path, Path], tmp_path: 
             declared_in = {t.name: dtype(t.data_type) for t in target.input}
             for key, value in step.input_map.items():
                 assert produced[value] == declared_in[key]
+            optional_in = {t.name for t in target.input if t.optional}
+            ensemble_optional = {t.name for t in ens.input if t.optional}
+            assert {key for key, value in step.input_map.items() if value in ensemble_optional} <= optional_in
             declared_out = {t.name: dtype(t.data_type) for t in target.output}
             for key, value in step.output_map.items():
                 assert value not in produced
@@ -115,6 +128,7 @@ def test_python_models_vendor_what_they_import(model_and_index: tuple[Path, Path
         version = repo / model / "1"
         assert "class TritonPythonModel" in (version / "model.py").read_text()
         assert (version / "ascl" / "images.py").is_file() and (version / "ascl" / "serving" / "index.py").is_file()
+        assert (version / "ascl" / "serving" / "filters.py").is_file()  # index.py imports it
     assert (repo / names.MODEL_ENCODER / "1" / "model.onnx").stat().st_size > 1_000_000
 
 
