@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "ascl.training.cli",  # train, eval
     "ascl.export.cli",  # export
     "ascl.serving.cli",  # index, serve, query
+    "ascl.serving.embed_cli",  # embed
     "ascl.serving.dedup_cli",  # dedup
     "ascl.model_cards.cli",  # push, pull, models
     "ascl.demo.cli",  # demo, up

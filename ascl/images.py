@@ -48,7 +48,7 @@ def to_rgb_square(image: Image.Image, size: int) -> np.ndarray:
         image = image.convert("RGBA" if "A" in image.mode or image.mode == "P" else "RGB")
     if (w, h) != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
 
 
 def decode_image(data: bytes, size: int, *, name: str = "image", max_bytes: int = MAX_IMAGE_BYTES) -> np.ndarray:
@@ -56,6 +56,12 @@ def decode_image(data: bytes, size: int, *, name: str = "image", max_bytes: int 
 
     Raises ImageError naming ``name`` for empty, oversized, corrupt or truncated input.
     """
+    return decode_image_sized(data, size, name=name, max_bytes=max_bytes)[0]
+
+
+def decode_image_sized(data: bytes, size: int, *, name: str = "image", max_bytes: int = MAX_IMAGE_BYTES
+                       ) -> tuple[np.ndarray, tuple[int, int]]:
+    """``decode_image`` and the original (width, height) of the image, before the square crop."""
     if not data:
         raise ImageError(f"{name}: empty input, expected encoded image bytes (JPEG, PNG or WebP)")
     if len(data) > max_bytes:
@@ -69,7 +75,7 @@ def decode_image(data: bytes, size: int, *, name: str = "image", max_bytes: int 
             with Image.open(io.BytesIO(data)) as img:
                 check_dimensions(img.width, img.height, name)
                 img.load()
-                return to_rgb_square(img, size)
+                return to_rgb_square(img, size), (img.width, img.height)
     except ImageError:
         raise
     except UnidentifiedImageError as exc:

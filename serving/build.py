@@ -1,8 +1,10 @@
 """Embed a gallery with ONNX Runtime and write it into a versioned FAISS index folder.
 
 Images already in the index (same content hash) are skipped, so re-running a build or an
-``add`` over the same source only embeds what is new. Adding single encoded images (an upload)
-is the gallery service's ``add_images`` (``ascl.serving.gallery``).
+``add`` over the same source only embeds what is new. ``build_index_from_parquet`` builds the
+same index from a Parquet embedding set (``ascl embed``) without embedding again. Adding single
+encoded images (an upload) is the gallery service's ``add_images`` (``ascl.serving.gallery``).
+Every writer refuses embeddings of another model than the index's (``ascl.serving.model_identity``).
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from ascl.images import ImageError, decode_image
 from ascl.serving.index import (
     MANIFEST,
     GalleryIndex,
-    IndexFileError,
     auto_factory,
     read_manifest,
     writer_lock,
 )
+from ascl.serving.model_identity import ensure_same_model, model_identity
 from ascl.serving.sources import SourceImage, iter_source
 
 
@@ -109,12 +111,8 @@ def load_existing(out: Path) -> GalleryIndex | None:
 
 
 def check_same_model(index: GalleryIndex, model: dict[str, Any], out: Path) -> None:
-    old = index.manifest.get("model", {}).get("sha1")
-    if old and old != model["sha1"]:
-        raise IndexFileError(
-            f"{out}: built with another model ({Path(str(index.manifest['model'].get('onnx'))).name}); "
-            "embeddings of different models cannot be mixed: write a new index with a new --out"
-        )
+    """ModelMismatchError (naming both) when ``index`` holds embeddings of another model than ``model``."""
+    ensure_same_model(index.manifest.get("model"), model, f"index {out}")
 
 
 def build_index(
@@ -128,20 +126,69 @@ def build_index(
     writer added meanwhile, so concurrent writers never undo each other.
     """
     onnx_path, out = Path(onnx_path), Path(out)
-    model = {"onnx": str(onnx_path.resolve()), "sha1": file_sha1(onnx_path)}
+    model = model_identity(onnx_path)  # name, weights, dim, precision, and the ONNX file with its sha1
     snapshot = load_existing(out)
     if snapshot is not None:
         check_same_model(snapshot, model, out)
     known = snapshot.known_keys() if snapshot else set()
     vectors, records, counts = embed_source(onnx_path, images, known=known, batch_size=batch_size, limit=limit,
                                             progress=progress)
+    return _apply(out, vectors, records, counts, factory=factory, model=model, what=images)
+
+
+def build_index_from_parquet(
+    embeddings: str | Path, out: str | Path, *, factory: str = "auto", model: dict[str, Any] | None = None,
+) -> BuildReport:
+    """Create ``out`` from a Parquet embedding set (``ascl embed``), or add its new rows to ``out``.
+
+    Nothing is embedded again: vectors and metadata (path, label, size, sha1, and the set's
+    source) come from the set's finished parts; the index manifest records the set's model.
+    Refuses (ModelMismatchError) a set or an index of another model than ``model`` (when given)
+    or than each other. Rows whose sha1 is indexed already are skipped, as in ``build_index``.
+    """
+    from ascl.serving.parquet_set import embeddings_of, iter_parts
+    from ascl.serving.parquet_set import read_manifest as read_set_manifest
+
+    embeddings, out = Path(embeddings), Path(out)
+    manifest = read_set_manifest(embeddings)
+    set_model = dict(manifest["model"])
+    if model is not None:
+        ensure_same_model(set_model, model, f"embedding set {embeddings}")
+    snapshot = load_existing(out)
+    if snapshot is not None:
+        check_same_model(snapshot, set_model, out)
+    known = snapshot.known_keys() if snapshot else set()
+    source = str(manifest["source"]["source"])
+    counts = {"known": 0, "bad": int(manifest.get("errors", 0))}
+    vectors: list[np.ndarray] = []
+    records: list[dict[str, Any]] = []
+    for table in iter_parts(embeddings, manifest):
+        columns = table.select(["path", "label", "size", "sha1"]).to_pydict()
+        keep = []
+        for j, sha1 in enumerate(columns["sha1"]):
+            if sha1 in known:
+                counts["known"] += 1
+                continue
+            known.add(sha1)
+            keep.append(j)
+            records.append({"path": columns["path"][j], "label": columns["label"][j], "size": int(columns["size"][j]),
+                            "source": source, "sha1": sha1})
+        vectors.append(embeddings_of(table)[keep])
+    dim = int(manifest["model"]["dim"])
+    stacked = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+    return _apply(out, stacked, records, counts, factory=factory, model=set_model, what=str(embeddings))
+
+
+def _apply(out: Path, vectors: np.ndarray, records: list[dict[str, Any]], counts: dict[str, int], *, factory: str,
+           model: dict[str, Any], what: str) -> BuildReport:
+    """Write ``vectors`` with ``records`` into the index at ``out`` (a new one, or a new version) under the lock."""
     created = not out.exists()
     try:
         with writer_lock(out, who="ascl index build/add", on_wait=_say):
             index = load_existing(out)
             if index is None:
                 if len(vectors) == 0:
-                    raise ImageError(f"{images}: no readable images to index")
+                    raise ImageError(f"{what}: no readable images to index")
                 chosen = auto_factory(len(vectors), vectors.shape[1]) if factory == "auto" else factory
                 index = GalleryIndex.create(vectors.shape[1], chosen, model=model)
             else:

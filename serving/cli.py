@@ -39,22 +39,40 @@ def _model_of_index(index: str) -> str:
     return str(onnx) if onnx and Path(onnx).is_file() else DEFAULT_ALIAS
 
 
-def _add_images(p: argparse.ArgumentParser) -> None:
+def _ensure_index_model(index: str, onnx: Path) -> None:
+    """ModelMismatchError (exit 2, naming both) when ``onnx`` is not the model ``index`` was built with."""
+    from ascl.serving.index import read_manifest
+    from ascl.serving.model_identity import ensure_same_model, model_identity
+
+    ensure_same_model(read_manifest(index).get("model"), model_identity(onnx), f"index {index}")
+
+
+def _add_images(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     from ascl.image_sources import describe_specs
 
-    p.add_argument("--images", required=True, help=describe_specs())
+    p.add_argument("--images", required=required, help=describe_specs())
     p.add_argument("--batch-size", type=int, default=256, help="images embedded per ONNX Runtime call")
     p.add_argument("--limit", type=int, default=None, help="index at most this many images of the source")
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from ascl.serving.build import build_index
+    from ascl.serving.build import build_index, build_index_from_parquet
     from ascl.serving.model_files import resolve_onnx
 
+    from_parquet = getattr(args, "from_parquet", None)
+    if (args.images is None) == (from_parquet is None):
+        raise InputError("pass exactly one of --images IMAGES (embed them now) and --from-parquet DIR "
+                         "(embeddings written by 'ascl embed')")
     with user_errors(*USER_ERRORS):
-        onnx = resolve_onnx(args.model)
-        report = build_index(onnx, args.images, args.out, factory=args.factory, batch_size=args.batch_size,
-                             limit=args.limit)
+        if from_parquet is not None:
+            from ascl.serving.model_identity import model_identity
+
+            model = model_identity(resolve_onnx(args.model)) if args.model else None
+            report = build_index_from_parquet(from_parquet, args.out, factory=args.factory, model=model)
+        else:
+            onnx = resolve_onnx(args.model)
+            report = build_index(onnx, args.images, args.out, factory=args.factory, batch_size=args.batch_size,
+                                 limit=args.limit)
     print(f"{args.out}: version {report.version}, {report.total} vectors ({report.factory}); added {report.added}, "
           f"skipped {report.skipped_known} already indexed and {report.skipped_bad} unreadable")
     return 0
@@ -119,6 +137,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with user_errors(*USER_ERRORS):
         read_manifest(args.index)
         onnx = resolve_onnx(args.model or _model_of_index(args.index))
+        _ensure_index_model(args.index, onnx)
         if args.repository_only:
             repo = write_repository(args.repository_only, onnx, args.index, platform=args.platform, copy_index=True,
                                     plan_path=args.plan, max_request_bytes=max_request)
@@ -193,8 +212,12 @@ def _register_index(sub: Any) -> None:
     isub.required = True
     build = isub.add_parser("build", help="embed a gallery and write an index folder (re-runs skip known images)",
                             formatter_class=FMT)
-    _add_model(build, "default", "default: %(default)s")
-    _add_images(build)
+    _add_model(build, None, "default: the shipped default; with --from-parquet the set's own model (a --model "
+                            "given must be the same)")
+    _add_images(build, required=False)
+    build.add_argument("--from-parquet", default=None, metavar="DIR",
+                       help="index the embeddings of a Parquet set written by 'ascl embed' instead of embedding "
+                            "--images (nothing is embedded again)")
     build.add_argument("--out", required=True, help="index folder to create (or extend, with the same model)")
     build.add_argument("--factory", default="auto",
                        help="FAISS factory: auto (Flat below 50k vectors, HNSW32 below 300k, IVF+fast-scan PQ with "

@@ -319,6 +319,10 @@ class InProcessGallery(_Gallery):
                 f"{self.index_dir} holds {self.index.dim}-d vectors but {onnx_path} makes "
                 f"{self.embedder.embedding_dim}-d embeddings; build the index with the same model"
             )
+        from ascl.serving.model_identity import ensure_same_model, model_identity
+
+        ensure_same_model(self.index.manifest.get("model"), model_identity(onnx_path, metadata=self.embedder.metadata),
+                          f"index {self.index_dir}")
         self._lock = threading.Lock()
         self.description = f"in-process ONNX Runtime ({Path(onnx_path).name}) + FAISS ({self.index_dir})"
 
@@ -505,10 +509,12 @@ def start_service(onnx_path: str | Path, index_dir: str | Path, workdir: str | P
     if it or a stub dies. The repository's search model reads ``index_dir`` in place, so images
     added to that index are served without a restart. Raises ServerError when it does not start.
     """
+    from ascl.serving.model_identity import ensure_same_model, model_identity
     from ascl.serving.repository import write_repository
     from ascl.serving.service import SearchService
 
     index_dir, workdir = Path(index_dir), Path(workdir)
+    ensure_same_model(read_manifest(index_dir).get("model"), model_identity(onnx_path), f"index {index_dir}")
     repository = write_repository(workdir / index_dir.name, onnx_path, index_dir)
     service = SearchService(repository, host=host, grpc_port=grpc_port, http_port=http_port,
                             metrics_port=metrics_port, log_path=workdir / f"{index_dir.name}.log")
