@@ -41,6 +41,7 @@ def register(sub: Any) -> None:
     up.add_argument("--metrics-port", type=int, default=8002, help="Triton Prometheus metrics port")
     up.add_argument("--refresh", action="store_true", help="export the model again even when a cached export exists "
                                                            "(use after a hub model changed)")
+    _add_precision_args(up)
     up.set_defaults(func=cmd_up)
 
     demo = sub.add_parser(
@@ -68,6 +69,16 @@ def _add_port_args(parser: argparse.ArgumentParser) -> None:
                              "~/.cache/ascl")
 
 
+def _add_precision_args(p: argparse.ArgumentParser) -> None:
+    from ascl.serving.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    p.add_argument("--calibration", default=None, metavar="IMAGES",
+                   help=f"int8 calibration and verification images: {describe_specs()}; default: the gallery's own "
+                        "images")
+    p.add_argument("--min-recall", type=float, default=0.95, help=MIN_RECALL_HELP)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from ascl.demo.up import Ports, UpOptions, default_cache, run_up
 
@@ -75,7 +86,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise InputError(f"--gallery-size must be at least 10, got {args.gallery_size}")
     opts = UpOptions(model=args.model, gallery=args.gallery, cache=(args.cache or default_cache()).expanduser(),
                      ports=Ports(args.port, args.grpc_port, args.http_port, args.metrics_port),
-                     gallery_size=args.gallery_size, refresh=args.refresh)
+                     gallery_size=args.gallery_size, refresh=args.refresh, precision=args.precision,
+                     calibration=args.calibration, min_recall=args.min_recall)
     with user_errors(ImportError, prefix=MISSING_EXTRAS), user_errors(FileNotFoundError, LookupError, ValueError):
         return run_up(opts)
 

@@ -79,6 +79,9 @@ def choose_model(spec: str | None, runs_dir: Path = RUNS_DIR) -> ModelChoice:
     )
 
 
-def ensure_onnx(choice: ModelChoice, cache: Path, *, refresh: bool = False) -> tuple[Path, bool]:
-    """(the ONNX export of ``choice`` in the cache, whether it was exported just now)."""
-    return model_onnx(choice.ref, cache=cache, refresh=refresh)
+def ensure_onnx(choice: ModelChoice, cache: Path, *, refresh: bool = False, precision: str = "fp32",
+                calibration: str | None = None, min_recall: float | None = None) -> tuple[Path, bool]:
+    """(the ONNX export of ``choice`` in the cache, whether it was exported just now); int8: the
+    calibrated copy, verified against fp32 (refused below ``min_recall``)."""
+    return model_onnx(choice.ref, cache=cache, refresh=refresh, precision=precision, calibration=calibration,
+                      min_recall=min_recall)

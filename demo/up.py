@@ -131,10 +131,17 @@ class UpOptions:
     cache: Path
     gallery_size: int
     refresh: bool = False
+    precision: str = "fp32"  # or int8: the calibrated int8 copy of the model is served
+    calibration: str | None = None  # int8 calibration images; default: the gallery's own
+    min_recall: float = 0.95  # int8 is refused below this recall@10 vs fp32
 
 
 def prepare(opts: UpOptions, timings: Timings) -> tuple[ModelChoice, Path, Gallery, Path]:
-    """Model, ONNX export, gallery and index: cached steps, each announced on screen."""
+    """Model, ONNX export, gallery and index: cached steps, each announced on screen. The ONNX
+    file returned is the one to serve: the fp32 export, or with ``--precision int8`` its
+    calibrated int8 copy (the index is always built with the fp32 file)."""
+    from ascl.serving.gallery import describe_precision
+
     choice = choose_model(opts.model)
     say(f"model:   {choice.description}")
     if choice.warning:
@@ -148,6 +155,12 @@ def prepare(opts: UpOptions, timings: Timings) -> tuple[ModelChoice, Path, Galle
     index_dir = opts.cache / "indexes" / f"{choice.key}-{gallery.key}"
     built = timings.run("index", lambda: ensure_index(onnx_path, gallery, index_dir))
     say(f"index:   {'built' if built else 'cached'} at {index_dir}")
+    made = False
+    if opts.precision != "fp32":  # the index stays fp32-built: int8 embeddings of the same weights match it
+        onnx_path, made = timings.run(opts.precision, lambda: ensure_onnx(
+            choice, opts.cache, refresh=opts.refresh, precision=opts.precision,
+            calibration=opts.calibration or str(gallery.root), min_recall=opts.min_recall))
+    say(f"encoder: {describe_precision(onnx_path, made, opts.min_recall)}")
     return choice, onnx_path, gallery, index_dir
 
 

@@ -129,6 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ascl.serving.front_door import Limits
     from ascl.serving.index import read_manifest
     from ascl.serving.model_files import resolve_onnx
+    from ascl.serving.precision import served_onnx
     from ascl.serving.repository import docker_command, write_repository
     from ascl.serving.server import ADMIN_KEY_HEADER, ServerError, check_ports_free
     from ascl.serving.service import SearchService
@@ -138,9 +139,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         read_manifest(args.index)
         onnx = resolve_onnx(args.model or _model_of_index(args.index))
         _ensure_index_model(args.index, onnx)
+        served = served_onnx(onnx, args.precision, calibration=args.calibration, min_recall=args.min_recall,
+                             index_dir=args.index)
+        print(f"encoder: {served.description}", flush=True)
         if args.repository_only:
-            repo = write_repository(args.repository_only, onnx, args.index, platform=args.platform, copy_index=True,
-                                    plan_path=args.plan, max_request_bytes=max_request)
+            repo = write_repository(args.repository_only, served.onnx, args.index, platform=args.platform,
+                                    copy_index=True, plan_path=args.plan, max_request_bytes=max_request)
             print(f"wrote the production model repository {repo}")
             if args.platform == "tensorrt" and not args.plan:
                 print(f"build its engine on the serving GPU first: ascl export tensorrt {onnx} "
@@ -150,13 +154,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_ports_free({"grpc": args.grpc_port, "http": args.http_port, "metrics": args.metrics_port}, args.host)
         keep = args.repository is not None
         repo_dir = Path(args.repository) if keep else serve_repository_dir() / "models"
-        write_repository(repo_dir, onnx, args.index, max_request_bytes=max_request)
+        write_repository(repo_dir, served.onnx, args.index, max_request_bytes=max_request)
     service = SearchService(repo_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                             metrics_port=args.metrics_port, limits=Limits(max_request_bytes=max_request),
                             verbose=args.verbose, start_timeout_s=args.start_timeout)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        print(f"starting tritonserver on the model repository {repo_dir} ...", flush=True)
+        print(f"starting tritonserver ({served.precision} encoder) on the model repository {repo_dir} ...", flush=True)
         service.start()
         print(f"ready: gRPC {service.grpc_url}  HTTP {service.http_url}  metrics {service.metrics_url}\n"
               f"  health: {service.http_url}/v2/health/ready   (inference, health and metadata only)\n"
@@ -239,6 +243,17 @@ def _register_index(sub: Any) -> None:
     info.set_defaults(func=cmd_info)
 
 
+def _add_precision(p: argparse.ArgumentParser, calibration_default: str) -> None:
+    """``--precision``, ``--calibration`` and ``--min-recall`` (shared with ``ascl up``)."""
+    from ascl.image_sources import describe_specs
+    from ascl.serving.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    p.add_argument("--calibration", default=None, metavar="IMAGES",
+                   help=f"int8 calibration and verification images: {describe_specs()}; default: {calibration_default}")
+    p.add_argument("--min-recall", type=float, default=0.95, help=MIN_RECALL_HELP)
+
+
 def register(sub: Any) -> None:
     """Add ``index``, ``serve`` and ``query`` to the ``ascl`` command."""
     _register_index(sub)
@@ -266,6 +281,8 @@ def register(sub: Any) -> None:
     serve.add_argument("--platform", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                        help="encoder backend of --repository-only: native onnxruntime_onnx or tensorrt_plan")
     serve.add_argument("--plan", default=None, help="TensorRT plan to put in the repository (--platform tensorrt)")
+    _add_precision(serve, "the index's own source images when they are on this machine, else the CIFAR-10 copy "
+                          "(cifar10-offline) when one is found")
     serve.set_defaults(func=cmd_serve)
 
     query = sub.add_parser("query", help="search the served gallery with images and print ranked hits",

@@ -59,8 +59,8 @@ __all__ = [
     "ADDED_FOLDER", "MAX_LABEL_CHARS", "Added", "AddNotServedError", "GalleryService", "InProcessGallery",
     "IndexFileError", "LabelError", "NoIndexFolderError", "PortInUseError", "Removed", "Result", "RunningService",
     "ServerError", "TritonGallery", "add_image_bytes", "add_images", "build_index", "check_ports_free",
-    "clean_label", "index_count", "index_exists", "index_manifest", "index_records", "model_onnx",
-    "remove_images", "source_folders", "start_service",
+    "clean_label", "describe_precision", "index_count", "index_exists", "index_manifest", "index_records",
+    "model_onnx", "remove_images", "source_folders", "start_service",
 ]
 
 ADDED_FOLDER = "added"  # inside the index folder: the images added through the service
@@ -434,11 +434,27 @@ class TritonGallery(_Gallery):
 # ---------------------------------------------------------------------------- index folders, ports, the service
 
 
-def model_onnx(ref: ModelRef, *, cache: str | Path | None = None, refresh: bool = False) -> tuple[Path, bool]:
-    """(the ONNX file that serves ``ref``, whether it was exported just now): the content-keyed export cache."""
+def model_onnx(ref: ModelRef, *, cache: str | Path | None = None, refresh: bool = False, precision: str = "fp32",
+               calibration: str | Path | None = None, min_recall: float | None = None) -> tuple[Path, bool]:
+    """(the ONNX file that serves ``ref``, whether it was exported just now): the content-keyed export cache.
+
+    ``precision="int8"``: the calibrated int8 copy (``calibration``: an image-source spec), verified
+    against fp32 and refused below ``min_recall`` (``ascl.serving.precision``)."""
     from ascl.export.cache import cached_onnx
 
-    return cached_onnx(ref, cache=cache, refresh=refresh)
+    return cached_onnx(ref, cache=cache, refresh=refresh, precision=precision, calibration=calibration,
+                       min_recall=min_recall)
+
+
+def describe_precision(onnx_path: str | Path, made_now: bool = False, min_recall: float | None = None) -> str:
+    """One line for the screen: the precision of ``onnx_path`` (int8: its calibration and recall@10 vs fp32)."""
+    from ascl.export.cache import describe_int8
+    from ascl.export.runtime import OnnxEmbedder
+
+    path = Path(onnx_path)
+    if OnnxEmbedder(path, providers=["CPUExecutionProvider"], threads=1).precision != "int8":
+        return "fp32"
+    return describe_int8(path, made_now, min_recall)
 
 
 def build_index(onnx_path: str | Path, images: str | Path, index_dir: str | Path, *, factory: str = "auto") -> int:

@@ -48,14 +48,15 @@ class ModelFacts:
 
     image_size: int
     embedding_dim: int
+    precision: str = "fp32"  # ascl.precision of the ONNX file: fp32 or int8
 
 
 def model_facts(onnx_path: Path) -> ModelFacts:
-    """Image size and embedding dim read from the exported ONNX file."""
+    """Image size, embedding dim and precision read from the exported ONNX file."""
     from ascl.export.runtime import OnnxEmbedder
 
     embedder = OnnxEmbedder(onnx_path, providers=["CPUExecutionProvider"])
-    return ModelFacts(embedder.image_size, embedder.embedding_dim)
+    return ModelFacts(embedder.image_size, embedder.embedding_dim, embedder.precision)
 
 
 def _pb() -> Any:
@@ -99,7 +100,8 @@ def encoder_config(facts: ModelFacts, platform: str) -> Any:
         # One ONNX Runtime thread per instance, one instance per core: two batches run side by
         # side while the dynamic batcher fills the next.
         cores = os.cpu_count() or 1
-        _python_model(config, ENCODER_MAX_BATCH, {"onnx_file": "model.onnx", "threads": "1"},
+        _python_model(config, ENCODER_MAX_BATCH, {"onnx_file": "model.onnx", "threads": "1",
+                                                  "precision": facts.precision},
                       instances=max(1, min(cores, 4)))
     else:
         config.platform = "onnxruntime_onnx" if platform == "onnxruntime" else "tensorrt_plan"

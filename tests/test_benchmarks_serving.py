@@ -41,8 +41,8 @@ def run_benchmark(script: str, *args: str, cache: Path) -> subprocess.CompletedP
 def test_serve_load_compares_two_models_in_one_run(narrow_model: Path, cifar_tar: Path, tmp_path: Path) -> None:
     out = tmp_path / "serve_load.json"
     run_benchmark("serve_load.py", "--model", str(narrow_model), "--compare", "random-resnet18-w64", "--no-baseline",
-                  "--duration", "1.5", "--levels", "1,4", "--gallery", "60", "--queries", "8", "--out", str(out),
-                  cache=tmp_path / "cache")
+                  "--no-int8", "--no-ab", "--duration", "1.5", "--levels", "1,4", "--gallery", "60", "--queries", "8",
+                  "--engine-seconds", "0.2", "--out", str(out), cache=tmp_path / "cache")
     record = json.loads(out.read_text())
     assert [r["concurrency"] for r in record["triton"]] == [1, 4] == [r["concurrency"] for r in record["compare"]]
     assert all(r["requests"] > 0 and r["errors"] == 0 for r in record["triton"] + record["compare"])
@@ -50,6 +50,45 @@ def test_serve_load_compares_two_models_in_one_run(narrow_model: Path, cifar_tar
     assert ratio == pytest.approx(record["triton"][1]["qps"] / record["compare"][1]["qps"], rel=0.02)
     assert "width 8" in record["setup"]["model"] and "width 64" in record["setup"]["compare"]
     assert record["machine"]["cpu_simd"] is not None and "load_average_before" in record
+    assert all("load_average" in r and r["encoder_mean_batch"] >= 1 for r in record["triton"])
+    for name in ("fp32", "compare"):  # the encoder alone, at the batch sizes the server formed
+        engine = record["engine_only"][name]
+        assert engine["images_per_s"] > 0 and engine["sessions"] >= 1 and engine["batch_histogram"]
+        assert engine["decode_images_per_s_one_thread"] > 0
+        assert record["summary"]["served_over_engine"][name] > 0
+
+
+def test_serve_load_int8_row_and_engine_parts(cifar_tar: Path, tmp_path: Path) -> None:
+    """The --precision int8 service of the shipped default in the same run, and the pure parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serve_load", ROOT / "benchmarks" / "serve_load.py")
+    assert spec is not None and spec.loader is not None
+    sl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sl)
+    before = {"batch_stats": [{"batch_size": 1, "compute_infer": {"count": 5, "ns": 1}}]}
+    after = {"batch_stats": [{"batch_size": 1, "compute_infer": {"count": 7, "ns": 1}},
+                             {"batch_size": 4, "compute_infer": {"count": 3, "ns": 1}}]}
+    histogram = sl.batch_histogram(before, after)
+    assert histogram == {1: 2, 4: 3} and sl.mean_batch(histogram) == pytest.approx(14 / 5)
+    assert sl.representative_batches({1: 100, 4: 30, 8: 1}, k=2) == [1, 4]  # 100 and 120 images
+    # 2 images at 100/s (0.02 s) + 15 at 300/s (0.05 s; 5 is nearest to 4): 17 images in 0.07 s
+    assert sl.weighted_rate({1: 2, 5: 3}, {1: 100.0, 4: 300.0}) == pytest.approx(17 / 0.07)
+
+    out = tmp_path / "serve_load.json"
+    run_benchmark("serve_load.py", "--compare", "", "--no-baseline", "--duration", "1.5", "--levels", "4",
+                  "--gallery", "60", "--queries", "8", "--engine-seconds", "0.2", "--out", str(out),
+                  cache=tmp_path / "cache")
+    record = json.loads(out.read_text())
+    assert "recall@10 vs fp32" in record["setup"]["int8"]
+    assert record["int8"][0]["requests"] > 0 and record["int8"][0]["errors"] == 0
+    assert record["engine_only"]["int8"]["precision"] == "int8"
+    summary = record["summary"]
+    assert summary["int8_qps_ratio_at_4"] == pytest.approx(record["int8"][0]["qps"] / record["triton"][0]["qps"],
+                                                           rel=0.02)
+    assert summary["qps_ratio_nowait_vs_served"]["4"] > 0 and record["nowait"][0]["errors"] == 0  # the A/B row
+    assert summary["int8_engine_ratio"] > 0 and set(summary["goals"]) == {
+        "zero_errors", "fp32_served_over_engine", "int8_qps_ratio"}
 
 
 def test_soak_counts_good_and_bad_requests(narrow_model: Path, cifar_tar: Path, tmp_path: Path) -> None:
