@@ -17,6 +17,9 @@ SCORES = "scores"
 METADATA = "metadata"
 WHERE = "where"  # optional: a metadata filter as JSON text per row ({"label": "cat"}), see ascl.serving.filters
 
+# Encoder precisions a server may serve (the values of the ONNX metadata key ascl.precision).
+PRECISIONS = ("fp32", "int8")
+
 # Triton model names in the generated repository.
 MODEL_PREPROCESS = "preprocess"
 MODEL_ENCODER = "encoder"

@@ -70,7 +70,7 @@ def _add_port_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_precision_args(p: argparse.ArgumentParser) -> None:
-    from ascl.serving.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS
+    from ascl.serving.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS  # help texts only
 
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument("--calibration", default=None, metavar="IMAGES",

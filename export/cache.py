@@ -32,10 +32,10 @@ from ascl.atomic import atomic_dir, atomic_write_text
 from ascl.cache import cache_dir
 from ascl.errors import AsclError
 from ascl.models import ModelRef
+from ascl.names import PRECISIONS
 
 ONNX_NAME = "encoder.onnx"
 RECORD_NAME = "model.json"
-PRECISIONS = ("fp32", "int8")
 CALIBRATION_IMAGES = 256  # what `ascl export onnx --int8` calibrates on by default
 VERIFICATION_IMAGES = 500  # recall@10 vs fp32 is measured on these (disjoint from calibration when the source allows)
 MIN_DISJOINT_VERIFICATION = 200  # fewer left after calibration: verify on every image (overlapping)

@@ -159,11 +159,16 @@ def _serving_imports(path: Path) -> list[str]:
     return found
 
 
+# demo/cli.py is a CLI module: it sits on top of every layer (README, Architecture) and reads
+# serving's option help texts for --precision; the demo's code talks to the gallery service only.
+CLI_HELP_TEXTS = {"cli.py": {"ascl.serving.precision"}}
+
+
 def test_demo_uses_only_the_gallery_seam() -> None:
     files = sorted((ROOT / "demo").glob("*.py"))
     assert {"up.py", "cli.py", "search.py", "app.py"} <= {f.name for f in files}
     for path in files:
-        allowed = {"ascl.serving.gallery"}
+        allowed = {"ascl.serving.gallery"} | CLI_HELP_TEXTS.get(path.name, set())
         stray = sorted(set(_serving_imports(path)) - allowed)
         assert stray == [], f"demo/{path.name} goes around ascl.serving.gallery: {stray}"
 
