@@ -1,7 +1,8 @@
-"""Atomic writes: a temp file in the destination folder, fsync, then ``os.replace``.
+"""Atomic writes: a temp file in the destination folder, fsync, then ``os.replace``; one writer at a time.
 
 Checkpoints, indexes and exported models must never be seen half-written, even when the
-process is killed mid-write; readers see either the old file or the new one.
+process is killed mid-write; readers see either the old file or the new one. A folder that
+several processes may change (an index, an embedding set) is changed under ``folder_lock``.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+LOCK_FILE = ".writer.lock"
 
 
 def _umask() -> int:
@@ -75,3 +79,42 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, *, busy: Callable[[str], Exception], timeout_s: float = 0.0, who: str = "",
+                on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold ``folder``'s writer lock (``fcntl.flock`` on ``.writer.lock``) for one change.
+
+    Waits up to ``timeout_s`` for another writer (0: not at all; saying so once through
+    ``on_wait``), then raises ``busy(holder)``, where ``holder`` says which process holds it. The
+    lock goes with the process: a writer killed mid-change leaves no stale lock behind.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline, told = time.monotonic() + timeout_s, False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                if time.monotonic() >= deadline:
+                    raise busy(holder) from None
+                if not told and on_wait is not None:
+                    on_wait(f"waiting for {holder}, which is writing {folder} ...")
+                    told = True
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({who or 'a writer'}) since {time.strftime('%H:%M:%S')}".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,12 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from ascl.atomic import atomic_path, atomic_write_text
+from ascl.atomic import atomic_path, atomic_write_text, folder_lock
 from ascl.errors import AsclError
 from ascl.serving.filters import FieldIndex, Where
 
 MANIFEST = "manifest.json"
-LOCK_FILE = ".writer.lock"
 FORMAT = 1
 # `auto` factory thresholds (collection size N): exact search is cheap below FLAT_MAX; a graph
 # index is fast and exact enough up to HNSW_MAX; beyond that IVF + fast-scan PQ with a
@@ -67,41 +65,19 @@ class IndexConflictError(IndexFileError):
 @contextlib.contextmanager
 def writer_lock(folder: str | Path, *, timeout_s: float = 300.0, who: str = "",
                 on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold the folder's writer lock (``fcntl.flock`` on ``.writer.lock``) for one change.
+    """Hold the index folder's writer lock for one change (``ascl.atomic.folder_lock``).
 
     Waits up to ``timeout_s`` for another writer (saying so once through ``on_wait``), then
     raises IndexBusyError naming the holder. The lock goes with the process: a writer killed
     mid-change leaves no stale lock behind.
     """
-    import fcntl
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline, told = time.monotonic() + timeout_s, False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                if time.monotonic() > deadline:
-                    raise IndexBusyError(f"{folder}: {holder} has been writing this index for over {timeout_s:.0f} s; "
-                                         "wait for it to finish (or stop it) and run this again") from None
-                if not told and on_wait is not None:
-                    on_wait(f"waiting for {holder}, which is writing {folder} ...")
-                    told = True
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} ({who or 'a writer'}) since {time.strftime('%H:%M:%S')}".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    def busy(holder: str) -> Exception:
+        return IndexBusyError(f"{folder}: {holder} has been writing this index for over {timeout_s:.0f} s; "
+                              "wait for it to finish (or stop it) and run this again")
+
+    with folder_lock(folder, busy=busy, timeout_s=timeout_s, who=who, on_wait=on_wait):
+        yield
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ascl.atomic import atomic_path, atomic_write_text
+from ascl.atomic import LOCK_FILE, atomic_path, atomic_write_text, folder_lock
 from ascl.errors import AsclError
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
 
 MANIFEST_NAME = "_manifest.json"
 ERRORS_NAME = "errors.parquet"
-LOCK_NAME = ".writer.lock"
+LOCK_NAME = LOCK_FILE  # the one folder writer lock (ascl.atomic.folder_lock)
 PART_PREFIX = "part-"
 FORMAT = "ascl-embedding-set"
 FORMAT_VERSION = 1
@@ -185,26 +184,13 @@ def _parquet() -> Any:
 def exclusive(folder: Path) -> Iterator[None]:
     """Hold the set's writer lock, or raise EmbeddingSetBusyError at once (no waiting: a second
     ``ascl embed`` on the same folder is a mistake, not a turn to take)."""
-    import fcntl
 
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise EmbeddingSetBusyError(f"{folder}: {holder} is writing this embedding set; wait for it to "
-                                        "finish (or stop it), then run this again to resume") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} (ascl embed)".encode(), 0)
-        try:
-            yield
-        finally:
-            os.ftruncate(fd, 0)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    def busy(holder: str) -> Exception:
+        return EmbeddingSetBusyError(f"{folder}: {holder} is writing this embedding set; wait for it to "
+                                     "finish (or stop it), then run this again to resume")
+
+    with folder_lock(folder, busy=busy, timeout_s=0.0, who="ascl embed"):
+        yield
 
 
 def remove_stale_temporaries(folder: Path) -> None:
