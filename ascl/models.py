@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ascl.checkpoints import CHECKPOINT_SUFFIXES, find_checkpoint, run_folder_of
+from ascl.digest import file_digest
 from ascl.errors import AsclError
 from ascl.pretrained import CONFIG_FILE, ModelNotFoundError, download_folder, is_hub_folder
 from ascl.registry import DEFAULT_ALIAS, ShippedModel, lookup
@@ -41,7 +42,7 @@ from ascl.registry import DEFAULT_ALIAS, ShippedModel, lookup
 if TYPE_CHECKING:
     from ascl.encoder import Encoder
 
-__all__ = ["ModelKind", "ModelRef", "ModelSpecError", "file_sha256", "load_encoder", "resolve_model"]
+__all__ = ["ModelKind", "ModelRef", "ModelSpecError", "load_encoder", "resolve_model"]
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +61,6 @@ SPEC_HELP = (
     "a hub folder (config.json + safetensors), a training run folder or checkpoint (.pt), an exported "
     ".onnx file, or 'random[:SEED]'"
 )
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -110,10 +102,10 @@ class ModelRef:
         assert self.path is not None
         path = find_checkpoint(self.path) if self.kind == "run_folder" else self.path
         if path.is_file():
-            return file_sha256(path)[:16]
+            return file_digest(path)[:16]
         digest = hashlib.sha256()
         for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-            digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
+            digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\n".encode())
         return digest.hexdigest()[:16]
 
     @property

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ascl.atomic import atomic_dir
+from ascl.digest import file_digest
 from ascl.image_sources import (
     ImageSourceError,
     SourceImage,
@@ -61,13 +62,6 @@ def folder_key(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _safe_part(name: str | None) -> bool:
@@ -121,7 +115,7 @@ def cifar_subset_from_tar(tar_path: Path, cache: Path, per_class: int) -> Galler
     Written once into ``cache`` (member names are parsed, never used as paths, so a crafted
     archive cannot write outside the folder) and reused while the archive is unchanged.
     """
-    key = f"cifar10tar-{file_sha256(tar_path)[:16]}-{per_class}"
+    key = f"cifar10tar-{file_digest(tar_path)[:16]}-{per_class}"
     root = cache / "galleries" / key
     total = per_class * len(CIFAR_CLASSES)
     description = f"CIFAR-10 training images, a subset of {total} ({per_class} per class) from {tar_path}"

@@ -30,6 +30,7 @@ from typing import Any
 
 from ascl.atomic import atomic_dir, atomic_write_text
 from ascl.cache import cache_dir
+from ascl.digest import file_digest
 from ascl.errors import AsclError
 from ascl.models import ModelRef
 from ascl.names import PRECISIONS
@@ -164,7 +165,7 @@ def _cached_int8(ref: ModelRef, fp32: Path, *, cache: str | Path | None, refresh
         record = {
             "precision": "int8", "key": model_key(ref), "spec": ref.spec, "name": ref.name,
             "description": ref.description,
-            "from_fp32": {"path": str(fp32.resolve()), "sha256": _sha256(fp32)},
+            "from_fp32": {"path": str(fp32.resolve()), "sha256": file_digest(fp32)},
             "calibration": {"spec": str(calibration), "source": calibration_set.source,
                             "images": len(calibration_set), "method": "minmax",
                             "key": folder.name.removeprefix("int8-")},
@@ -237,7 +238,3 @@ def _onnx_precision(path: Path) -> str:
     return OnnxEmbedder(path, providers=["CPUExecutionProvider"], threads=1).precision
 
 
-def _sha256(path: Path) -> str:
-    from ascl.models import file_sha256
-
-    return file_sha256(path)

@@ -8,7 +8,6 @@ written unless ``force`` is set; on any error nothing new is left behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ import numpy as np
 
 from ascl import __version__
 from ascl.atomic import atomic_write_text
+from ascl.digest import file_digest
 from ascl.errors import FAILURE, AsclError
 from ascl.export.image_sets import ImageSet
 from ascl.export.onnx_export import IDENTITY_KEYS, PRECISION_KEY, metadata_props
@@ -141,8 +141,6 @@ def prepare_output(out_dir: Path) -> tuple[Path, bool]:
     return work, created
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _build(
@@ -233,7 +231,7 @@ def _report(
         "model": loaded.name,
         "source_revision": loaded.revision,
         "config": loaded.encoder.config(),
-        "files": {p: {"name": f.name, "bytes": f.stat().st_size, "sha256": _sha256(f)} for p, f in files.items()},
+        "files": {p: {"name": f.name, "bytes": f.stat().st_size, "sha256": file_digest(f)} for p, f in files.items()},
         "parity": [r.to_dict() for r in reports],
         "forced": forced,
         "calibration": None if calibration is None else {"source": calibration.source, "images": len(calibration)},

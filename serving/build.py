@@ -42,13 +42,6 @@ class BuildReport:
     factory: str
 
 
-def file_sha1(path: Path) -> str:
-    """Content hash of a (model) file, streamed."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _batches(

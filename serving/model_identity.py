@@ -22,14 +22,14 @@ a file's metadata.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
+from ascl.digest import file_digest
 from ascl.errors import AsclError
 
-__all__ = ["ModelMismatchError", "describe_model", "ensure_same_model", "file_sha1", "model_identity", "same_model"]
+__all__ = ["ModelMismatchError", "describe_model", "ensure_same_model", "model_identity", "same_model"]
 
 UNKNOWN_REVISIONS = ("", "unknown")
 
@@ -49,13 +49,6 @@ class ModelMismatchError(AsclError, ValueError):
     """Embeddings of one model met another model (an add, a build, a search); the message names both."""
 
 
-def file_sha1(path: str | os.PathLike[str]) -> str:
-    """sha1 hex digest of a file, streamed."""
-    digest = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -85,7 +78,7 @@ def _metadata(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str], ...
 @functools.lru_cache(maxsize=32)
 def _sha1_cached(path: str, size: int, mtime_ns: int) -> str:
     del size, mtime_ns
-    return file_sha1(path)
+    return file_digest(path, "sha1")
 
 
 def model_identity(onnx_path: str | os.PathLike[str], ref: ResolvedModel | None = None,
