@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ascl.image_sources import SourceImage, iter_images
 from ascl.images import ImageError, decode_image
 from ascl.serving.index import (
     MANIFEST,
@@ -27,7 +28,6 @@ from ascl.serving.index import (
     writer_lock,
 )
 from ascl.serving.model_identity import ensure_same_model, model_identity
-from ascl.serving.sources import SourceImage, iter_source
 
 
 @dataclass
@@ -86,7 +86,7 @@ def embed_source(
     vectors: list[np.ndarray] = []
     records: list[dict[str, Any]] = []
     with tqdm(desc=f"embedding {images}", unit="img", disable=not progress, total=limit) as bar:
-        for pixels, recs in _batches(iter_source(images, limit), known, batch_size, embedder.image_size, counts):
+        for pixels, recs in _batches(iter_images(images, limit), known, batch_size, embedder.image_size, counts):
             vectors.append(embedder.embed(pixels))  # [B, D]
             records.extend(recs)
             bar.update(len(recs))

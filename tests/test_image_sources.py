@@ -250,7 +250,7 @@ def _old_calibration_folder(folder: Path, size: int, count: int, offset: int, se
 def test_training_calibration_indexing_and_demo_read_the_same_images(tmp_path: Path) -> None:
     from ascl.demo.gallery import folder_key, resolve_gallery
     from ascl.export.image_sets import load_image_set
-    from ascl.serving.sources import iter_source
+    from ascl.image_sources import iter_images as iter_source  # what the index builder reads
     from ascl.training.data import holdout_mask, load_split
 
     root = _folder(tmp_path / "pics", {"b": 5, "a": 4, "c": 3})
