@@ -39,14 +39,6 @@ def _model_of_index(index: str) -> str:
     return str(onnx) if onnx and Path(onnx).is_file() else DEFAULT_ALIAS
 
 
-def _ensure_index_model(index: str, onnx: Path) -> None:
-    """ModelMismatchError (exit 2, naming both) when ``onnx`` is not the model ``index`` was built with."""
-    from ascl.serving.index import read_manifest
-    from ascl.serving.model_identity import ensure_same_model, model_identity
-
-    ensure_same_model(read_manifest(index).get("model"), model_identity(onnx), f"index {index}")
-
-
 def _add_images(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     from ascl.image_sources import describe_specs
 
@@ -129,6 +121,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ascl.serving.front_door import Limits
     from ascl.serving.index import read_manifest
     from ascl.serving.model_files import resolve_onnx
+    from ascl.serving.model_identity import ensure_index_model
     from ascl.serving.precision import served_onnx
     from ascl.serving.repository import docker_command, write_repository
     from ascl.serving.server import ADMIN_KEY_HEADER, ServerError, check_ports_free
@@ -138,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with user_errors(*USER_ERRORS):
         read_manifest(args.index)
         onnx = resolve_onnx(args.model or _model_of_index(args.index))
-        _ensure_index_model(args.index, onnx)
+        ensure_index_model(args.index, onnx)  # exit 2, naming both, for another model's index
         served = served_onnx(onnx, args.precision, calibration=args.calibration, min_recall=args.min_recall,
                              index_dir=args.index)
         print(f"encoder: {served.description}", flush=True)

@@ -525,12 +525,12 @@ def start_service(onnx_path: str | Path, index_dir: str | Path, workdir: str | P
     if it or a stub dies. The repository's search model reads ``index_dir`` in place, so images
     added to that index are served without a restart. Raises ServerError when it does not start.
     """
-    from ascl.serving.model_identity import ensure_same_model, model_identity
+    from ascl.serving.model_identity import ensure_index_model
     from ascl.serving.repository import write_repository
     from ascl.serving.service import SearchService
 
     index_dir, workdir = Path(index_dir), Path(workdir)
-    ensure_same_model(read_manifest(index_dir).get("model"), model_identity(onnx_path), f"index {index_dir}")
+    ensure_index_model(index_dir, onnx_path)
     repository = write_repository(workdir / index_dir.name, onnx_path, index_dir)
     service = SearchService(repository, host=host, grpc_port=grpc_port, http_port=http_port,
                             metrics_port=metrics_port, log_path=workdir / f"{index_dir.name}.log")
