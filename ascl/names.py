@@ -15,7 +15,7 @@ TOP_K = "k"
 IDS = "ids"
 SCORES = "scores"
 METADATA = "metadata"
-WHERE = "where"  # optional: a metadata filter as JSON text per row ({"label": "cat"}), see ascl.serving.filters
+WHERE = "where"  # optional: a metadata filter as JSON text per row ({"label": "cat"}), see ascl.serving.collections.filters
 
 # Encoder precisions a server may serve (the values of the ONNX metadata key ascl.precision).
 PRECISIONS = ("fp32", "int8")

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ascl.demo.gallery import DEFAULT_SUBSET
+from ascl.demo.gallery_images import DEFAULT_SUBSET
 from ascl.errors import InputError, user_errors
 from ascl.image_sources import describe_specs
 
@@ -70,7 +70,7 @@ def _add_port_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_precision_args(p: argparse.ArgumentParser) -> None:
-    from ascl.serving.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS  # help texts only
+    from ascl.serving.online.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS  # help texts only
 
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument("--calibration", default=None, metavar="IMAGES",
@@ -95,7 +95,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ascl.demo.app import build_app, launch, quiet_gradio
     from ascl.demo.up import default_cache, example_files, gallery_roots, terminate_on_sigterm
-    from ascl.serving.gallery import index_exists
+    from ascl.serving.online.gallery import index_exists
 
     quiet_gradio()
     cache = (args.cache or default_cache()).expanduser()
@@ -122,7 +122,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _demo_backend(args: argparse.Namespace, cache: Path) -> Any:
     from ascl.demo.model import choose_model, ensure_onnx
-    from ascl.serving.gallery import InProcessGallery, TritonGallery
+    from ascl.serving.online.gallery import InProcessGallery, TritonGallery
 
     if not args.in_process:
         return TritonGallery(args.server, args.index)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ascl import registry
 from ascl.models import ModelRef, resolve_model
-from ascl.serving.gallery import model_onnx
+from ascl.serving.online.gallery import model_onnx
 
 RANDOM_SEED = 0
 RUNS_DIR = Path("runs")

@@ -18,7 +18,7 @@ from typing import Any
 
 from ascl.errors import AsclError
 from ascl.images import MAX_IMAGE_BYTES, ImageError
-from ascl.serving.gallery import GalleryService, Result
+from ascl.serving.online.gallery import GalleryService, Result
 
 MAX_K = 50
 ANY_LABEL = "any"  # the label filter's choice that filters nothing

@@ -2,9 +2,9 @@
 
 Steps, each cached under ``--cache`` by the content it depends on, so a second start only
 starts processes: choose the model (``ascl.demo.model``), export it to ONNX, pick the gallery
-(``ascl.demo.gallery``), build its FAISS index, start Triton with the model repository, start
+(``ascl.demo.gallery_images``), build its FAISS index, start Triton with the model repository, start
 the Gradio page on top of it. Everything from serving comes through its gallery seam,
-``ascl.serving.gallery``. Ctrl-C or SIGTERM stops the page, then Triton (which stops its
+``ascl.serving.online.gallery``. Ctrl-C or SIGTERM stops the page, then Triton (which stops its
 Python-backend stubs), and the command exits with no process left.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ascl.cache import cache_dir
-from ascl.demo.gallery import Gallery, resolve_gallery
+from ascl.demo.gallery_images import Gallery, resolve_gallery
 from ascl.demo.model import ModelChoice, choose_model, ensure_onnx
 
 T = TypeVar("T")
@@ -41,7 +41,7 @@ class Ports:
 
     def check_free(self, host: str = "127.0.0.1") -> None:
         """Fail fast, before any slow step, when a port is taken (PortInUseError, a ServerError)."""
-        from ascl.serving.gallery import check_ports_free
+        from ascl.serving.online.gallery import check_ports_free
 
         check_ports_free({"--port": self.demo, "--grpc-port": self.grpc, "--http-port": self.http,
                           "--metrics-port": self.metrics}, host)
@@ -82,7 +82,7 @@ def shout(text: str) -> None:
 
 def example_files(index_dir: Path, count: int = EXAMPLES) -> list[Path]:
     """Gallery images to click: one per label first, from the index's metadata."""
-    from ascl.serving.gallery import index_records
+    from ascl.serving.online.gallery import index_records
 
     by_label: dict[str | None, list[Path]] = {}
     for result in index_records(index_dir):
@@ -98,7 +98,7 @@ def example_files(index_dir: Path, count: int = EXAMPLES) -> list[Path]:
 
 def gallery_roots(index_dir: Path) -> list[Path]:
     """The folders the index's images live in (the page may show files from these only)."""
-    from ascl.serving.gallery import source_folders
+    from ascl.serving.online.gallery import source_folders
 
     return sorted(set(source_folders(index_dir)) | {index_dir})
 
@@ -140,7 +140,7 @@ def prepare(opts: UpOptions, timings: Timings) -> tuple[ModelChoice, Path, Galle
     """Model, ONNX export, gallery and index: cached steps, each announced on screen. The ONNX
     file returned is the one to serve: the fp32 export, or with ``--precision int8`` its
     calibrated int8 copy (the index is always built with the fp32 file)."""
-    from ascl.serving.gallery import describe_precision
+    from ascl.serving.online.gallery import describe_precision
 
     choice = choose_model(opts.model)
     say(f"model:   {choice.description}")
@@ -166,7 +166,7 @@ def prepare(opts: UpOptions, timings: Timings) -> tuple[ModelChoice, Path, Galle
 
 def ensure_index(onnx_path: Path, gallery: Gallery, index_dir: Path) -> bool:
     """Build the gallery index unless it exists; returns True when it was built now."""
-    from ascl.serving.gallery import build_index, index_exists
+    from ascl.serving.online.gallery import build_index, index_exists
 
     if index_exists(index_dir):
         return False
@@ -177,7 +177,7 @@ def ensure_index(onnx_path: Path, gallery: Gallery, index_dir: Path) -> bool:
 def run_up(opts: UpOptions) -> int:
     """The whole of ``ascl up``; returns the exit code."""
     from ascl.demo.app import build_app, launch, quiet_gradio
-    from ascl.serving.gallery import TritonGallery, start_service
+    from ascl.serving.online.gallery import TritonGallery, start_service
 
     quiet_gradio()
     timings = Timings()

@@ -36,7 +36,7 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> I
     from ascl.demo.app import build_app, launch
     from ascl.demo.model import choose_model, ensure_onnx
     from ascl.demo.up import example_files, gallery_roots
-    from ascl.serving.gallery import InProcessGallery, build_index
+    from ascl.serving.online.gallery import InProcessGallery, build_index
 
     cache = tmp_path_factory.mktemp("browser-cache")
     onnx_path, _ = ensure_onnx(choose_model(None, runs_dir=cache / "no-runs"), cache)

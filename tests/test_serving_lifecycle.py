@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from ascl.images import list_images
 from ascl.serving import Client
-from ascl.serving.build import build_index
+from ascl.serving.collections.build import build_index
 
 
 @pytest.fixture(scope="module")

@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ascl.names import WHERE
-from ascl.serving.filters import MAX_FILTER_BYTES
-from ascl.serving.server import ServerError
+from ascl.serving.collections.filters import MAX_FILTER_BYTES
+from ascl.serving.online.server import ServerError
 
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
 GRPC_FORWARDED = frozenset({"ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer"})

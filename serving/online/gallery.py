@@ -11,46 +11,51 @@ functions beside it here, never to the rest of ``ascl.serving``. Two implementat
   process (no server: notebooks, tests, a laptop without Triton).
 
 Both take encoded image bytes (what a browser uploads) and return ranked ``Result`` records.
-Adding images is written once, in ``add_images``: the content hash (sha1) dedupes (the same
-bytes keep one id), the file is saved under the index's ``added/`` folder, and the change is one
-new index version written under the index's writer lock, taking turns with ``ascl index
-build/add/remove``. The served search model reloads new versions by itself.
+Their adds and removes are the collections layer's one writer (``ascl.serving.collections.changes``:
+same bytes keep one id, the writer lock, a new index version), re-exported here.
 
 Also here, so that a caller needs nothing else from serving: building an index from a folder
 of images (``build_index``), reading an index folder (``index_exists``, ``index_manifest``,
 ``index_count``, ``index_records``, ``source_folders``), checking ports (``check_ports_free``)
 and starting the search service (``start_service``).
 
-This module imports only serving's own modules, ``ascl.export.runtime`` and core.
+This module imports only serving's own modules, ``ascl.export`` (runtime, cache) and core.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, overload
 
 import numpy as np
 
-from ascl.atomic import atomic_write_bytes
 from ascl.errors import FAILURE, AsclError
-from ascl.images import decode_image
-from ascl.serving.filters import Where
-from ascl.serving.index import (
+from ascl.serving.collections.changes import (
+    ADDED_FOLDER,
+    MAX_LABEL_CHARS,
+    Added,
+    LabelError,
+    Removed,
+    Result,
+    add_image_bytes,
+    add_images,
+    clean_label,
+    embed_encoded,
+    remove_images,
+)
+from ascl.serving.collections.filters import Where
+from ascl.serving.collections.index import (
     MANIFEST,
     GalleryIndex,
-    IndexConflictError,
     IndexFileError,
     manifest_version,
     read_manifest,
-    writer_lock,
 )
-from ascl.serving.server import PortInUseError, ServerError
-from ascl.serving.server import check_ports_free as _check_server_ports
+from ascl.serving.online.server import PortInUseError, ServerError
+from ascl.serving.online.server import check_ports_free as _check_server_ports
 
 if TYPE_CHECKING:
     from ascl.models import ModelRef
@@ -63,15 +68,6 @@ __all__ = [
     "model_onnx", "remove_images", "source_folders", "start_service",
 ]
 
-ADDED_FOLDER = "added"  # inside the index folder: the images added through the service
-MAX_LABEL_CHARS = 64
-Embed = Callable[[list[bytes], list[str]], np.ndarray]  # (images, their names) -> [N, D] unit embeddings
-
-
-class LabelError(AsclError, ValueError):
-    """A label that cannot be stored (too long, not printable)."""
-
-
 class NoIndexFolderError(AsclError, RuntimeError):
     """A change was asked of a gallery that was not given the index folder it serves."""
 
@@ -80,25 +76,6 @@ class AddNotServedError(AsclError, TimeoutError):
     """The server did not pick up a new index version in time."""
 
     exit_code = FAILURE
-
-
-@dataclass(frozen=True)
-class Result:
-    """One gallery entry as a search returns it."""
-
-    id: int
-    score: float  # cosine similarity, higher is closer
-    label: str | None
-    name: str  # path relative to its gallery, for a caption
-    file: Path | None  # the image on this machine, when it can be found
-
-    @classmethod
-    def from_metadata(cls, id_: int, score: float, meta: dict[str, Any]) -> Result:
-        name = str(meta.get("path", id_))
-        source = meta.get("source")
-        file = Path(source) / name if isinstance(source, str) and Path(source).is_dir() else None
-        label = meta.get("label")
-        return cls(int(id_), float(score), None if label is None else str(label), name, file)
 
 
 class GalleryService(Protocol):
@@ -141,144 +118,8 @@ class GalleryService(Protocol):
         ...
 
 
-def clean_label(label: str | None) -> str | None:
-    """A label as it is stored: printable, trimmed, at most ``MAX_LABEL_CHARS``; LabelError otherwise."""
-    if label is None:
-        return None
-    text = " ".join(label.split())  # newlines, tabs and runs of spaces become single spaces
-    if not text:
-        return None
-    if len(text) > MAX_LABEL_CHARS:
-        raise LabelError(f"a label may have at most {MAX_LABEL_CHARS} characters, got {len(text)}")
-    if not text.isprintable():
-        raise LabelError("a label may contain printable characters only")
-    return text
-
-
-# ---------------------------------------------------------------------------- writing an index
-
-
-@dataclass(frozen=True)
-class Added:
-    """What ``add_images`` did: one record and one "added now?" flag per item, and the index after."""
-
-    results: list[Result]
-    new: list[bool]  # False: these bytes were indexed already (or came earlier in the same call)
-    total: int  # vectors in the index afterwards
-    version: int  # the index version afterwards
-
-
-def add_images(index_dir: str | Path, items: Sequence[tuple[str, bytes]], embed: Embed, *,
-               label: str | None = None, who: str = "a gallery add",
-               on_wait: Callable[[str], None] | None = None) -> Added:
-    """Add encoded images (name, bytes) to the index in ``index_dir``: the one way to add an upload.
-
-    Images whose bytes are indexed already keep their id and are not embedded again; the others
-    are embedded with ``embed`` (outside the lock: it can be a round trip to a server), saved as
-    ``added/<sha1[:16]><suffix>`` and added in one new index version under the writer lock,
-    skipping any that another writer added meanwhile. Nothing is written when ``embed`` raises
-    (ImageError for bytes that are no image).
-    """
-    index_dir = Path(index_dir)
-    label = clean_label(label)
-    keys = [hashlib.sha1(data).hexdigest() for _, data in items]
-    known = GalleryIndex.load(index_dir).known_keys()
-    todo: dict[str, int] = {}  # sha1 -> first item with these bytes, among those not indexed yet
-    for j, key in enumerate(keys):
-        if key not in known and key not in todo:
-            todo[key] = j
-    vectors = embed([items[j][1] for j in todo.values()], [items[j][0] for j in todo.values()]) if todo else None
-    added_dir = index_dir / ADDED_FOLDER
-    with writer_lock(index_dir, who=who, on_wait=on_wait):
-        index = GalleryIndex.load(index_dir)
-        now_known = index.known_keys()  # another writer may have added some meanwhile
-        if any(key not in now_known and key not in todo for key in keys):
-            raise IndexConflictError(f"{index_dir}: an image of this add was removed from the index meanwhile; "
-                                     "nothing was written: run it again")
-        fresh = [(key, j) for key, j in todo.items() if key not in now_known]
-        if fresh:
-            position = {key: p for p, key in enumerate(todo)}
-            records = []
-            for key, j in fresh:
-                name, data = items[j]
-                file_name = f"{key[:16]}{Path(name).suffix.lower() or '.png'}"
-                atomic_write_bytes(added_dir / file_name, data)
-                records.append({"path": file_name, "label": label, "size": len(data),
-                                "source": str(added_dir.resolve()), "sha1": key, "original_name": name[:200]})
-            assert vectors is not None
-            index.add_new(np.asarray(vectors)[[position[key] for key, _ in fresh]], records)
-            version = index.save(index_dir)
-        else:
-            version = index.version
-        by_key = {str(m["sha1"]): i for i, m in index.metadata.items() if "sha1" in m}
-    fresh_keys = {key for key, _ in fresh}
-    results = [Result.from_metadata(by_key[key], 1.0, index.metadata[by_key[key]]) for key in keys]
-    new = [key in fresh_keys and todo[key] == j for j, key in enumerate(keys)]
-    return Added(results, new, index.ntotal, version)
-
-
-def add_image_bytes(out: str | Path, onnx_path: str | Path, items: list[tuple[str, bytes]], *,
-                    label: str | None = None) -> list[int]:
-    """Add encoded images (name, bytes) to the index in ``out`` with the ONNX model; returns their ids.
-
-    ``add_images`` with an ONNX Runtime embedder: an image already indexed (same bytes) keeps
-    its id; a served index picks the new version up within a second.
-    """
-    from ascl.export.runtime import OnnxEmbedder
-
-    embedder = OnnxEmbedder(onnx_path)
-    return [r.id for r in add_images(out, items, lambda images, names: _embed_locally(embedder, images, names),
-                                     label=label, who="add_image_bytes", on_wait=_say).results]
-
-
-@dataclass(frozen=True)
-class Removed:
-    """What ``remove_images`` did: the records it removed and the index version afterwards."""
-
-    results: list[Result]
-    version: int
-
-
-def remove_images(index_dir: str | Path, ids: Iterable[int], *, paths: Iterable[str] = (),
-                  who: str = "a gallery remove", on_wait: Callable[[str], None] | None = None,
-                  only_if_present: Iterable[int] = ()) -> Removed:
-    """Remove entries by id or by stored path in one new index version, under the writer lock
-    (``ascl index remove``, ``ascl dedup --drop`` and the gallery services). Nothing is written
-    when none is there, nor (IndexConflictError) when an id of ``only_if_present`` (what the caller
-    keeps in their place, e.g. a duplicate's original) is no longer indexed."""
-    index_dir = Path(index_dir)
-    with writer_lock(index_dir, who=who, on_wait=on_wait):
-        index = GalleryIndex.load(index_dir)
-        gone_meanwhile = sorted({int(i) for i in only_if_present} - set(index.metadata))
-        if gone_meanwhile:
-            raise IndexConflictError(f"{index_dir}: id {gone_meanwhile[0]}, which this removal keeps, was removed "
-                                     "meanwhile by another writer; nothing was written: run it again")
-        wanted = {int(i) for i in ids} | {i for i, m in index.metadata.items() if m.get("path") in set(paths)}
-        gone = [Result.from_metadata(i, 0.0, index.metadata[i]) for i in sorted(wanted) if i in index.metadata]
-        index.remove(r.id for r in gone)
-        version = index.save(index_dir) if gone else index.version
-    return Removed(gone, version)
-
-
-def _embed_locally(embedder: Any, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
-    """Encoded images -> [N, D] unit embeddings with an OnnxEmbedder (ImageError names the bad one)."""
-    names = list(names) if names is not None else [f"image {i}" if len(images) > 1 else "image"
-                                                    for i in range(len(images))]
-    if not images:
-        return np.zeros((0, embedder.embedding_dim), np.float32)
-    pixels = np.stack([decode_image(data, embedder.image_size, name=name)  # [N, S, S, 3] uint8
-                       for data, name in zip(images, names, strict=True)])
-    return np.asarray(embedder.embed(pixels), dtype=np.float32)  # [N, D]
-
-
 def _labels(records: Iterable[dict[str, Any]]) -> list[str]:
     return sorted({str(m["label"]) for m in records if m.get("label") is not None})
-
-
-def _say(text: str) -> None:
-    import sys
-
-    print(text, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- the two implementations
@@ -299,7 +140,7 @@ class _Gallery:
     def search(self, images: bytes | Sequence[bytes], k: int,
                where: Where | None = None) -> list[Result] | list[list[Result]]:
         """The ``k`` nearest gallery entries of ``images`` (one encoded image, or a list), best first,
-        among those passing ``where`` (``ascl.serving.filters``)."""
+        among those passing ``where`` (``ascl.serving.collections.filters``)."""
         if isinstance(images, bytes | bytearray):
             return self._search([bytes(images)], k, where)[0]
         return self._search(list(images), k, where)
@@ -319,7 +160,7 @@ class InProcessGallery(_Gallery):
                 f"{self.index_dir} holds {self.index.dim}-d vectors but {onnx_path} makes "
                 f"{self.embedder.embedding_dim}-d embeddings; build the index with the same model"
             )
-        from ascl.serving.model_identity import ensure_same_model, model_identity
+        from ascl.serving.collections.model_identity import ensure_same_model, model_identity
 
         ensure_same_model(self.index.manifest.get("model"), model_identity(onnx_path, metadata=self.embedder.metadata),
                           f"index {self.index_dir}")
@@ -335,7 +176,7 @@ class InProcessGallery(_Gallery):
 
     def embed(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
         """Encoded images -> [N, D] unit embeddings (raises ImageError, naming the image, for bad input)."""
-        return _embed_locally(self.embedder, list(images), names)
+        return embed_encoded(self.embedder, list(images), names)
 
     def _search(self, images: list[bytes], k: int, where: Where | None) -> list[list[Result]]:
         index = self._current()
@@ -365,7 +206,7 @@ class TritonGallery(_Gallery):
     """
 
     def __init__(self, url: str, index_dir: str | Path | None = None, *, add_timeout_s: float = 30.0) -> None:
-        from ascl.serving.client import Client
+        from ascl.serving.online.client import Client
 
         self.url = url
         self.client = Client(url)
@@ -439,7 +280,7 @@ def model_onnx(ref: ModelRef, *, cache: str | Path | None = None, refresh: bool 
     """(the ONNX file that serves ``ref``, whether it was exported just now): the content-keyed export cache.
 
     ``precision="int8"``: the calibrated int8 copy (``calibration``: an image-source spec), verified
-    against fp32 and refused below ``min_recall`` (``ascl.serving.precision``)."""
+    against fp32 and refused below ``min_recall`` (``ascl.serving.online.precision``)."""
     from ascl.export.cache import cached_onnx
 
     return cached_onnx(ref, cache=cache, refresh=refresh, precision=precision, calibration=calibration,
@@ -461,7 +302,7 @@ def build_index(onnx_path: str | Path, images: str | Path, index_dir: str | Path
     """Embed every image under ``images`` with ``onnx_path`` into the index at ``index_dir`` (a new one,
     or the new images added to an existing one). Unreadable images are skipped with a warning (a
     gallery folder is rarely perfectly clean). Returns the number of images in the index."""
-    from ascl.serving import build
+    from ascl.serving.collections import build
 
     return build.build_index(onnx_path, str(images), index_dir, factory=factory).total
 
@@ -525,9 +366,9 @@ def start_service(onnx_path: str | Path, index_dir: str | Path, workdir: str | P
     if it or a stub dies. The repository's search model reads ``index_dir`` in place, so images
     added to that index are served without a restart. Raises ServerError when it does not start.
     """
-    from ascl.serving.model_identity import ensure_index_model
-    from ascl.serving.repository import write_repository
-    from ascl.serving.service import SearchService
+    from ascl.serving.collections.model_identity import ensure_index_model
+    from ascl.serving.online.repository import write_repository
+    from ascl.serving.online.service import SearchService
 
     index_dir, workdir = Path(index_dir), Path(workdir)
     ensure_index_model(index_dir, onnx_path)

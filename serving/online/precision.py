@@ -1,6 +1,6 @@
 """Which encoder file a server runs: the fp32 export, or its calibrated, verified int8 copy.
 
-``served_onnx`` is what ``ascl serve --precision`` calls (and, through ``ascl.serving.gallery``,
+``served_onnx`` is what ``ascl serve --precision`` calls (and, through ``ascl.serving.online.gallery``,
 ``ascl up``): fp32 is the file as it is; int8 comes from the one export cache
 (``ascl.export.cache.cached_onnx(ref, precision="int8", calibration=...)``), quantized once from
 that same fp32 file and refused (PrecisionRefusedError, exit 2, nothing served) when its
@@ -42,7 +42,7 @@ class ServedModel:
 def index_sources(index_dir: str | Path) -> list[str]:
     """Image-source specs of an index's entries that are on this machine, most entries first."""
     from ascl.image_sources import parse_spec
-    from ascl.serving.index import GalleryIndex
+    from ascl.serving.collections.index import GalleryIndex
 
     counts = Counter(str(m.get("source")) for m in GalleryIndex.load(index_dir).metadata.values() if m.get("source"))
     found = []

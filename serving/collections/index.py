@@ -17,7 +17,7 @@ for the read-modify-write of one change (``ascl index build/add/remove`` and the
 use it), and ``GalleryIndex.save`` refuses to write over a version it did not start from, so
 two writers can never lose each other's changes.
 
-This module imports only numpy, faiss, ``ascl`` core modules and ``ascl.serving.filters``
+This module imports only numpy, faiss, ``ascl`` core modules and ``ascl.serving.collections.filters``
 (filtered search): the Triton search model vendors them into the model repository.
 """
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from ascl.atomic import atomic_path, atomic_write_text, folder_lock
 from ascl.errors import AsclError
-from ascl.serving.filters import FieldIndex, Where
+from ascl.serving.collections.filters import FieldIndex, Where
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -297,7 +297,7 @@ class GalleryIndex:
 
         A k larger than the index is clamped (an index can shrink while clients keep asking for
         their usual k); k <= 0 raises ValueError, so that a server fails that one request.
-        ``where`` (``{"label": "cat"}``, ``ascl.serving.filters``) keeps only the entries that pass
+        ``where`` (``{"label": "cat"}``, ``ascl.serving.collections.filters``) keeps only the entries that pass
         it, inside FAISS: k' = min(k, matching entries), none matching gives [Q, 0]; an unknown
         field raises FilterError (a ValueError) naming the known ones.
         """

@@ -19,21 +19,31 @@ from ascl.atomic import atomic_dir
 from ascl.export.profiles import TRT_MAX_BATCH, TRT_OPT_BATCH
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-ASCL_ROOT = Path(__file__).resolve().parents[1]
-# Files vendored into each Python model's version folder, as ``ascl/<path>``.
-VENDORED = {
-    "__init__.py": ASCL_ROOT / "ascl" / "__init__.py",
-    "errors.py": ASCL_ROOT / "ascl" / "errors.py",
-    "names.py": ASCL_ROOT / "ascl" / "names.py",
-    "images.py": ASCL_ROOT / "ascl" / "images.py",
-    "atomic.py": ASCL_ROOT / "ascl" / "atomic.py",
-    "serving/__init__.py": ASCL_ROOT / "serving" / "__init__.py",
-    "serving/index.py": ASCL_ROOT / "serving" / "index.py",
-    "serving/filters.py": ASCL_ROOT / "serving" / "filters.py",
-    "serving/request_errors.py": ASCL_ROOT / "serving" / "request_errors.py",
-    "export/__init__.py": ASCL_ROOT / "export" / "__init__.py",
-    "export/runtime.py": ASCL_ROOT / "export" / "runtime.py",
-}
+# The ``ascl`` modules the Python models import (tests/test_architecture.py checks that this covers
+# every import of the templates, transitively), vendored into each model's version folder.
+VENDORED_MODULES = (
+    "ascl", "ascl.errors", "ascl.names", "ascl.images", "ascl.atomic",
+    "ascl.serving", "ascl.serving.collections", "ascl.serving.collections.index",
+    "ascl.serving.collections.filters", "ascl.serving.online", "ascl.serving.online.request_errors",
+    "ascl.export", "ascl.export.runtime",
+)
+
+
+def vendored_files() -> dict[str, Path]:
+    """``ascl/<path>`` in a model folder -> the installed source file, for every vendored module
+    (found by import machinery, so editable and regular installs both work)."""
+    import importlib.util
+
+    files = {}
+    for module in VENDORED_MODULES:
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"{module}: not found, cannot vendor it into the model repository")
+        parts = module.split(".")[1:]
+        rel = "/".join(parts + ["__init__.py"]) if spec.submodule_search_locations is not None else "/".join(parts) + ".py"
+        files[rel] = Path(spec.origin)
+    return files
+
 
 # Batch limits: the TensorRT optimization profile (min/opt/max) of `ascl export tensorrt`.
 REQUEST_MAX_BATCH = 64  # images per request through the ensembles
@@ -181,7 +191,7 @@ def write_config(folder: Path, config: Any) -> None:
 def _python_files(version_dir: Path, template: str) -> None:
     version_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(TEMPLATES / f"{template}.py", version_dir / "model.py")
-    for rel, src in VENDORED.items():
+    for rel, src in vendored_files().items():
         dest = version_dir / "ascl" / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest)
@@ -206,7 +216,7 @@ def write_repository(
     of pointing at ``index_dir`` (embedded: `ascl index add` updates are picked up live).
     """
     from ascl.images import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES
-    from ascl.serving.index import MANIFEST, read_manifest
+    from ascl.serving.collections.index import MANIFEST, read_manifest
 
     if platform not in ("python", "onnxruntime", "tensorrt"):
         raise ValueError(f"unknown platform {platform!r}; choose python, onnxruntime or tensorrt")

@@ -4,7 +4,7 @@
 (``ascl.models.resolve_model``) and exported once (``ascl.export.cache.cached_onnx``; an
 ``.onnx`` model is used as it is), then every image of the source is read, hashed, decoded by
 the one preprocessing rule (``ascl.images``) and embedded with ONNX Runtime
-(``ascl.export.runtime.OnnxEmbedder``). Rows go to the set of ``ascl.serving.parquet_set``
+(``ascl.export.runtime.OnnxEmbedder``). Rows go to the set of ``ascl.serving.collections.parquet_set``
 (part files, errors, manifest), which makes a run resumable: a re-run skips the positions of
 the finished parts and goes on from there.
 
@@ -42,8 +42,8 @@ import numpy as np
 from ascl.errors import AsclError
 from ascl.image_sources import ImageSpec, SourceImage, iter_images, parse_spec
 from ascl.images import ImageError, decode_image_sized
-from ascl.serving.model_identity import ensure_same_model, model_identity
-from ascl.serving.parquet_set import (
+from ascl.serving.collections.model_identity import ensure_same_model, model_identity
+from ascl.serving.collections.parquet_set import (
     DEFAULT_ROWS_PER_FILE,
     EmbeddingSetError,
     ResultBatch,

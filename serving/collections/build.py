@@ -3,8 +3,8 @@
 Images already in the index (same content hash) are skipped, so re-running a build or an
 ``add`` over the same source only embeds what is new. ``build_index_from_parquet`` builds the
 same index from a Parquet embedding set (``ascl embed``) without embedding again. Adding single
-encoded images (an upload) is the gallery service's ``add_images`` (``ascl.serving.gallery``).
-Every writer refuses embeddings of another model than the index's (``ascl.serving.model_identity``).
+encoded images (an upload) is ``add_images`` (``ascl.serving.collections.changes``).
+Every writer refuses embeddings of another model than the index's (``ascl.serving.collections.model_identity``).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import numpy as np
 
 from ascl.image_sources import SourceImage, iter_images
 from ascl.images import ImageError, decode_image
-from ascl.serving.index import (
+from ascl.serving.collections.index import (
     MANIFEST,
     GalleryIndex,
     auto_factory,
     read_manifest,
     writer_lock,
 )
-from ascl.serving.model_identity import ensure_same_model, model_identity
+from ascl.serving.collections.model_identity import ensure_same_model, model_identity
 
 
 @dataclass
@@ -139,8 +139,8 @@ def build_index_from_parquet(
     Refuses (ModelMismatchError) a set or an index of another model than ``model`` (when given)
     or than each other. Rows whose sha1 is indexed already are skipped, as in ``build_index``.
     """
-    from ascl.serving.parquet_set import embeddings_of, iter_parts
-    from ascl.serving.parquet_set import read_manifest as read_set_manifest
+    from ascl.serving.collections.parquet_set import embeddings_of, iter_parts
+    from ascl.serving.collections.parquet_set import read_manifest as read_set_manifest
 
     embeddings, out = Path(embeddings), Path(out)
     manifest = read_set_manifest(embeddings)
@@ -203,7 +203,7 @@ def _apply(out: Path, vectors: np.ndarray, records: list[dict[str, Any]], counts
 
 def remove_from_index(out: str | Path, ids: list[int], paths: list[str]) -> tuple[int, int]:
     """Remove entries by id or by stored path; returns (removed, new version)."""
-    from ascl.serving.gallery import remove_images
+    from ascl.serving.collections.changes import remove_images
 
     done = remove_images(out, ids, paths=paths, who="ascl index remove", on_wait=_say)
     return len(done.results), done.version

@@ -1,6 +1,6 @@
 """Near-duplicate images: groups of images whose embeddings are within a cosine threshold.
 
-``ascl dedup`` (``ascl.serving.dedup_cli``) is a thin front end over this module:
+``ascl dedup`` (``ascl.serving.collections.dedup_cli``) is a thin front end over this module:
 
 - **Vectors.** From an image source (any spec of ``ascl.image_sources``) they are embedded here
   with the exported model (ONNX Runtime). From an index folder they are the index's own
@@ -52,7 +52,7 @@ from ascl.atomic import atomic_path
 from ascl.errors import AsclError
 from ascl.image_sources import SourceImage, iter_images
 from ascl.images import ImageError, decode_image
-from ascl.serving.index import GalleryIndex, IndexFileError
+from ascl.serving.collections.index import GalleryIndex, IndexFileError
 
 __all__ = [
     "DEFAULT_THRESHOLD", "DedupError", "DedupResult", "Embedded", "Group", "check_output", "dedup_images",
@@ -539,7 +539,7 @@ def drop_duplicates(index_dir: str | Path, result: DedupResult, *,
     one meanwhile, nothing is written (IndexConflictError: run dedup again). ``on_wait`` hears
     about a wait for another writer (default: a line on stderr).
     """
-    from ascl.serving.gallery import remove_images
+    from ascl.serving.collections.changes import remove_images
 
     keep = [int(result.records[g.members[0]]["id"]) for g in result.groups]
     drop = [int(result.records[p]["id"]) for g in result.groups for p in g.members[1:]]

@@ -1,4 +1,4 @@
-"""Subcommands ``index`` (build, add, remove, info), ``serve`` and ``query``.
+"""Subcommands ``serve`` and ``query``: the Triton search service and its command-line client.
 
 Only argparse at import time; FAISS, ONNX Runtime and tritonclient load inside the commands.
 """
@@ -6,7 +6,6 @@ Only argparse at import time; FAISS, ONNX Runtime and tritonclient load inside t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -16,87 +15,12 @@ from types import FrameType
 from typing import Any
 
 from ascl.errors import InputError, user_errors
+from ascl.serving.collections.index_cli import add_model_option, model_of_index
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 # Builtin errors of FAISS, ONNX Runtime, PIL and the file system that mean bad input here; the
 # root CLI reports them (ascl.errors: exit 2), and our own AsclErrors pass through unchanged.
 USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, OSError)
-
-
-def _add_model(p: argparse.ArgumentParser, default: str | None, when_absent: str) -> None:
-    p.add_argument("--model", default=default,
-                   help="an exported .onnx file, a training run folder or checkpoint, a hub folder, a shipped "
-                        "model name ('default' = the shipped default, see 'ascl models') or a hub repo id "
-                        f"(exported to ONNX once and cached under ~/.cache/ascl); {when_absent}")
-
-
-def _model_of_index(index: str) -> str:
-    """The model an index was built with (its manifest's ONNX file, when still there), else ``default``."""
-    from ascl.registry import DEFAULT_ALIAS
-    from ascl.serving.index import read_manifest
-
-    onnx = read_manifest(index).get("model", {}).get("onnx")
-    return str(onnx) if onnx and Path(onnx).is_file() else DEFAULT_ALIAS
-
-
-def _add_images(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    from ascl.image_sources import describe_specs
-
-    p.add_argument("--images", required=required, help=describe_specs())
-    p.add_argument("--batch-size", type=int, default=256, help="images embedded per ONNX Runtime call")
-    p.add_argument("--limit", type=int, default=None, help="index at most this many images of the source")
-
-
-def cmd_build(args: argparse.Namespace) -> int:
-    from ascl.serving.build import build_index, build_index_from_parquet
-    from ascl.serving.model_files import resolve_onnx
-
-    from_parquet = getattr(args, "from_parquet", None)
-    if (args.images is None) == (from_parquet is None):
-        raise InputError("pass exactly one of --images IMAGES (embed them now) and --from-parquet DIR "
-                         "(embeddings written by 'ascl embed')")
-    with user_errors(*USER_ERRORS):
-        if from_parquet is not None:
-            from ascl.serving.model_identity import model_identity
-
-            model = model_identity(resolve_onnx(args.model)) if args.model else None
-            report = build_index_from_parquet(from_parquet, args.out, factory=args.factory, model=model)
-        else:
-            onnx = resolve_onnx(args.model)
-            report = build_index(onnx, args.images, args.out, factory=args.factory, batch_size=args.batch_size,
-                                 limit=args.limit)
-    print(f"{args.out}: version {report.version}, {report.total} vectors ({report.factory}); added {report.added}, "
-          f"skipped {report.skipped_known} already indexed and {report.skipped_bad} unreadable")
-    return 0
-
-
-def cmd_add(args: argparse.Namespace) -> int:
-    from ascl.serving.index import read_manifest
-
-    with user_errors(*USER_ERRORS):
-        model = args.model or read_manifest(args.index).get("model", {}).get("onnx")
-    if not model:
-        raise InputError(f"{args.index}: the manifest names no model; pass --model")
-    args.model, args.out, args.factory = model, args.index, "auto"
-    return cmd_build(args)
-
-
-def cmd_remove(args: argparse.Namespace) -> int:
-    from ascl.serving.build import remove_from_index
-
-    with user_errors(*USER_ERRORS):
-        removed, version = remove_from_index(args.index, args.ids or [], args.paths or [])
-    print(f"{args.index}: removed {removed}; version {version}")
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from ascl.serving.build import index_info
-
-    with user_errors(*USER_ERRORS):
-        info = index_info(args.index)
-    print(json.dumps(info, indent=2, sort_keys=True))
-    return 0
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -118,19 +42,19 @@ def serve_repository_dir() -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ascl.serving.front_door import Limits
-    from ascl.serving.index import read_manifest
-    from ascl.serving.model_files import resolve_onnx
-    from ascl.serving.model_identity import ensure_index_model
-    from ascl.serving.precision import served_onnx
-    from ascl.serving.repository import docker_command, write_repository
-    from ascl.serving.server import ADMIN_KEY_HEADER, ServerError, check_ports_free
-    from ascl.serving.service import SearchService
+    from ascl.serving.collections.index import read_manifest
+    from ascl.serving.collections.model_files import resolve_onnx
+    from ascl.serving.collections.model_identity import ensure_index_model
+    from ascl.serving.online.front_door import Limits
+    from ascl.serving.online.precision import served_onnx
+    from ascl.serving.online.repository import docker_command, write_repository
+    from ascl.serving.online.server import ADMIN_KEY_HEADER, ServerError, check_ports_free
+    from ascl.serving.online.service import SearchService
 
     max_request = int(args.max_request_mb * 2**20)
     with user_errors(*USER_ERRORS):
         read_manifest(args.index)
-        onnx = resolve_onnx(args.model or _model_of_index(args.index))
+        onnx = resolve_onnx(args.model or model_of_index(args.index))
         ensure_index_model(args.index, onnx)  # exit 2, naming both, for another model's index
         served = served_onnx(onnx, args.precision, calibration=args.calibration, min_recall=args.min_recall,
                              index_dir=args.index)
@@ -187,8 +111,8 @@ def parse_where_args(items: list[str] | None) -> dict[str, str | list[str]]:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from ascl.serving.client import Client
-    from ascl.serving.filters import where_json
+    from ascl.serving.collections.filters import where_json
+    from ascl.serving.online.client import Client
 
     where = parse_where_args(args.where)
     where_json(where)  # a filter over the size limit fails here, before any connection
@@ -203,43 +127,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_index(sub: Any) -> None:
-    index = sub.add_parser("index", help="build and maintain FAISS gallery indexes", formatter_class=FMT)
-    isub = index.add_subparsers(dest="index_command", metavar="<index command>")
-    isub.required = True
-    build = isub.add_parser("build", help="embed a gallery and write an index folder (re-runs skip known images)",
-                            formatter_class=FMT)
-    _add_model(build, None, "default: the shipped default; with --from-parquet the set's own model (a --model "
-                            "given must be the same)")
-    _add_images(build, required=False)
-    build.add_argument("--from-parquet", default=None, metavar="DIR",
-                       help="index the embeddings of a Parquet set written by 'ascl embed' instead of embedding "
-                            "--images (nothing is embedded again)")
-    build.add_argument("--out", required=True, help="index folder to create (or extend, with the same model)")
-    build.add_argument("--factory", default="auto",
-                       help="FAISS factory: auto (Flat below 50k vectors, HNSW32 below 300k, IVF+fast-scan PQ with "
-                            "SQ8 re-ranking above), or e.g. Flat, HNSW32, IVF1024,PQ64")
-    build.set_defaults(func=cmd_build)
-    add = isub.add_parser("add", help="embed new images into an existing index (a server picks them up live)",
-                          formatter_class=FMT)
-    add.add_argument("--index", required=True, help="index folder")
-    _add_model(add, None, "default: the model the index was built with")
-    _add_images(add)
-    add.set_defaults(func=cmd_add)
-    remove = isub.add_parser("remove", help="remove entries by id or stored path", formatter_class=FMT)
-    remove.add_argument("--index", required=True, help="index folder")
-    remove.add_argument("--ids", type=int, nargs="*", default=None, help="ids to remove")
-    remove.add_argument("--paths", nargs="*", default=None, help="stored relative paths to remove")
-    remove.set_defaults(func=cmd_remove)
-    info = isub.add_parser("info", help="print an index's manifest and counts per label", formatter_class=FMT)
-    info.add_argument("--index", required=True, help="index folder")
-    info.set_defaults(func=cmd_info)
-
-
 def _add_precision(p: argparse.ArgumentParser, calibration_default: str) -> None:
     """``--precision``, ``--calibration`` and ``--min-recall`` (shared with ``ascl up``)."""
     from ascl.image_sources import describe_specs
-    from ascl.serving.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS
+    from ascl.serving.online.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS
 
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     p.add_argument("--calibration", default=None, metavar="IMAGES",
@@ -248,11 +139,10 @@ def _add_precision(p: argparse.ArgumentParser, calibration_default: str) -> None
 
 
 def register(sub: Any) -> None:
-    """Add ``index``, ``serve`` and ``query`` to the ``ascl`` command."""
-    _register_index(sub)
+    """Add ``serve`` and ``query`` to the ``ascl`` command."""
     serve = sub.add_parser("serve", help="serve embedding and image search with Triton (gRPC + HTTP)",
                            formatter_class=FMT)
-    _add_model(serve, None, "default: the model the index was built with, else 'default'")
+    add_model_option(serve, None, "default: the model the index was built with, else 'default'")
     serve.add_argument("--index", required=True, help="index folder from 'ascl index build'")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (clients, ascl query)")
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (also /v2/health/ready)")

@@ -2,7 +2,7 @@
 
 A k larger than the index is clamped to its size (an index can shrink under a running
 client); a k below 1 is that request's INVALID_ARGUMENT error. The optional ``where`` input is a
-metadata filter as JSON text (``{"label": "cat"}``, ``ascl.serving.filters``), the same in every
+metadata filter as JSON text (``{"label": "cat"}``, ``ascl.serving.collections.filters``), the same in every
 row of a request; an absent or empty one filters nothing. A bad filter (malformed, over 16 KiB,
 an unknown field) is that request's INVALID_ARGUMENT error; one that matches nothing returns no hits.
 
@@ -23,9 +23,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ascl.names import EMBEDDINGS, IDS, METADATA, SCORES, TOP_K, WHERE
-from ascl.serving.filters import MAX_FILTER_BYTES
-from ascl.serving.index import GalleryIndex, manifest_version
-from ascl.serving.request_errors import RequestError, error_response
+from ascl.serving.collections.filters import MAX_FILTER_BYTES
+from ascl.serving.collections.index import GalleryIndex, manifest_version
+from ascl.serving.online.request_errors import RequestError, error_response
 
 
 def _where(request: Any) -> str | None:

@@ -1,0 +1,188 @@
+"""Changes to a gallery index: encoded images added (uploads), entries removed, one version each.
+
+Adding images is written once, in ``add_images``: the content hash (sha1) dedupes (the same
+bytes keep one id), the file is saved under the index's ``added/`` folder, and the change is one
+new index version written under the index's writer lock, taking turns with ``ascl index
+build/add/remove``. A served search model reloads new versions by itself. ``remove_images`` is
+the one removal (``ascl index remove``, ``ascl dedup --drop``, the gallery services).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ascl.atomic import atomic_write_bytes
+from ascl.errors import AsclError
+from ascl.images import decode_image
+from ascl.serving.collections.index import GalleryIndex, IndexConflictError, writer_lock
+
+__all__ = [
+    "ADDED_FOLDER", "MAX_LABEL_CHARS", "Added", "Embed", "LabelError", "Removed", "Result", "add_image_bytes",
+    "add_images", "clean_label", "embed_encoded", "remove_images",
+]
+
+ADDED_FOLDER = "added"  # inside the index folder: the images added through the service
+MAX_LABEL_CHARS = 64
+Embed = Callable[[list[bytes], list[str]], np.ndarray]  # (images, their names) -> [N, D] unit embeddings
+
+
+class LabelError(AsclError, ValueError):
+    """A label that cannot be stored (too long, not printable)."""
+
+
+
+@dataclass(frozen=True)
+class Result:
+    """One gallery entry as a search returns it."""
+
+    id: int
+    score: float  # cosine similarity, higher is closer
+    label: str | None
+    name: str  # path relative to its gallery, for a caption
+    file: Path | None  # the image on this machine, when it can be found
+
+    @classmethod
+    def from_metadata(cls, id_: int, score: float, meta: dict[str, Any]) -> Result:
+        name = str(meta.get("path", id_))
+        source = meta.get("source")
+        file = Path(source) / name if isinstance(source, str) and Path(source).is_dir() else None
+        label = meta.get("label")
+        return cls(int(id_), float(score), None if label is None else str(label), name, file)
+
+
+def clean_label(label: str | None) -> str | None:
+    """A label as it is stored: printable, trimmed, at most ``MAX_LABEL_CHARS``; LabelError otherwise."""
+    if label is None:
+        return None
+    text = " ".join(label.split())  # newlines, tabs and runs of spaces become single spaces
+    if not text:
+        return None
+    if len(text) > MAX_LABEL_CHARS:
+        raise LabelError(f"a label may have at most {MAX_LABEL_CHARS} characters, got {len(text)}")
+    if not text.isprintable():
+        raise LabelError("a label may contain printable characters only")
+    return text
+
+
+@dataclass(frozen=True)
+class Added:
+    """What ``add_images`` did: one record and one "added now?" flag per item, and the index after."""
+
+    results: list[Result]
+    new: list[bool]  # False: these bytes were indexed already (or came earlier in the same call)
+    total: int  # vectors in the index afterwards
+    version: int  # the index version afterwards
+
+
+def add_images(index_dir: str | Path, items: Sequence[tuple[str, bytes]], embed: Embed, *,
+               label: str | None = None, who: str = "a gallery add",
+               on_wait: Callable[[str], None] | None = None) -> Added:
+    """Add encoded images (name, bytes) to the index in ``index_dir``: the one way to add an upload.
+
+    Images whose bytes are indexed already keep their id and are not embedded again; the others
+    are embedded with ``embed`` (outside the lock: it can be a round trip to a server), saved as
+    ``added/<sha1[:16]><suffix>`` and added in one new index version under the writer lock,
+    skipping any that another writer added meanwhile. Nothing is written when ``embed`` raises
+    (ImageError for bytes that are no image).
+    """
+    index_dir = Path(index_dir)
+    label = clean_label(label)
+    keys = [hashlib.sha1(data).hexdigest() for _, data in items]
+    known = GalleryIndex.load(index_dir).known_keys()
+    todo: dict[str, int] = {}  # sha1 -> first item with these bytes, among those not indexed yet
+    for j, key in enumerate(keys):
+        if key not in known and key not in todo:
+            todo[key] = j
+    vectors = embed([items[j][1] for j in todo.values()], [items[j][0] for j in todo.values()]) if todo else None
+    added_dir = index_dir / ADDED_FOLDER
+    with writer_lock(index_dir, who=who, on_wait=on_wait):
+        index = GalleryIndex.load(index_dir)
+        now_known = index.known_keys()  # another writer may have added some meanwhile
+        if any(key not in now_known and key not in todo for key in keys):
+            raise IndexConflictError(f"{index_dir}: an image of this add was removed from the index meanwhile; "
+                                     "nothing was written: run it again")
+        fresh = [(key, j) for key, j in todo.items() if key not in now_known]
+        if fresh:
+            position = {key: p for p, key in enumerate(todo)}
+            records = []
+            for key, j in fresh:
+                name, data = items[j]
+                file_name = f"{key[:16]}{Path(name).suffix.lower() or '.png'}"
+                atomic_write_bytes(added_dir / file_name, data)
+                records.append({"path": file_name, "label": label, "size": len(data),
+                                "source": str(added_dir.resolve()), "sha1": key, "original_name": name[:200]})
+            assert vectors is not None
+            index.add_new(np.asarray(vectors)[[position[key] for key, _ in fresh]], records)
+            version = index.save(index_dir)
+        else:
+            version = index.version
+        by_key = {str(m["sha1"]): i for i, m in index.metadata.items() if "sha1" in m}
+    fresh_keys = {key for key, _ in fresh}
+    results = [Result.from_metadata(by_key[key], 1.0, index.metadata[by_key[key]]) for key in keys]
+    new = [key in fresh_keys and todo[key] == j for j, key in enumerate(keys)]
+    return Added(results, new, index.ntotal, version)
+
+
+def add_image_bytes(out: str | Path, onnx_path: str | Path, items: list[tuple[str, bytes]], *,
+                    label: str | None = None) -> list[int]:
+    """Add encoded images (name, bytes) to the index in ``out`` with the ONNX model; returns their ids.
+
+    ``add_images`` with an ONNX Runtime embedder: an image already indexed (same bytes) keeps
+    its id; a served index picks the new version up within a second.
+    """
+    from ascl.export.runtime import OnnxEmbedder
+
+    embedder = OnnxEmbedder(onnx_path)
+    return [r.id for r in add_images(out, items, lambda images, names: embed_encoded(embedder, images, names),
+                                     label=label, who="add_image_bytes", on_wait=_say).results]
+
+
+@dataclass(frozen=True)
+class Removed:
+    """What ``remove_images`` did: the records it removed and the index version afterwards."""
+
+    results: list[Result]
+    version: int
+
+
+def remove_images(index_dir: str | Path, ids: Iterable[int], *, paths: Iterable[str] = (),
+                  who: str = "a gallery remove", on_wait: Callable[[str], None] | None = None,
+                  only_if_present: Iterable[int] = ()) -> Removed:
+    """Remove entries by id or by stored path in one new index version, under the writer lock
+    (``ascl index remove``, ``ascl dedup --drop`` and the gallery services). Nothing is written
+    when none is there, nor (IndexConflictError) when an id of ``only_if_present`` (what the caller
+    keeps in their place, e.g. a duplicate's original) is no longer indexed."""
+    index_dir = Path(index_dir)
+    with writer_lock(index_dir, who=who, on_wait=on_wait):
+        index = GalleryIndex.load(index_dir)
+        gone_meanwhile = sorted({int(i) for i in only_if_present} - set(index.metadata))
+        if gone_meanwhile:
+            raise IndexConflictError(f"{index_dir}: id {gone_meanwhile[0]}, which this removal keeps, was removed "
+                                     "meanwhile by another writer; nothing was written: run it again")
+        wanted = {int(i) for i in ids} | {i for i, m in index.metadata.items() if m.get("path") in set(paths)}
+        gone = [Result.from_metadata(i, 0.0, index.metadata[i]) for i in sorted(wanted) if i in index.metadata]
+        index.remove(r.id for r in gone)
+        version = index.save(index_dir) if gone else index.version
+    return Removed(gone, version)
+
+
+def embed_encoded(embedder: Any, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
+    """Encoded images -> [N, D] unit embeddings with an OnnxEmbedder (ImageError names the bad one)."""
+    names = list(names) if names is not None else [f"image {i}" if len(images) > 1 else "image"
+                                                    for i in range(len(images))]
+    if not images:
+        return np.zeros((0, embedder.embedding_dim), np.float32)
+    pixels = np.stack([decode_image(data, embedder.image_size, name=name)  # [N, S, S, 3] uint8
+                       for data, name in zip(images, names, strict=True)])
+    return np.asarray(embedder.embed(pixels), dtype=np.float32)  # [N, D]
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
