@@ -81,7 +81,7 @@ def serve_baseline(port: int, index_dir: str, model: str) -> None:
     import torch
 
     from ascl.images import ImageError, decode_image
-    from ascl.serving.collections.index import GalleryIndex
+    from ascl.serving.collections.faiss_index import GalleryIndex
 
     encoder = load_benchmark_encoder(model)
     index = GalleryIndex.load(index_dir)

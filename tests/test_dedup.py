@@ -14,7 +14,7 @@ from PIL import Image
 
 from ascl.cli import main
 from ascl.serving.collections import dedup
-from ascl.serving.collections.index import (
+from ascl.serving.collections.faiss_index import (
     GalleryIndex,
     IndexConflictError,
     manifest_version,

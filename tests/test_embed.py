@@ -202,7 +202,7 @@ def test_unreadable_files_land_in_errors_parquet(models: dict[str, Any], digits_
 
 def test_index_from_parquet_searches_like_the_image_index(models: dict[str, Any], digits_folder: Path,
                                                           tmp_path: Path) -> None:
-    from ascl.serving.collections.index import GalleryIndex
+    from ascl.serving.collections.faiss_index import GalleryIndex
     from ascl.serving.online.gallery import InProcessGallery
 
     a = models["a"]

@@ -27,9 +27,9 @@ from ascl import names
 from ascl.cli import main
 from ascl.errors import USAGE, AsclError
 from ascl.serving import Client
-from ascl.serving.collections import filters
+from ascl.serving.collections import faiss_filters
+from ascl.serving.collections.faiss_index import GalleryIndex
 from ascl.serving.collections.filters import MAX_FILTER_BYTES, FilterError, parse_where, where_json
-from ascl.serving.collections.index import GalleryIndex
 from ascl.serving.online.front_door import grpc_infer_problem, http_infer_problem
 from ascl.serving.online.serve_cli import parse_where_args
 
@@ -134,9 +134,9 @@ def test_rows_are_full_even_when_the_approximate_search_falls_short(
         index: GalleryIndex, collection: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
     # No exact path by selectivity: HNSW and IVF search a 1% filter with the selector and a wider
     # beam, and rows that come back short are searched again exhaustively.
-    monkeypatch.setattr(filters, "EXACT_MATCHES", 0)
-    monkeypatch.setattr(filters, "EXACT_FRACTION", 0.0)
-    monkeypatch.setattr(filters, "HNSW_FILTER_EF_MAX", 16)  # a beam too narrow for a 1% filter
+    monkeypatch.setattr(faiss_filters, "EXACT_MATCHES", 0)
+    monkeypatch.setattr(faiss_filters, "EXACT_FRACTION", 0.0)
+    monkeypatch.setattr(faiss_filters, "HNSW_FILTER_EF_MAX", 16)  # a beam too narrow for a 1% filter
     ivf = faiss.try_extract_index_ivf(faiss.downcast_index(index.index.index))
     if ivf is not None:
         monkeypatch.setattr(ivf, "nprobe", 1)  # scaled by 1 / selectivity: 100 of the 128 lists

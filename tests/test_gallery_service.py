@@ -21,14 +21,14 @@ from serving_helpers import export_random_encoder, png_bytes, processes_mentioni
 
 from ascl.errors import FAILURE, USAGE, AsclError
 from ascl.images import ImageError, list_images
-from ascl.serving.collections.index import GalleryIndex, manifest_version
+from ascl.serving.collections.faiss_index import GalleryIndex, manifest_version
 from ascl.serving.online import gallery
 from ascl.serving.online.gallery import (
     ADDED_FOLDER,
     GalleryService,
+    Hit,
     InProcessGallery,
     PortInUseError,
-    Result,
     TritonGallery,
     add_images,
     build_index,
@@ -57,7 +57,7 @@ def local(built: tuple[Path, Path], tmp_path: Path) -> InProcessGallery:
     return InProcessGallery(built[0], tmp_path / "idx")
 
 
-def _ids(results: list[Result]) -> list[int]:
+def _ids(results: list[Hit]) -> list[int]:
     return [r.id for r in results]
 
 

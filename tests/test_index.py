@@ -10,7 +10,7 @@ import pytest
 from serving_helpers import export_random_encoder
 
 from ascl.cli import main
-from ascl.serving.collections.index import (
+from ascl.serving.collections.faiss_index import (
     FLAT_MAX,
     HNSW_MAX,
     GalleryIndex,
@@ -208,7 +208,7 @@ def test_writer_lock_waits_for_the_holder_then_names_it(tmp_path: Path) -> None:
     import threading
     import time
 
-    from ascl.serving.collections.index import IndexBusyError, writer_lock
+    from ascl.serving.collections.faiss_index import IndexBusyError, writer_lock
 
     held, release = threading.Event(), threading.Event()
 

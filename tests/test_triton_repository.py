@@ -14,7 +14,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ascl import names
 from ascl.cli import main
-from ascl.serving.collections.index import GalleryIndex
+from ascl.serving.collections.faiss_index import GalleryIndex
 from ascl.serving.online.repository import TRT_MAX_BATCH, write_repository
 
 ONNX_TO_TRITON = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: "TYPE_FP32"}

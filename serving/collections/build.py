@@ -1,4 +1,4 @@
-"""Embed a gallery with ONNX Runtime and write it into a versioned FAISS index folder.
+"""Embed a gallery with ONNX Runtime and write it into an index (``ascl.serving.collections.index``).
 
 Images already in the index (same content hash) are skipped, so re-running a build or an
 ``add`` over the same source only embeds what is new. ``build_index_from_parquet`` builds the
@@ -21,11 +21,13 @@ import numpy as np
 from ascl.image_sources import SourceImage, iter_images
 from ascl.images import ImageError, decode_image
 from ascl.serving.collections.index import (
-    MANIFEST,
-    GalleryIndex,
-    auto_factory,
-    read_manifest,
-    writer_lock,
+    IndexSpec,
+    NewIndex,
+    VectorIndex,
+    index_exists,
+    open_index,
+    read_info,
+    writing,
 )
 from ascl.serving.collections.model_identity import ensure_same_model, model_identity
 
@@ -98,18 +100,18 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def load_existing(out: Path) -> GalleryIndex | None:
-    """The index in ``out``, or None when ``out`` holds none yet."""
-    return GalleryIndex.load(out) if (out / MANIFEST).is_file() else None
-
-
-def check_same_model(index: GalleryIndex, model: dict[str, Any], out: Path) -> None:
-    """ModelMismatchError (naming both) when ``index`` holds embeddings of another model than ``model``."""
-    ensure_same_model(index.manifest.get("model"), model, f"index {out}")
+def load_existing(out: IndexSpec, model: dict[str, Any]) -> VectorIndex | None:
+    """The index ``out`` (checked to hold embeddings of ``model``: ModelMismatchError), or None when
+    there is none yet."""
+    if not index_exists(out):
+        return None
+    index = open_index(out)
+    ensure_same_model(index.model, model, f"index {out}")
+    return index
 
 
 def build_index(
-    onnx_path: str | Path, images: str, out: str | Path, *, factory: str = "auto", batch_size: int = 256,
+    onnx_path: str | Path, images: str, out: IndexSpec, *, factory: str = "auto", batch_size: int = 256,
     limit: int | None = None, progress: bool = True,
 ) -> BuildReport:
     """Create ``out`` from ``images``, or add the new images of ``images`` to an existing ``out``.
@@ -118,11 +120,9 @@ def build_index(
     applied under the lock to the index as it is at that moment, skipping images another
     writer added meanwhile, so concurrent writers never undo each other.
     """
-    onnx_path, out = Path(onnx_path), Path(out)
+    onnx_path = Path(onnx_path)
     model = model_identity(onnx_path)  # name, weights, dim, precision, and the ONNX file with its sha1
-    snapshot = load_existing(out)
-    if snapshot is not None:
-        check_same_model(snapshot, model, out)
+    snapshot = load_existing(out, model)
     known = snapshot.known_keys() if snapshot else set()
     vectors, records, counts = embed_source(onnx_path, images, known=known, batch_size=batch_size, limit=limit,
                                             progress=progress)
@@ -130,7 +130,7 @@ def build_index(
 
 
 def build_index_from_parquet(
-    embeddings: str | Path, out: str | Path, *, factory: str = "auto", model: dict[str, Any] | None = None,
+    embeddings: str | Path, out: IndexSpec, *, factory: str = "auto", model: dict[str, Any] | None = None,
 ) -> BuildReport:
     """Create ``out`` from a Parquet embedding set (``ascl embed``), or add its new rows to ``out``.
 
@@ -142,14 +142,12 @@ def build_index_from_parquet(
     from ascl.serving.collections.parquet_set import embeddings_of, iter_parts
     from ascl.serving.collections.parquet_set import read_manifest as read_set_manifest
 
-    embeddings, out = Path(embeddings), Path(out)
+    embeddings = Path(embeddings)
     manifest = read_set_manifest(embeddings)
     set_model = dict(manifest["model"])
     if model is not None:
         ensure_same_model(set_model, model, f"embedding set {embeddings}")
-    snapshot = load_existing(out)
-    if snapshot is not None:
-        check_same_model(snapshot, set_model, out)
+    snapshot = load_existing(out, set_model)
     known = snapshot.known_keys() if snapshot else set()
     source = str(manifest["source"]["source"])
     counts = {"known": 0, "bad": int(manifest.get("errors", 0))}
@@ -172,36 +170,22 @@ def build_index_from_parquet(
     return _apply(out, stacked, records, counts, factory=factory, model=set_model, what=str(embeddings))
 
 
-def _apply(out: Path, vectors: np.ndarray, records: list[dict[str, Any]], counts: dict[str, int], *, factory: str,
-           model: dict[str, Any], what: str) -> BuildReport:
-    """Write ``vectors`` with ``records`` into the index at ``out`` (a new one, or a new version) under the lock."""
-    created = not out.exists()
-    try:
-        with writer_lock(out, who="ascl index build/add", on_wait=_say):
-            index = load_existing(out)
-            if index is None:
-                if len(vectors) == 0:
-                    raise ImageError(f"{what}: no readable images to index")
-                chosen = auto_factory(len(vectors), vectors.shape[1]) if factory == "auto" else factory
-                index = GalleryIndex.create(vectors.shape[1], chosen, model=model)
-            else:
-                check_same_model(index, model, out)
-            before = index.ntotal
-            index.add_new(vectors, records)  # skips what another writer added meanwhile
-            added = index.ntotal - before
-            counts["known"] += len(records) - added
-            version = index.save(out) if added or index.version == 0 else index.version
-    except BaseException:
-        if created:  # leave no half-made folder behind
-            import shutil
-
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    return BuildReport(added, counts["known"], counts["bad"], index.ntotal, version,
-                       str(index.manifest["factory"]))
+def _apply(out: IndexSpec, vectors: np.ndarray, records: list[dict[str, Any]], counts: dict[str, int], *,
+           factory: str, model: dict[str, Any], what: str) -> BuildReport:
+    """Write ``vectors`` with ``records`` into the index ``out`` (a new one, or a new version), one writer at a time."""
+    new = NewIndex(int(vectors.shape[1]), model, factory, size_hint=len(vectors))
+    with writing(out, who="ascl index build/add", on_wait=_say, create=new, model=model) as index:
+        if index.version == 0 and len(vectors) == 0:  # a new index needs at least one image
+            raise ImageError(f"{what}: no readable images to index")
+        before = index.count()
+        index.add(vectors, records)  # skips what another writer added meanwhile
+        added = index.count() - before
+        counts["known"] += len(records) - added
+    return BuildReport(added, counts["known"], counts["bad"], index.count(), index.version,
+                       str(index.info().get("factory", "")))
 
 
-def remove_from_index(out: str | Path, ids: list[int], paths: list[str]) -> tuple[int, int]:
+def remove_from_index(out: IndexSpec, ids: list[int], paths: list[str]) -> tuple[int, int]:
     """Remove entries by id or by stored path; returns (removed, new version)."""
     from ascl.serving.collections.changes import remove_images
 
@@ -209,12 +193,12 @@ def remove_from_index(out: str | Path, ids: list[int], paths: list[str]) -> tupl
     return len(done.results), done.version
 
 
-def index_info(out: str | Path) -> dict[str, Any]:
-    """Summary of an index folder: manifest fields plus counts per label."""
-    manifest = read_manifest(out)
-    index = GalleryIndex.load(out)
+def index_info(out: IndexSpec) -> dict[str, Any]:
+    """Summary of an index: what it records about itself plus counts per label."""
+    info = read_info(out)
+    index = open_index(out)
     labels: dict[str, int] = {}
-    for record in index.metadata.values():
+    for record in index.records().values():
         key = str(record.get("label"))
         labels[key] = labels.get(key, 0) + 1
-    return {**manifest, "ntotal": index.ntotal, "labels": dict(sorted(labels.items()))}
+    return {**info, "ntotal": index.count(), "labels": dict(sorted(labels.items()))}

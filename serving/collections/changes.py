@@ -21,10 +21,17 @@ import numpy as np
 from ascl.atomic import atomic_write_bytes
 from ascl.errors import AsclError
 from ascl.images import decode_image
-from ascl.serving.collections.index import GalleryIndex, IndexConflictError, writer_lock
+from ascl.serving.collections.index import (
+    Hit,
+    IndexConflictError,
+    IndexFileError,
+    IndexSpec,
+    open_index,
+    writing,
+)
 
 __all__ = [
-    "ADDED_FOLDER", "MAX_LABEL_CHARS", "Added", "Embed", "LabelError", "Removed", "Result", "add_image_bytes",
+    "ADDED_FOLDER", "MAX_LABEL_CHARS", "Added", "Embed", "LabelError", "Removed", "add_image_bytes",
     "add_images", "clean_label", "embed_encoded", "remove_images",
 ]
 
@@ -35,26 +42,6 @@ Embed = Callable[[list[bytes], list[str]], np.ndarray]  # (images, their names) 
 
 class LabelError(AsclError, ValueError):
     """A label that cannot be stored (too long, not printable)."""
-
-
-
-@dataclass(frozen=True)
-class Result:
-    """One gallery entry as a search returns it."""
-
-    id: int
-    score: float  # cosine similarity, higher is closer
-    label: str | None
-    name: str  # path relative to its gallery, for a caption
-    file: Path | None  # the image on this machine, when it can be found
-
-    @classmethod
-    def from_metadata(cls, id_: int, score: float, meta: dict[str, Any]) -> Result:
-        name = str(meta.get("path", id_))
-        source = meta.get("source")
-        file = Path(source) / name if isinstance(source, str) and Path(source).is_dir() else None
-        label = meta.get("label")
-        return cls(int(id_), float(score), None if label is None else str(label), name, file)
 
 
 def clean_label(label: str | None) -> str | None:
@@ -75,35 +62,42 @@ def clean_label(label: str | None) -> str | None:
 class Added:
     """What ``add_images`` did: one record and one "added now?" flag per item, and the index after."""
 
-    results: list[Result]
+    results: list[Hit]
     new: list[bool]  # False: these bytes were indexed already (or came earlier in the same call)
     total: int  # vectors in the index afterwards
     version: int  # the index version afterwards
 
 
-def add_images(index_dir: str | Path, items: Sequence[tuple[str, bytes]], embed: Embed, *,
+def files_folder(index: IndexSpec, files: str | Path | None = None) -> Path:
+    """Where the images added to ``index`` are kept: ``files``, else the index folder's ``added/``."""
+    if files is not None:
+        return Path(files)
+    if "://" in str(index):
+        raise IndexFileError(f"{index}: adding images to this index needs a folder for their files")
+    return Path(index) / ADDED_FOLDER
+
+
+def add_images(index_dir: IndexSpec, items: Sequence[tuple[str, bytes]], embed: Embed, *,
                label: str | None = None, who: str = "a gallery add",
-               on_wait: Callable[[str], None] | None = None) -> Added:
-    """Add encoded images (name, bytes) to the index in ``index_dir``: the one way to add an upload.
+               on_wait: Callable[[str], None] | None = None, files: str | Path | None = None) -> Added:
+    """Add encoded images (name, bytes) to the index ``index_dir``: the one way to add an upload.
 
     Images whose bytes are indexed already keep their id and are not embedded again; the others
     are embedded with ``embed`` (outside the lock: it can be a round trip to a server), saved as
-    ``added/<sha1[:16]><suffix>`` and added in one new index version under the writer lock,
-    skipping any that another writer added meanwhile. Nothing is written when ``embed`` raises
-    (ImageError for bytes that are no image).
+    ``<files>/<sha1[:16]><suffix>`` (``files_folder``) and added in one new index version under
+    the writer lock, skipping any that another writer added meanwhile. Nothing is written when
+    ``embed`` raises (ImageError for bytes that are no image).
     """
-    index_dir = Path(index_dir)
     label = clean_label(label)
     keys = [hashlib.sha1(data).hexdigest() for _, data in items]
-    known = GalleryIndex.load(index_dir).known_keys()
+    known = open_index(index_dir).known_keys()
     todo: dict[str, int] = {}  # sha1 -> first item with these bytes, among those not indexed yet
     for j, key in enumerate(keys):
         if key not in known and key not in todo:
             todo[key] = j
     vectors = embed([items[j][1] for j in todo.values()], [items[j][0] for j in todo.values()]) if todo else None
-    added_dir = index_dir / ADDED_FOLDER
-    with writer_lock(index_dir, who=who, on_wait=on_wait):
-        index = GalleryIndex.load(index_dir)
+    added_dir = files_folder(index_dir, files)
+    with writing(index_dir, who=who, on_wait=on_wait) as index:
         now_known = index.known_keys()  # another writer may have added some meanwhile
         if any(key not in now_known and key not in todo for key in keys):
             raise IndexConflictError(f"{index_dir}: an image of this add was removed from the index meanwhile; "
@@ -119,15 +113,13 @@ def add_images(index_dir: str | Path, items: Sequence[tuple[str, bytes]], embed:
                 records.append({"path": file_name, "label": label, "size": len(data),
                                 "source": str(added_dir.resolve()), "sha1": key, "original_name": name[:200]})
             assert vectors is not None
-            index.add_new(np.asarray(vectors)[[position[key] for key, _ in fresh]], records)
-            version = index.save(index_dir)
-        else:
-            version = index.version
-        by_key = {str(m["sha1"]): i for i, m in index.metadata.items() if "sha1" in m}
+            index.add(np.asarray(vectors)[[position[key] for key, _ in fresh]], records)
+        held = index.records()
+    by_key = {str(m["sha1"]): i for i, m in held.items() if "sha1" in m}
     fresh_keys = {key for key, _ in fresh}
-    results = [Result.from_metadata(by_key[key], 1.0, index.metadata[by_key[key]]) for key in keys]
+    results = [Hit(by_key[key], 1.0, held[by_key[key]]) for key in keys]
     new = [key in fresh_keys and todo[key] == j for j, key in enumerate(keys)]
-    return Added(results, new, index.ntotal, version)
+    return Added(results, new, index.count(), index.version)
 
 
 def add_image_bytes(out: str | Path, onnx_path: str | Path, items: list[tuple[str, bytes]], *,
@@ -148,29 +140,28 @@ def add_image_bytes(out: str | Path, onnx_path: str | Path, items: list[tuple[st
 class Removed:
     """What ``remove_images`` did: the records it removed and the index version afterwards."""
 
-    results: list[Result]
+    results: list[Hit]
     version: int
 
 
-def remove_images(index_dir: str | Path, ids: Iterable[int], *, paths: Iterable[str] = (),
+def remove_images(index_dir: IndexSpec, ids: Iterable[int], *, paths: Iterable[str] = (),
                   who: str = "a gallery remove", on_wait: Callable[[str], None] | None = None,
                   only_if_present: Iterable[int] = ()) -> Removed:
     """Remove entries by id or by stored path in one new index version, under the writer lock
     (``ascl index remove``, ``ascl dedup --drop`` and the gallery services). Nothing is written
     when none is there, nor (IndexConflictError) when an id of ``only_if_present`` (what the caller
     keeps in their place, e.g. a duplicate's original) is no longer indexed."""
-    index_dir = Path(index_dir)
-    with writer_lock(index_dir, who=who, on_wait=on_wait):
-        index = GalleryIndex.load(index_dir)
-        gone_meanwhile = sorted({int(i) for i in only_if_present} - set(index.metadata))
+    paths = set(paths)
+    with writing(index_dir, who=who, on_wait=on_wait) as index:
+        held = index.records()
+        gone_meanwhile = sorted({int(i) for i in only_if_present} - set(held))
         if gone_meanwhile:
             raise IndexConflictError(f"{index_dir}: id {gone_meanwhile[0]}, which this removal keeps, was removed "
                                      "meanwhile by another writer; nothing was written: run it again")
-        wanted = {int(i) for i in ids} | {i for i, m in index.metadata.items() if m.get("path") in set(paths)}
-        gone = [Result.from_metadata(i, 0.0, index.metadata[i]) for i in sorted(wanted) if i in index.metadata]
+        wanted = {int(i) for i in ids} | {i for i, m in held.items() if m.get("path") in paths}
+        gone = [Hit(i, 0.0, held[i]) for i in sorted(wanted) if i in held]
         index.remove(r.id for r in gone)
-        version = index.save(index_dir) if gone else index.version
-    return Removed(gone, version)
+    return Removed(gone, index.version)
 
 
 def embed_encoded(embedder: Any, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:

@@ -3,9 +3,9 @@
 ``ascl dedup`` (``ascl.serving.collections.dedup_cli``) is a thin front end over this module:
 
 - **Vectors.** From an image source (any spec of ``ascl.image_sources``) they are embedded here
-  with the exported model (ONNX Runtime). From an index folder they are the index's own
-  vectors, read back with ``reconstruct_n`` of the index inside the IDMap (positions follow
-  the IDMap's id list): exact for ``Flat`` and ``HNSW32`` (flat storage), the SQ8 re-ranking
+  with the exported model (ONNX Runtime). From an index they are the index's own vectors, read
+  back with ``VectorIndex.reconstruct`` (FAISS: ``reconstruct_n`` of the index inside the
+  IDMap): exact for ``Flat`` and ``HNSW32`` (flat storage), the SQ8 re-ranking
   codes for ``auto``'s ``IVF...,PQ...x4fs,Refine(SQ8)`` (cosine to the original vector >= 0.987
   on the shipped default's CIFAR-10 embeddings, median 0.99998). An index that keeps only lossy
   codes (PQ without a flat / SQ refinement, which FAISS cannot even read back safely: its
@@ -52,11 +52,11 @@ from ascl.atomic import atomic_path
 from ascl.errors import AsclError
 from ascl.image_sources import SourceImage, iter_images
 from ascl.images import ImageError, decode_image
-from ascl.serving.collections.index import GalleryIndex, IndexFileError
+from ascl.serving.collections.index import IndexFileError, IndexSpec, VectorIndex, open_index, read_info
 
 __all__ = [
     "DEFAULT_THRESHOLD", "DedupError", "DedupResult", "Embedded", "Group", "check_output", "dedup_images",
-    "dedup_index", "drop_duplicates", "embed_images", "group_near_duplicates", "index_vectors", "write_groups",
+    "dedup_index", "drop_duplicates", "embed_images", "group_near_duplicates", "write_groups",
 ]
 
 # Measured with benchmarks/dedup.py on the shipped default (benchmarks/README.md, "Near-duplicates"):
@@ -70,7 +70,6 @@ MIN_CHUNK = 32
 PAIR_BUDGET = 20_000_000  # pairs one range-search call may return (12 bytes each)
 TOLERANCE = 1e-6  # float rounding of unit vectors: an exact copy may score 0.99999994
 LOSSY_NORM_ERROR = 0.01  # median |norm - 1| of read-back vectors above which they are re-embedded
-RECONSTRUCT_CHUNK = 65536
 
 
 class DedupError(AsclError, ValueError):
@@ -321,58 +320,12 @@ def embed_images(onnx_path: str | Path, images: Any, *, batch_size: int = 256, l
     return Embedded(vectors, records, skipped)
 
 
-def _stored_vectors(inner: Any) -> Any:
-    """The FAISS index to read ``inner``'s vectors from with ``reconstruct_n``, or None.
-
-    Only storage that keeps every vector whole or as scalar-quantised codes (flat, SQ, the
-    flat / SQ8 refinement of ``auto``'s IVF-PQ, HNSW or IVF over flat / SQ storage): PQ codes
-    are too lossy to tell near-duplicates apart, and FAISS 1.15's ``reconstruct_n`` of an
-    IVF fast-scan PQ index crashes the process.
-    """
-    import faiss
-
-    whole = (faiss.IndexFlat, faiss.IndexScalarQuantizer)
-    if isinstance(inner, faiss.IndexRefine):
-        refine = faiss.downcast_index(inner.refine_index)
-        return refine if isinstance(refine, whole) else None
-    if isinstance(inner, faiss.IndexHNSW):
-        return inner if isinstance(faiss.downcast_index(inner.storage), whole) else None
-    if isinstance(inner, (*whole, faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer)):
-        return inner
-    return None
-
-
-def index_vectors(index: GalleryIndex) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors [N, D] as the index stores them, their ids [N]), in the IDMap's order.
-
-    Raises IndexFileError when the index type does not keep its vectors (PQ codes, ...).
-    """
-    import faiss
-
-    inner = faiss.downcast_index(index.index.index)
-    ids = faiss.vector_to_array(index.index.id_map).astype(np.int64)  # [N] position -> id
-    source = _stored_vectors(inner)
-    if source is None:
-        raise IndexFileError(f"this index ({index.manifest.get('factory')}, {type(inner).__name__}) does not keep "
-                             "its vectors, only lossy codes")
-    n = index.ntotal
-    vectors = np.empty((n, index.dim), dtype=np.float32)
-    try:
-        for start in range(0, n, RECONSTRUCT_CHUNK):
-            count = min(RECONSTRUCT_CHUNK, n - start)
-            vectors[start:start + count] = source.reconstruct_n(start, count)
-    except RuntimeError as exc:
-        raise IndexFileError(f"this index ({index.manifest.get('factory')}) cannot give its vectors back "
-                             f"({str(exc).splitlines()[-1][:120]})") from exc
-    return vectors, ids
-
-
 def _unit(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return np.asarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def _reembed_index(onnx_path: str | Path, index: GalleryIndex, ids: np.ndarray, *, batch_size: int,
+def _reembed_index(onnx_path: str | Path, index: VectorIndex, ids: np.ndarray, *, batch_size: int,
                    progress: bool) -> np.ndarray:
     """The index's images embedded again from the sources their metadata names, in ``ids`` order."""
     from ascl.export.runtime import OnnxEmbedder
@@ -382,9 +335,10 @@ def _reembed_index(onnx_path: str | Path, index: GalleryIndex, ids: np.ndarray, 
         raise DedupError(f"the model makes {embedder.embedding_dim}-d embeddings but the index holds {index.dim}-d "
                          "vectors; pass the model the index was built with (--model)")
     position = {int(i): p for p, i in enumerate(ids.tolist())}
+    held = index.records()
     wanted: dict[str, dict[str, int]] = {}  # source -> stored path -> id
     for i in ids.tolist():
-        meta = index.metadata.get(int(i), {})
+        meta = held.get(int(i), {})
         wanted.setdefault(str(meta.get("source", "")), {})[str(meta.get("path", ""))] = int(i)
     vectors = np.zeros((len(ids), index.dim), np.float32)
     found = np.zeros(len(ids), dtype=bool)
@@ -397,7 +351,7 @@ def _reembed_index(onnx_path: str | Path, index: GalleryIndex, ids: np.ndarray, 
 
         def decode(item: SourceImage, paths: dict[str, int] = paths) -> np.ndarray | None:
             data = item.read()
-            sha1 = index.metadata[paths[item.path]].get("sha1")
+            sha1 = held[paths[item.path]].get("sha1")
             if sha1 and hashlib.sha1(data).hexdigest() != sha1:
                 return None  # the file changed since it was indexed
             try:
@@ -413,7 +367,7 @@ def _reembed_index(onnx_path: str | Path, index: GalleryIndex, ids: np.ndarray, 
         vectors[rows] = got
         found[rows] = True
     if not found.all():
-        missing = [str(index.metadata.get(int(ids[p]), {}).get("path")) for p in np.flatnonzero(~found)[:3]]
+        missing = [str(held.get(int(ids[p]), {}).get("path")) for p in np.flatnonzero(~found)[:3]]
         raise IndexFileError(
             f"{int((~found).sum())} of the index's {len(ids)} images are no longer at their source, or changed "
             f"(e.g. {', '.join(missing)}), so they cannot be embedded again; run 'ascl dedup IMAGES' on the images "
@@ -449,7 +403,7 @@ def dedup_images(onnx_path: str | Path, images: Any, threshold: float = DEFAULT_
 OnnxSpec = str | Path | Callable[[], Path] | None  # an ONNX file, or a function giving one when it is needed
 
 
-def load_index_vectors(index: GalleryIndex, onnx_path: OnnxSpec, *, batch_size: int = 256,
+def load_index_vectors(index: VectorIndex, onnx_path: OnnxSpec, *, batch_size: int = 256,
                        progress: bool = True) -> tuple[Embedded, str]:
     """The index's vectors and records in id order, and where the vectors came from.
 
@@ -458,13 +412,11 @@ def load_index_vectors(index: GalleryIndex, onnx_path: OnnxSpec, *, batch_size: 
     is called only then, so that a model is exported only when it is used).
     """
     try:
-        vectors, ids = index_vectors(index)
+        vectors, ids = index.reconstruct()
         error = float(np.median(np.abs(np.linalg.norm(vectors, axis=1) - 1.0))) if len(vectors) else 0.0
         why = (f"its codes are lossy (median norm error {error:.3f})" if error > LOSSY_NORM_ERROR else "")
     except IndexFileError as exc:
-        import faiss
-
-        ids, why = faiss.vector_to_array(index.index.id_map).astype(np.int64), exc.message
+        ids, why = np.array(sorted(index.records()), dtype=np.int64), exc.message
     origin = "index"
     if why:
         if onnx_path is None:
@@ -475,17 +427,18 @@ def load_index_vectors(index: GalleryIndex, onnx_path: OnnxSpec, *, batch_size: 
         vectors = _reembed_index(onnx, index, ids, batch_size=batch_size, progress=progress)
         origin = "re-embedded"
     order = np.argsort(ids, kind="stable")  # by id: the order the images were added in
-    records = [{**index.metadata.get(int(i), {}), "id": int(i)} for i in ids[order].tolist()]
+    held = index.records()
+    records = [{**held.get(int(i), {}), "id": int(i)} for i in ids[order].tolist()]
     return Embedded(_unit(vectors[order]), records), origin
 
 
-def dedup_index(index_dir: str | Path, threshold: float = DEFAULT_THRESHOLD, *, onnx_path: OnnxSpec = None, batch_size: int = 256, progress: bool = True) -> DedupResult:
+def dedup_index(index_dir: IndexSpec, threshold: float = DEFAULT_THRESHOLD, *, onnx_path: OnnxSpec = None, batch_size: int = 256, progress: bool = True) -> DedupResult:
     """Near-duplicate groups among the vectors of the index in ``index_dir`` (ids in the records).
 
     ``onnx_path`` (the index's model) is used only when the index cannot give its vectors back.
     """
     threshold = check_threshold(threshold)
-    index = GalleryIndex.load(index_dir)
+    index = open_index(index_dir)
     embedded, origin = load_index_vectors(index, onnx_path, batch_size=batch_size, progress=progress)
     groups = _grouped(embedded.vectors, threshold, progress)
     return DedupResult(groups, embedded.records, threshold, 0, origin)
@@ -530,7 +483,7 @@ class Dropped:
     version: int
 
 
-def drop_duplicates(index_dir: str | Path, result: DedupResult, *,
+def drop_duplicates(index_dir: IndexSpec, result: DedupResult, *,
                     on_wait: Callable[[str], None] | None = None) -> Dropped:
     """Remove every group member but the first from the index, in one new version.
 
@@ -544,7 +497,7 @@ def drop_duplicates(index_dir: str | Path, result: DedupResult, *,
     keep = [int(result.records[g.members[0]]["id"]) for g in result.groups]
     drop = [int(result.records[p]["id"]) for g in result.groups for p in g.members[1:]]
     if not drop:
-        return Dropped(0, int(GalleryIndex.load(index_dir).version))
+        return Dropped(0, int(read_info(index_dir)["version"]))
     done = remove_images(index_dir, drop, only_if_present=keep, who="ascl dedup --drop", on_wait=on_wait or _say)
     return Dropped(len(done.results), done.version)
 

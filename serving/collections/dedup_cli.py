@@ -11,19 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ascl.errors import InputError, user_errors
+from ascl.serving.collections.index_cli import model_of_index
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 DEFAULT_THRESHOLD = 0.94  # = ascl.serving.collections.dedup.DEFAULT_THRESHOLD (checked by the tests; not imported: numpy)
 # Builtin errors of FAISS, ONNX Runtime, PIL and the file system that mean bad input here.
 USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, OSError)
-
-
-def _model_of_index(index: str) -> str | None:
-    """The ONNX file an index was built with, when it is still there."""
-    from ascl.serving.collections.index import read_manifest
-
-    onnx = read_manifest(index).get("model", {}).get("onnx")
-    return str(onnx) if onnx and Path(onnx).is_file() else None
 
 
 def cmd_dedup(args: argparse.Namespace) -> int:
@@ -40,7 +33,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     out = dedup.check_output(args.out)
     with user_errors(*USER_ERRORS):
         if args.index is not None:
-            model = args.model or _model_of_index(args.index)  # needed only if the vectors cannot be read back
+            model = args.model or model_of_index(args.index)  # needed only if the vectors cannot be read back
             result = dedup.dedup_index(args.index, threshold, onnx_path=(lambda: _onnx(model)) if model else None,
                                        batch_size=args.batch_size)
         else:

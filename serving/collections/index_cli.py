@@ -25,13 +25,12 @@ def add_model_option(p: argparse.ArgumentParser, default: str | None, when_absen
                         f"(exported to ONNX once and cached under ~/.cache/ascl); {when_absent}")
 
 
-def model_of_index(index: str) -> str:
-    """The model an index was built with (its manifest's ONNX file, when still there), else ``default``."""
-    from ascl.registry import DEFAULT_ALIAS
-    from ascl.serving.collections.index import read_manifest
+def model_of_index(index: str) -> str | None:
+    """The ONNX file an index records it was built with, when that file is still on this machine."""
+    from ascl.serving.collections.index import read_info
 
-    onnx = read_manifest(index).get("model", {}).get("onnx")
-    return str(onnx) if onnx and Path(onnx).is_file() else DEFAULT_ALIAS
+    onnx = read_info(index).get("model", {}).get("onnx")
+    return str(onnx) if onnx and Path(onnx).is_file() else None
 
 
 def _add_images(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -66,10 +65,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    from ascl.serving.collections.index import read_manifest
+    from ascl.serving.collections.index import read_info
 
     with user_errors(*USER_ERRORS):
-        model = args.model or read_manifest(args.index).get("model", {}).get("onnx")
+        model = args.model or read_info(args.index).get("model", {}).get("onnx")
     if not model:
         raise InputError(f"{args.index}: the manifest names no model; pass --model")
     args.model, args.out, args.factory = model, args.index, "auto"

@@ -166,10 +166,3 @@ def ensure_same_model(recorded: dict[str, Any] | None, model: dict[str, Any], wh
         "embeddings of different models cannot be mixed or searched together. Use the model it was made with "
         "(or an fp16/int8 export of the same weights), or write a new one with another --out"
     )
-
-
-def ensure_index_model(index_dir: str | Path, onnx_path: str | Path) -> None:
-    """``ensure_same_model`` for serving ``onnx_path`` over the index folder ``index_dir`` (its manifest's record)."""
-    from ascl.serving.collections.index import read_manifest
-
-    ensure_same_model(read_manifest(index_dir).get("model"), model_identity(onnx_path), f"index {index_dir}")

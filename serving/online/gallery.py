@@ -10,7 +10,8 @@ functions beside it here, never to the rest of ``ascl.serving``. Two implementat
 - ``InProcessGallery``: the same ONNX file with ONNX Runtime and the same FAISS index in this
   process (no server: notebooks, tests, a laptop without Triton).
 
-Both take encoded image bytes (what a browser uploads) and return ranked ``Result`` records.
+Both take encoded image bytes (what a browser uploads) and return ranked ``Hit`` lists (the
+index's one hit type: id, score, metadata, and the label, name and file they give).
 Their adds and removes are the collections layer's one writer (``ascl.serving.collections.changes``:
 same bytes keep one id, the writer lock, a new index version), re-exported here.
 
@@ -39,7 +40,6 @@ from ascl.serving.collections.changes import (
     Added,
     LabelError,
     Removed,
-    Result,
     add_image_bytes,
     add_images,
     clean_label,
@@ -48,11 +48,15 @@ from ascl.serving.collections.changes import (
 )
 from ascl.serving.collections.filters import Where
 from ascl.serving.collections.index import (
-    MANIFEST,
-    GalleryIndex,
+    Hit,
     IndexFileError,
-    manifest_version,
-    read_manifest,
+    IndexSpec,
+    VectorIndex,
+    as_spec,
+    index_count,
+    index_exists,
+    open_index,
+    read_info,
 )
 from ascl.serving.online.server import PortInUseError, ServerError
 from ascl.serving.online.server import check_ports_free as _check_server_ports
@@ -61,8 +65,8 @@ if TYPE_CHECKING:
     from ascl.models import ModelRef
 
 __all__ = [
-    "ADDED_FOLDER", "MAX_LABEL_CHARS", "Added", "AddNotServedError", "GalleryService", "InProcessGallery",
-    "IndexFileError", "LabelError", "NoIndexFolderError", "PortInUseError", "Removed", "Result", "RunningService",
+    "ADDED_FOLDER", "MAX_LABEL_CHARS", "Added", "AddNotServedError", "GalleryService", "Hit", "InProcessGallery",
+    "IndexFileError", "LabelError", "NoIndexFolderError", "PortInUseError", "Removed", "RunningService",
     "ServerError", "TritonGallery", "add_image_bytes", "add_images", "build_index", "check_ports_free",
     "clean_label", "describe_precision", "index_count", "index_exists", "index_manifest", "index_records",
     "model_onnx", "remove_images", "source_folders", "start_service",
@@ -88,11 +92,11 @@ class GalleryService(Protocol):
         ...
 
     @overload
-    def search(self, images: bytes, k: int, where: Where | None = None) -> list[Result]: ...
+    def search(self, images: bytes, k: int, where: Where | None = None) -> list[Hit]: ...
     @overload
-    def search(self, images: Sequence[bytes], k: int, where: Where | None = None) -> list[list[Result]]: ...
+    def search(self, images: Sequence[bytes], k: int, where: Where | None = None) -> list[list[Hit]]: ...
     def search(self, images: bytes | Sequence[bytes], k: int,
-               where: Where | None = None) -> list[Result] | list[list[Result]]:
+               where: Where | None = None) -> list[Hit] | list[list[Hit]]:
         """The ``k`` nearest gallery entries of one image (a ranked list, best first) or of each of
         several (one ranked list each); ``k`` is clamped to the gallery size. ``where`` keeps only
         entries whose metadata pass it (``{"label": "cat"}``; a list of values: any of them; several
@@ -104,7 +108,7 @@ class GalleryService(Protocol):
         """The labels the gallery's entries carry, sorted (empty when it cannot tell)."""
         ...
 
-    def add(self, image: bytes, *, name: str, label: str | None = None) -> Result:
+    def add(self, image: bytes, *, name: str, label: str | None = None) -> Hit:
         """Add ``image`` to the gallery; it is found by the next search. Returns its record.
         The same bytes added again keep their first id (and label)."""
         ...
@@ -130,15 +134,15 @@ class _Gallery:
 
     description: str
 
-    def _search(self, images: list[bytes], k: int, where: Where | None) -> list[list[Result]]:
+    def _search(self, images: list[bytes], k: int, where: Where | None) -> list[list[Hit]]:
         raise NotImplementedError
 
     @overload
-    def search(self, images: bytes, k: int, where: Where | None = None) -> list[Result]: ...
+    def search(self, images: bytes, k: int, where: Where | None = None) -> list[Hit]: ...
     @overload
-    def search(self, images: Sequence[bytes], k: int, where: Where | None = None) -> list[list[Result]]: ...
+    def search(self, images: Sequence[bytes], k: int, where: Where | None = None) -> list[list[Hit]]: ...
     def search(self, images: bytes | Sequence[bytes], k: int,
-               where: Where | None = None) -> list[Result] | list[list[Result]]:
+               where: Where | None = None) -> list[Hit] | list[list[Hit]]:
         """The ``k`` nearest gallery entries of ``images`` (one encoded image, or a list), best first,
         among those passing ``where`` (``ascl.serving.collections.filters``)."""
         if isinstance(images, bytes | bytearray):
@@ -149,12 +153,12 @@ class _Gallery:
 class InProcessGallery(_Gallery):
     """ONNX Runtime + FAISS in this process; picks up new index versions written by others."""
 
-    def __init__(self, onnx_path: str | Path, index_dir: str | Path, *, threads: int = 0) -> None:
+    def __init__(self, onnx_path: str | Path, index_dir: IndexSpec, *, threads: int = 0) -> None:
         from ascl.export.runtime import OnnxEmbedder
 
         self.embedder = OnnxEmbedder(onnx_path, threads=threads)
-        self.index_dir = Path(index_dir)
-        self.index = GalleryIndex.load(self.index_dir)
+        self.index_dir = as_spec(index_dir)
+        self.index = open_index(self.index_dir)
         if self.index.dim != self.embedder.embedding_dim:
             raise IndexFileError(
                 f"{self.index_dir} holds {self.index.dim}-d vectors but {onnx_path} makes "
@@ -162,40 +166,38 @@ class InProcessGallery(_Gallery):
             )
         from ascl.serving.collections.model_identity import ensure_same_model, model_identity
 
-        ensure_same_model(self.index.manifest.get("model"), model_identity(onnx_path, metadata=self.embedder.metadata),
+        ensure_same_model(self.index.model, model_identity(onnx_path, metadata=self.embedder.metadata),
                           f"index {self.index_dir}")
         self._lock = threading.Lock()
-        self.description = f"in-process ONNX Runtime ({Path(onnx_path).name}) + FAISS ({self.index_dir})"
+        self.description = f"in-process ONNX Runtime ({Path(onnx_path).name}) + index {self.index_dir}"
 
-    def _current(self) -> GalleryIndex:
-        """The index, reloaded when a newer version was written (a manifest read per call)."""
+    def _current(self) -> VectorIndex:
+        """The index, reloaded when a newer version was written (a cheap check per call)."""
         with self._lock:
-            if manifest_version(self.index_dir) != self.index.version:
-                self.index = GalleryIndex.load(self.index_dir)
+            self.index = self.index.refreshed()
             return self.index
 
     def embed(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
         """Encoded images -> [N, D] unit embeddings (raises ImageError, naming the image, for bad input)."""
         return embed_encoded(self.embedder, list(images), names)
 
-    def _search(self, images: list[bytes], k: int, where: Where | None) -> list[list[Result]]:
+    def _search(self, images: list[bytes], k: int, where: Where | None) -> list[list[Hit]]:
         index = self._current()
-        index.field_index().matching(where)  # a bad filter fails before the images are embedded
+        index.check_where(where)  # a bad filter fails before the images are embedded
         queries = self.embed(images)  # [Q, D]
-        return [[Result.from_metadata(h.id, h.score, h.metadata) for h in hits]
-                for hits in index.hits(queries, k, where)]  # k is clamped to the index size
+        return index.hits(queries, k, where)  # k is clamped to the index size
 
     def labels(self) -> list[str]:
-        return _labels(self._current().metadata.values())
+        return _labels(self._current().records().values())
 
-    def add(self, image: bytes, *, name: str, label: str | None = None) -> Result:
+    def add(self, image: bytes, *, name: str, label: str | None = None) -> Hit:
         return add_images(self.index_dir, [(name, image)], self.embed, label=label).results[0]
 
     def remove(self, ids: Iterable[int]) -> int:
         return len(remove_images(self.index_dir, ids).results)
 
     def count(self) -> int:
-        return int(self._current().ntotal)
+        return int(self._current().count())
 
 
 class TritonGallery(_Gallery):
@@ -205,12 +207,12 @@ class TritonGallery(_Gallery):
     ``count`` need it. Changes are written there and waited for until the server answers with them.
     """
 
-    def __init__(self, url: str, index_dir: str | Path | None = None, *, add_timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, index_dir: IndexSpec | None = None, *, add_timeout_s: float = 30.0) -> None:
         from ascl.serving.online.client import Client
 
         self.url = url
         self.client = Client(url)
-        self.index_dir = Path(index_dir) if index_dir else None
+        self.index_dir = as_spec(index_dir) if index_dir else None
         self.add_timeout_s = add_timeout_s
         self.description = f"Triton at {url}"
 
@@ -218,23 +220,22 @@ class TritonGallery(_Gallery):
         """[N, D] unit embeddings computed by the server (``names`` are not sent)."""
         return np.asarray(self.client.embed(list(images)), dtype=np.float32)
 
-    def _search(self, images: list[bytes], k: int, where: Where | None) -> list[list[Result]]:
-        return [[Result.from_metadata(h.id, h.score, h.metadata) for h in hits]
-                for hits in self.client.search(images, k=k, where=where)]  # the server clamps k to the index size
+    def _search(self, images: list[bytes], k: int, where: Where | None) -> list[list[Hit]]:
+        return self.client.search(images, k=k, where=where)  # the server clamps k to the index size
 
     def labels(self) -> list[str]:
         """The labels in the served index folder (read here; empty without ``index_dir``)."""
         if self.index_dir is None:
             return []
-        return _labels(GalleryIndex.load(self.index_dir).metadata.values())
+        return _labels(open_index(self.index_dir).records().values())
 
-    def _folder(self) -> Path:
+    def _folder(self) -> IndexSpec:
         if self.index_dir is None:
             raise NoIndexFolderError("adding or removing images needs the served index folder; pass it "
                                      "(in the demo: start it with --index IDX)")
         return self.index_dir
 
-    def add(self, image: bytes, *, name: str, label: str | None = None) -> Result:
+    def add(self, image: bytes, *, name: str, label: str | None = None) -> Hit:
         added = add_images(self._folder(), [(name, image)], self.embed, label=label)
         result = added.results[0]
         if added.new[0]:
@@ -269,7 +270,7 @@ class TritonGallery(_Gallery):
     def count(self) -> int:
         if self.index_dir is None:
             return -1
-        return int(read_manifest(self.index_dir).get("count", -1))
+        return int(read_info(self.index_dir).get("count", -1))
 
 
 # ---------------------------------------------------------------------------- index folders, ports, the service
@@ -298,7 +299,7 @@ def describe_precision(onnx_path: str | Path, made_now: bool = False, min_recall
     return describe_int8(path, made_now, min_recall)
 
 
-def build_index(onnx_path: str | Path, images: str | Path, index_dir: str | Path, *, factory: str = "auto") -> int:
+def build_index(onnx_path: str | Path, images: str | Path, index_dir: IndexSpec, *, factory: str = "auto") -> int:
     """Embed every image under ``images`` with ``onnx_path`` into the index at ``index_dir`` (a new one,
     or the new images added to an existing one). Unreadable images are skipped with a warning (a
     gallery folder is rarely perfectly clean). Returns the number of images in the index."""
@@ -307,31 +308,20 @@ def build_index(onnx_path: str | Path, images: str | Path, index_dir: str | Path
     return build.build_index(onnx_path, str(images), index_dir, factory=factory).total
 
 
-def index_exists(index_dir: str | Path) -> bool:
-    """True when ``index_dir`` holds an index (its manifest)."""
-    return (Path(index_dir) / MANIFEST).is_file()
+def index_manifest(index_dir: IndexSpec) -> dict[str, Any]:
+    """What an index records about itself (IndexFileError, saying what to do, when it is not one)."""
+    return read_info(index_dir)
 
 
-def index_manifest(index_dir: str | Path) -> dict[str, Any]:
-    """The manifest of an index folder (IndexFileError, saying what to do, when it is not one)."""
-    return read_manifest(index_dir)
+def index_records(index_dir: IndexSpec) -> list[Hit]:
+    """Every entry of the index ``index_dir``, by id (score 0)."""
+    records = open_index(index_dir).records()
+    return [Hit(i, 0.0, records[i]) for i in sorted(records)]
 
 
-def index_count(index_dir: str | Path) -> int:
-    """How many images the index in ``index_dir`` holds (reads the manifest only)."""
-    manifest = read_manifest(index_dir)
-    return int(manifest["count"]) if "count" in manifest else GalleryIndex.load(index_dir).ntotal
-
-
-def index_records(index_dir: str | Path) -> list[Result]:
-    """Every entry of the index in ``index_dir``, by id (score 0)."""
-    metadata = GalleryIndex.load(index_dir).metadata
-    return [Result.from_metadata(i, 0.0, metadata[i]) for i in sorted(metadata)]
-
-
-def source_folders(index_dir: str | Path) -> list[Path]:
+def source_folders(index_dir: IndexSpec) -> list[Path]:
     """The folders on this machine that the index's images live in."""
-    sources = {str(m.get("source")) for m in GalleryIndex.load(index_dir).metadata.values()}
+    sources = {str(m.get("source")) for m in open_index(index_dir).records().values()}
     return sorted(Path(s) for s in sources if Path(s).is_dir())
 
 
@@ -366,7 +356,7 @@ def start_service(onnx_path: str | Path, index_dir: str | Path, workdir: str | P
     if it or a stub dies. The repository's search model reads ``index_dir`` in place, so images
     added to that index are served without a restart. Raises ServerError when it does not start.
     """
-    from ascl.serving.collections.model_identity import ensure_index_model
+    from ascl.serving.collections.index import ensure_index_model
     from ascl.serving.online.repository import write_repository
     from ascl.serving.online.service import SearchService
 

@@ -42,9 +42,9 @@ class ServedModel:
 def index_sources(index_dir: str | Path) -> list[str]:
     """Image-source specs of an index's entries that are on this machine, most entries first."""
     from ascl.image_sources import parse_spec
-    from ascl.serving.collections.index import GalleryIndex
+    from ascl.serving.collections.index import open_index
 
-    counts = Counter(str(m.get("source")) for m in GalleryIndex.load(index_dir).metadata.values() if m.get("source"))
+    counts = Counter(str(m.get("source")) for m in open_index(index_dir).records().values() if m.get("source"))
     found = []
     for source, _ in counts.most_common():
         try:

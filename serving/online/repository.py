@@ -12,11 +12,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ascl import names
 from ascl.atomic import atomic_dir
 from ascl.export.profiles import TRT_MAX_BATCH, TRT_OPT_BATCH
+
+if TYPE_CHECKING:
+    from ascl.serving.collections.index import IndexSpec
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The ``ascl`` modules the Python models import (tests/test_architecture.py checks that this covers
@@ -24,7 +27,9 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 VENDORED_MODULES = (
     "ascl", "ascl.errors", "ascl.names", "ascl.images", "ascl.atomic",
     "ascl.serving", "ascl.serving.collections", "ascl.serving.collections.index",
-    "ascl.serving.collections.filters", "ascl.serving.online", "ascl.serving.online.request_errors",
+    "ascl.serving.collections.index_types", "ascl.serving.collections.faiss_index",
+    "ascl.serving.collections.faiss_filters", "ascl.serving.collections.filters",
+    "ascl.serving.online", "ascl.serving.online.request_errors",
     "ascl.export", "ascl.export.runtime",
 )
 
@@ -205,7 +210,7 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def write_repository(
-    out: str | Path, onnx_path: str | Path, index_dir: str | Path, *, platform: str = "python",
+    out: str | Path, onnx_path: str | Path, index_dir: IndexSpec, *, platform: str = "python",
     plan_path: str | Path | None = None, copy_index: bool = False, max_image_bytes: int | None = None,
     max_request_bytes: int | None = None,
 ) -> Path:
@@ -216,16 +221,19 @@ def write_repository(
     of pointing at ``index_dir`` (embedded: `ascl index add` updates are picked up live).
     """
     from ascl.images import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES
-    from ascl.serving.collections.index import MANIFEST, read_manifest
+    from ascl.serving.collections.index import as_spec, read_info
+    from ascl.serving.collections.index import copy_index as copy_current_version
 
     if platform not in ("python", "onnxruntime", "tensorrt"):
         raise ValueError(f"unknown platform {platform!r}; choose python, onnxruntime or tensorrt")
-    onnx_path, index_dir = Path(onnx_path).resolve(), Path(index_dir).resolve()
-    manifest = read_manifest(index_dir)
+    onnx_path = Path(onnx_path).resolve()
+    index_dir = as_spec(index_dir)
+    index_dir = index_dir.resolve() if isinstance(index_dir, Path) else index_dir
+    info = read_info(index_dir)
     facts = model_facts(onnx_path)
-    if int(manifest["dim"]) != facts.embedding_dim:
+    if int(info["dim"]) != facts.embedding_dim:
         raise ValueError(
-            f"{index_dir}: index dim {manifest['dim']} does not match the model's embedding dim "
+            f"{index_dir}: index dim {info['dim']} does not match the model's embedding dim "
             f"{facts.embedding_dim}; rebuild the index with this model"
         )
     with atomic_dir(out) as repo:
@@ -246,13 +254,9 @@ def write_repository(
             shutil.copy2(plan_path, enc / "1" / "model.plan")
 
         search = repo / names.MODEL_SEARCH
-        index_param = "index" if copy_index else str(index_dir)
-        write_config(search, search_config(facts, index_param))
         _python_files(search / "1", "search")
-        if copy_index:
-            (search / "1" / "index").mkdir()
-            for name in (manifest["index"], manifest["metadata"], MANIFEST):
-                shutil.copy2(index_dir / name, search / "1" / "index" / name)
+        index_param = copy_current_version(index_dir, search / "1" / "index") if copy_index else str(index_dir)
+        write_config(search, search_config(facts, index_param))
 
         for config in (embed_config(facts), image_search_config(facts)):
             write_config(repo / config.name, config)

@@ -42,9 +42,8 @@ def serve_repository_dir() -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ascl.serving.collections.index import read_manifest
+    from ascl.serving.collections.index import ensure_index_model, read_info
     from ascl.serving.collections.model_files import resolve_onnx
-    from ascl.serving.collections.model_identity import ensure_index_model
     from ascl.serving.online.front_door import Limits
     from ascl.serving.online.precision import served_onnx
     from ascl.serving.online.repository import docker_command, write_repository
@@ -53,8 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     max_request = int(args.max_request_mb * 2**20)
     with user_errors(*USER_ERRORS):
-        read_manifest(args.index)
-        onnx = resolve_onnx(args.model or model_of_index(args.index))
+        read_info(args.index)  # IndexFileError (what to do) when it is no index
+        onnx = resolve_onnx(args.model or model_of_index(args.index))  # None: the shipped default
         ensure_index_model(args.index, onnx)  # exit 2, naming both, for another model's index
         served = served_onnx(onnx, args.precision, calibration=args.calibration, min_recall=args.min_recall,
                              index_dir=args.index)
