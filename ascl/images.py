@@ -78,9 +78,12 @@ def decode_image_sized(data: bytes, size: int, *, name: str = "image", max_bytes
                 return to_rgb_square(img, size), (img.width, img.height)
     except ImageError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own check, in open()
+        raise ImageError(f"{name}: more pixels than the {MAX_IMAGE_PIXELS} pixel limit; "
+                         "resize the image first") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a readable image (unknown format); expected JPEG, PNG or WebP bytes") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{name}: not a readable image ({public_message(str(exc), 200)}); "
                          "expected JPEG, PNG or WebP bytes") from exc
 

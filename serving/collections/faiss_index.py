@@ -175,14 +175,23 @@ class GalleryIndex:
         try:
             index = faiss.read_index(str(index_file))
         except RuntimeError as exc:
-            raise IndexFileError(f"{index_file}: unreadable FAISS index ({str(exc).splitlines()[-1]})") from exc
+            detail = str(exc).splitlines()[-1].rsplit("failed: ", 1)[-1]  # past FAISS's C++ function signature
+            raise IndexFileError(f"{index_file}: unreadable FAISS index, truncated or damaged ({detail}); "
+                                 "rebuild it with 'ascl index build'") from exc
         apply_search_params(index)
         metadata: dict[int, dict[str, Any]] = {}
-        with open(folder / manifest["metadata"], encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    record = json.loads(line)
-                    metadata[int(record["id"])] = record
+        metadata_file = folder / manifest["metadata"]
+        number = 0
+        try:
+            with open(metadata_file, encoding="utf-8") as fh:
+                for line in fh:
+                    number += 1
+                    if line.strip():
+                        record = json.loads(line)
+                        metadata[int(record["id"])] = record
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise IndexFileError(f"{metadata_file}: damaged metadata at line {number} ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]}); rebuild the index with 'ascl index build'") from exc
         return cls(index, metadata, manifest, folder)
 
     @property

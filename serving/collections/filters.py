@@ -68,6 +68,8 @@ def parse_where(where: Where | str | bytes | None) -> Parsed:
             where = json.loads(text)
         except json.JSONDecodeError as exc:
             raise FilterError(f"a filter must be a JSON object of field -> value(s): {exc.msg}") from None
+        except RecursionError:  # the client's fault like any other malformed filter, at any depth
+            raise FilterError("a filter must be a JSON object of field -> value(s), not nested this deep") from None
     if not isinstance(where, Mapping):
         raise FilterError(f"a filter must be an object of field -> value(s), got {type(where).__name__}")
     parsed: Parsed = {}

@@ -29,12 +29,13 @@ from ascl.serving.collections.index_types import (
     IndexSpec,
     NewIndex,
     VectorIndex,
+    public_metadata,
 )
 
 __all__ = [
     "BACKENDS", "Hit", "IndexBusyError", "IndexConflictError", "IndexFileError", "IndexSpec", "NewIndex",
     "VectorIndex", "as_spec", "backend_of", "copy_index", "ensure_index_model", "index_count", "index_exists", "open_index",
-    "read_info", "writing",
+    "public_metadata", "read_info", "writing",
 ]
 
 # URI scheme -> backend; a spec without a scheme is a folder (FAISS).

@@ -33,6 +33,22 @@ class IndexConflictError(IndexFileError):
     """The index moved on to a newer version than the one this change started from."""
 
 
+# Metadata fields that hold a place on the server (a folder, a list file, a file's path)
+PATH_FIELDS = ("source", "path")
+
+
+def public_metadata(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` as a client may see it: no path of the server's file system. ``source`` becomes
+    the gallery's name (its folder's or list file's own name: ``/data/photos`` -> ``photos``), an
+    absolute ``path`` its file name; relative paths (an image's place in its gallery) stay."""
+    out = dict(record)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if isinstance(value, str) and (value.startswith("/") or "\\" in value or value[1:3] == ":\\"):
+            out[key] = value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return out
+
+
 @dataclass(frozen=True)
 class Hit:
     """One gallery entry as a search (or a listing) returns it: its id, its cosine similarity to
