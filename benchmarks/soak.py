@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ascl.image_sources import iter_images
     from ascl.serving.collections.build import build_index
     from ascl.serving.collections.model_files import resolve_onnx
-    from ascl.serving.online.front_door import Limits
+    from ascl.serving.online.limits import Limits
     from ascl.serving.online.repository import write_repository
     from ascl.serving.online.service import SearchService, free_local_port
 

@@ -30,7 +30,7 @@ from ascl.serving import Client
 from ascl.serving.collections import faiss_filters
 from ascl.serving.collections.faiss_index import GalleryIndex
 from ascl.serving.collections.filters import MAX_FILTER_BYTES, FilterError, parse_where, where_json
-from ascl.serving.online.front_door import grpc_infer_problem, http_infer_problem
+from ascl.serving.online.request_checks import grpc_infer_problem, http_infer_problem
 from ascl.serving.online.serve_cli import parse_where_args
 
 N, DIM, Q = 4000, 64, 12

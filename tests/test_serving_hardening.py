@@ -33,7 +33,7 @@ from ascl import names
 from ascl.images import list_images
 from ascl.serving import Client
 from ascl.serving.collections.build import build_index
-from ascl.serving.online.front_door import Limits
+from ascl.serving.online.limits import Limits
 from ascl.serving.online.repository import write_repository
 from ascl.serving.online.server import ADMIN_KEY_HEADER
 from ascl.serving.online.service import SearchService, Supervision

@@ -6,64 +6,67 @@ Triton itself listens on private 127.0.0.1 ports. The front door is what clients
   everything else (model load/unload and the rest of the repository API, model configs,
   statistics, trace, logging, shared memory) is refused with PERMISSION_DENIED / 403 and
   never reaches Triton.
-- **Bounded requests.** A request larger than ``Limits.max_request_bytes`` is refused by the
-  transport before it is buffered (gRPC RESOURCE_EXHAUSTED, HTTP 413), so a client cannot
-  make the server or its shared memory grow by more than that per request.
-- **No empty tensors.** An inference request with a zero-sized dimension (a batch of no
-  images) is refused here (INVALID_ARGUMENT / 400): Triton 2.51 would batch it with other
-  clients' requests, and the Python backend then fails the whole batch while unpacking it.
-- **Small filters.** The optional ``where`` input (a metadata filter, JSON text per row) is
-  forwarded like every other input, but a filter over the size limit (``filter_size_problem``: 16 KiB), or more
-  than ``MAX_FILTER_ROWS`` of them, is refused here (INVALID_ARGUMENT / 400).
+- **Bounded requests.** A request larger than ``Limits.max_request_bytes`` is refused before it
+  is buffered (gRPC RESOURCE_EXHAUSTED, HTTP 413), and so is an HTTP body (gzip or deflate) that
+  inflates past it: it is inflated as it arrives, in a worker thread, and refused at the first
+  byte over the limit (``http_body``). A client cannot make the server or its shared memory grow
+  by more than that per request.
+- **Bounded connections and time.** At most ``Limits.max_connections`` open connections per port
+  (more are closed at once; fewer when the process's descriptor limit would not hold them), the
+  first request's headers within ``header_timeout_s``, a body within ``body_timeout_s``, idle
+  connections closed after ``idle_timeout_s``, at most ``max_streams`` concurrent HTTP/2
+  streams per gRPC connection.
+- **Backpressure.** At most ``Limits.max_in_flight`` inference requests inside the service at
+  once; more are answered at once with UNAVAILABLE / 503 (retry shortly), never queued without
+  bound. Triton's own model queues are bounded too (``repository``: ``max_queue_size``), and
+  their "queue full" answer passes through as UNAVAILABLE / 503.
+- **No empty tensors, small filters, sane JSON** (``request_checks``): refused here with
+  INVALID_ARGUMENT / 400, at any nesting depth.
 - **No requests from web pages.** An HTTP request that carries a browser ``Origin`` of another
-  site, or a body type a form can send without a CORS preflight (``text/plain``,
-  ``application/x-www-form-urlencoded``, ``multipart/form-data``), is refused.
+  site, or a body type a form can send without a CORS preflight, is refused.
+- **Compression as the client asked.** Compressed request bodies are inflated here; a response
+  is compressed only when the client's own ``Accept-Encoding`` asked for it (forwarded as sent).
 - **Ports that outlive Triton.** While the supervisor restarts Triton the ports stay open: new
   requests wait for it (up to ``Limits.backend_wait_s``), requests that were inside the dead
   server fail with UNAVAILABLE / 503, and nothing gets "connection refused".
 
-Everything runs on one asyncio loop in a background thread. Requests pass through as the
-client's own bytes; an inference request is parsed once (protobuf, or the JSON header over
-HTTP) only to check its shapes, so the cost per request is a few hundred microseconds.
+Everything runs on one asyncio loop in a background thread; nothing slow runs on it (inflating
+is in a worker thread). Requests pass through as the client's own bytes; an inference request is
+parsed once (protobuf, or the JSON header over HTTP) only to check it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
+import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ascl.names import WHERE
-from ascl.serving.collections.filters import filter_size_problem
+from ascl.serving.online.http_body import BodyError, read_body
+from ascl.serving.online.limits import Limits
+from ascl.serving.online.request_checks import (
+    INFER,
+    SIMPLE_FORM_TYPES,
+    foreign_origin,
+    grpc_forwarded,
+    grpc_infer_problem,
+    http_allowed,
+    http_infer_problem,
+)
 from ascl.serving.online.server import ServerError
 
-GRPC_SERVICE = "/inference.GRPCInferenceService/"
-GRPC_FORWARDED = frozenset({"ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer"})
-HTTP_FORWARDED = (
-    ("GET", re.compile(r"/v2(/health/(live|ready))?")),
-    ("GET", re.compile(r"/v2/models/[A-Za-z0-9_.-]+(/versions/[0-9]+)?(/ready)?")),
-    ("POST", re.compile(r"/v2/models/[A-Za-z0-9_.-]+(/versions/[0-9]+)?/infer")),
-)
-# body types a web page can POST cross-site without a CORS preflight
-SIMPLE_FORM_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
-FORWARDED_HEADERS = ("Content-Type", "Content-Encoding", "Accept-Encoding", "Inference-Header-Content-Length")
-INFER = "ModelInfer"
-MAX_FILTER_ROWS = 1024  # elements of one `where` tensor (a request holds at most 64 rows)
+FORWARDED_HEADERS = ("Content-Type", "Accept-Encoding", "Inference-Header-Content-Length")
+RETURNED_HEADERS = ("Content-Type", "Content-Encoding", "Inference-Header-Content-Length")
 RESTARTING = "the inference server is restarting; retry shortly"
+UNREACHABLE = "the inference server is not reachable (it is being restarted); retry shortly"
 LOST_IN_FLIGHT = "the inference server stopped while this request was in flight; retry it"
 REFUSED = ("not served on this port: ascl serve exposes health, metadata and inference only "
            "(models are loaded at start; no repository, config, statistics, trace, logging or shared-memory API)")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may claim at the front door."""
-
-    max_request_bytes: int = 64 * 1024 * 1024  # the whole request as sent (64 images of 1 MiB)
-    backend_wait_s: float = 30.0  # how long a request waits for a restarting Triton
+BACKEND_POOL = 64  # HTTP connections to Triton at most (its HTTP server has a few threads anyway)
+MAX_PENDING_CALLS = 10_000  # gRPC calls grpc core holds until the loop takes them (then counted in flight)
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,34 +81,61 @@ class FrontDoorError(ServerError):
     """The public ports could not be opened; the message names the port."""
 
 
-def http_allowed(method: str, path: str) -> bool:
-    return any(method == m and pattern.fullmatch(path) for m, pattern in HTTP_FORWARDED)
+class BoundedLog:
+    """Log lines at most once per ``every_s`` per kind, saying how many like it were dropped:
+    a flood (of refused connections, of accept errors) must not become a flood of log lines."""
+
+    def __init__(self, log: Callable[[str], None], every_s: float = 10.0) -> None:
+        self.log, self.every_s = log, every_s
+        self._last: dict[str, float] = {}
+        self._dropped: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, kind: str, text: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last.get(kind, -1e9) < self.every_s:
+                self._dropped[kind] = self._dropped.get(kind, 0) + 1
+                return
+            self._last[kind] = now
+            dropped = self._dropped.pop(kind, 0)
+        self.log(text + (f" ({dropped} more like this in the last {self.every_s:g} s)" if dropped else ""))
 
 
-def foreign_origin(origin: str | None, host: str | None) -> bool:
-    """True for a browser request from a page of another site (``Origin`` host differs from ``Host``)."""
-    if not origin:
-        return False
-    origin_host = re.sub(r"^[a-z][a-z0-9+.-]*://", "", origin.strip().lower()).rstrip("/")
-    return origin_host != (host or "").strip().lower()
+def _over_capacity(limit: int) -> str:
+    return (f"the server is at capacity ({limit} requests in flight); retry shortly "
+            "(ascl serve --max-in-flight raises the limit)")
 
 
 class FrontDoor:
     """gRPC on ``grpc_port`` and HTTP on ``http_port`` of ``host``, forwarding to ``set_backend``'s Triton."""
 
-    def __init__(self, host: str, grpc_port: int, http_port: int, limits: Limits | None = None) -> None:
+    def __init__(self, host: str, grpc_port: int, http_port: int, limits: Limits | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         self.host, self.grpc_port, self.http_port = host, grpc_port, http_port
-        self.limits = limits or Limits()
+        asked = limits or Limits()
+        self.limits = asked.within_descriptors()
+        self.log = BoundedLog(log or (lambda text: print(text, flush=True)))
+        if self.limits.max_connections < asked.max_connections:
+            self.log("fd-limit", f"front door: at most {self.limits.max_connections} connections per port, not "
+                                 f"{asked.max_connections}: that is what the open-file limit (ulimit -n) holds")
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(self._loop_error)
         self._thread = threading.Thread(target=self._loop.run_forever, name="front-door", daemon=True)
+        self._inflate = ThreadPoolExecutor(max_workers=2, thread_name_prefix="front-door-inflate")
         self._backend: Backend | None = None
         # called (on the door's loop) when Triton refused a connection: the supervisor looks at once
         self.on_unreachable: Callable[[], None] | None = None
+        self.in_flight = 0  # inference requests inside the service now (read on the loop)
         self._channel: Any = None
         self._calls: dict[str, Any] = {}  # method -> multicallable on the current channel
         self._session: Any = None
         self._grpc_server: Any = None
-        self._http_runner: Any = None
+        self._grpc_handlers: dict[str, Any] = {}  # method -> its handler (made once)
+        self._http_server: Any = None  # aiohttp's low-level web.Server (one RequestHandler per connection)
+        self._http_listener: asyncio.Server | None = None
+        self._awaiting_first: dict[Any, asyncio.TimerHandle] = {}  # connections yet to send a request
+        self._http_open: set[Any] = set()  # HTTP connections (their aiohttp handlers) open now
 
     # ------------------------------------------------------------------ life cycle (any thread)
 
@@ -133,9 +163,16 @@ class FrontDoor:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+            self._inflate.shutdown(wait=False, cancel_futures=True)
 
     def _call(self, coro: Awaitable[Any], timeout: float = 30.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)  # type: ignore[arg-type]
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's unhandled errors (above all ``accept()`` out of descriptors), at a bounded rate."""
+        exc = context.get("exception")
+        detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        self.log(f"loop:{context.get('message')}", f"front door: {context.get('message')}{detail}")
 
     # ------------------------------------------------------------------ on the loop
 
@@ -143,9 +180,18 @@ class FrontDoor:
         import grpc
         from aiohttp import web
 
+        lim = self.limits
         self._grpc_server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", self.limits.max_request_bytes),
+            ("grpc.max_receive_message_length", lim.max_request_bytes),
             ("grpc.max_send_message_length", -1),
+            ("grpc.max_allowed_incoming_connections", lim.max_connections),
+            ("grpc.max_concurrent_streams", lim.max_streams),
+            ("grpc.max_connection_idle_ms", int(lim.idle_timeout_s * 1000)),
+            ("grpc.server_handshake_timeout_ms", int(lim.header_timeout_s * 1000)),
+            # calls waiting for the loop to take them: grpc core cancels them without a word past
+            # its soft limit (1,000); the in-flight limit answers them instead, with a reason
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", 2 * MAX_PENDING_CALLS),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
         ])
         self._grpc_server.add_generic_rpc_handlers((_GrpcRouter(self),))
@@ -159,16 +205,43 @@ class FrontDoor:
             raise FrontDoorError(f"{self.host}:{self.grpc_port} (grpc port) could not be opened ({reason}); "
                                  "pick another with --grpc-port")
         await self._grpc_server.start()
-        app = web.Application(client_max_size=self.limits.max_request_bytes)
-        app.router.add_route("*", "/{tail:.*}", self._http_handler)
-        self._http_runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._http_runner.setup()
+        # aiohttp's low-level server: no body inflation of its own (read_body does it, bounded), the
+        # idle timeout as its keep-alive, a short linger for the unread rest of a refused body
+        door = self
+
+        class Server(web.Server):  # type: ignore[misc]
+            """aiohttp's low-level server, telling the door when a connection is gone."""
+
+            def connection_lost(self, handler: Any, exc: BaseException | None = None) -> None:
+                super().connection_lost(handler, exc)
+                door._http_open.discard(handler)
+
+        self._http_server = Server(self._http_handler, handler_cancellation=True, access_log=None,
+                                   keepalive_timeout=lim.idle_timeout_s, auto_decompress=False, lingering_time=2.0)
         try:
-            await web.TCPSite(self._http_runner, self.host, self.http_port, reuse_port=False).start()
+            self._http_listener = await asyncio.get_running_loop().create_server(
+                self._http_connection, self.host, self.http_port, reuse_address=True, reuse_port=False, backlog=512)
         except OSError as exc:
             await self._grpc_server.stop(0)
             raise FrontDoorError(f"{self.host}:{self.http_port} (http port) could not be opened ({exc.strerror}); "
                                  "pick another with --http-port") from exc
+
+    def _http_connection(self) -> asyncio.BaseProtocol:
+        """A protocol for each accepted HTTP connection: aiohttp's, or one 503 when over the cap."""
+        if len(self._http_open) >= self.limits.max_connections:
+            self.log("http-cap", f"front door: HTTP connection refused: {self.limits.max_connections} are open "
+                                 "(--max-connections)")
+            return _Refused()
+        handler = self._http_server()
+        self._http_open.add(handler)  # counted now: a burst of accepts runs every factory call first
+        timer = self._loop.call_later(self.limits.header_timeout_s, self._first_request_late, handler)
+        self._awaiting_first[handler] = timer
+        return handler  # type: ignore[no-any-return]
+
+    def _first_request_late(self, handler: Any) -> None:
+        """Close a connection whose first request did not arrive in time (slow or no headers)."""
+        if self._awaiting_first.pop(handler, None) is not None:
+            handler.force_close()
 
     async def _set_backend(self, backend: Backend | None) -> None:
         import aiohttp
@@ -183,8 +256,10 @@ class FrontDoor:
             self._channel = grpc.aio.insecure_channel(backend.grpc, options=[
                 ("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
             # auto_decompress off: a gzip answer (the client's Accept-Encoding) goes back as the bytes
-            # its forwarded Content-Encoding describes, not decompressed under a gzip header
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+            # its forwarded Content-Encoding describes; no Accept-Encoding of aiohttp's own
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=BACKEND_POOL), auto_decompress=False,
+                skip_auto_headers=("Accept-Encoding", "User-Agent"))
         for closing in (old_channel, old_session):
             if closing is not None:
                 await closing.close()
@@ -192,8 +267,12 @@ class FrontDoor:
     async def _stop(self, grace_s: float) -> None:
         if self._grpc_server is not None:
             await self._grpc_server.stop(grace_s)  # new RPCs get UNAVAILABLE at once
-        if self._http_runner is not None:
-            await self._http_runner.cleanup()
+        if self._http_listener is not None:
+            self._http_listener.close()  # no new connections
+            await self._http_server.shutdown(grace_s)  # requests in flight finish
+        for timer in self._awaiting_first.values():
+            timer.cancel()
+        self._awaiting_first.clear()
         await self._set_backend(None)
 
     async def _current(self, stale: Backend | None = None, stale_grace_s: float = 3.0) -> Backend | None:
@@ -220,15 +299,31 @@ class FrontDoor:
     # ------------------------------------------------------------------ gRPC
 
     async def forward_grpc(self, method: str, request: bytes, context: Any) -> bytes:
+        """One forwarded call; inference counts against ``max_in_flight``."""
         import grpc
 
-        if method.endswith("/" + INFER):
-            problem = grpc_infer_problem(request)
-            if problem:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if not method.endswith(INFER):
+            return await self._forward_grpc(method, request, context)
+        problem = grpc_infer_problem(request)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if self.in_flight >= self.limits.max_in_flight:
+            self.log("grpc-full", f"front door: refusing gRPC inference: {self.in_flight} in flight (--max-in-flight)")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, _over_capacity(self.limits.max_in_flight))
+        self.in_flight += 1
+        try:
+            return await self._forward_grpc(method, request, context)
+        finally:
+            self.in_flight -= 1
+
+    async def _forward_grpc(self, method: str, request: bytes, context: Any) -> bytes:
+        import grpc
+
         stale: Backend | None = None
         for attempt in (1, 2):
-            backend = await self._current(stale)
+            backend = self._backend
+            if backend is None or stale is not None:
+                backend = await self._current(stale)
             if backend is None:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, RESTARTING)
             channel = self._channel
@@ -252,11 +347,13 @@ class FrontDoor:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, LOST_IN_FLIGHT)
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
-                if attempt == 1 and _never_arrived(code, details):  # Triton is down: it never saw this request
-                    stale = backend
+                if _never_arrived(code, details):  # Triton is down: it never saw this request
                     self._unreachable()
-                    continue
-                if _lost_backend(code, details) or backend is not self._backend:
+                    if attempt == 1:
+                        stale = backend
+                        continue
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, UNREACHABLE)
+                if not _queue_full(details) and (_lost_backend(code, details) or backend is not self._backend):
                     code, details = grpc.StatusCode.UNAVAILABLE, LOST_IN_FLIGHT
                 await context.abort(code, details)
         raise AssertionError("unreachable")  # context.abort raises
@@ -264,43 +361,72 @@ class FrontDoor:
     # ------------------------------------------------------------------ HTTP
 
     async def _http_handler(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self._first_request_came(request.protocol)
+        method = request.method
+        if not http_allowed(method, request.path):
+            return _json_error(403, REFUSED)
+        headers = request.headers
+        if "Origin" in headers and foreign_origin(headers.get("Origin"), headers.get("Host")):
+            return _json_error(403, "cross-site requests from web pages are refused")
+        if method != "POST":
+            return await self._forward_http(request, b"")
+        content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type in SIMPLE_FORM_TYPES:
+            return _json_error(415, f"Content-Type {content_type!r} is not accepted; send application/json "
+                                    "or application/octet-stream (Triton's binary tensor extension)", close=True)
+        if self.in_flight >= self.limits.max_in_flight:
+            self.log("http-full", f"front door: refusing HTTP inference: {self.in_flight} in flight (--max-in-flight)")
+            response = _json_error(503, _over_capacity(self.limits.max_in_flight), close=True)
+            response.headers["Retry-After"] = "1"
+            return response
+        self.in_flight += 1
+        try:
+            try:
+                body = await read_body(request, self.limits.max_request_bytes, self.limits.body_timeout_s,
+                                       self._inflate)
+            except BodyError as exc:
+                return _json_error(exc.status, exc.message, close=exc.close)
+            except (web.HTTPException, ConnectionError, ValueError) as exc:  # a broken chunked body, a reset
+                return _json_error(400, f"the request body could not be read ({type(exc).__name__})", close=True)
+            problem = http_infer_problem(body, headers.get("Inference-Header-Content-Length"))
+            if problem:
+                return _json_error(400, problem)
+            return await self._forward_http(request, body)
+        finally:
+            self.in_flight -= 1
+
+    def _first_request_came(self, handler: Any) -> None:
+        timer = self._awaiting_first.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+
+    async def _forward_http(self, request: Any, body: bytes) -> Any:
         import aiohttp
         from aiohttp import web
 
-        if not http_allowed(request.method, request.path):
-            return _json_error(403, REFUSED)
-        if foreign_origin(request.headers.get("Origin"), request.headers.get("Host")):
-            return _json_error(403, "cross-site requests from web pages are refused")
-        content_type = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if request.method == "POST" and content_type in SIMPLE_FORM_TYPES:
-            return _json_error(415, f"Content-Type {content_type!r} is not accepted; send application/json "
-                                    "or application/octet-stream (Triton's binary tensor extension)")
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return _json_error(413, f"request larger than the {self.limits.max_request_bytes // 2**20} MiB limit")
-        if request.method == "POST":
-            problem = http_infer_problem(body, request.headers.get("Inference-Header-Content-Length"))
-            if problem:
-                return _json_error(400, problem)
         headers = {k: request.headers[k] for k in FORWARDED_HEADERS if k in request.headers}
         stale: Backend | None = None
         for attempt in (1, 2):
-            backend = await self._current(stale)
+            backend = self._backend
+            if backend is None or stale is not None:
+                backend = await self._current(stale)
             session = self._session
             if backend is None or session is None:
                 return _json_error(503, RESTARTING)
             try:
                 async with session.request(request.method, backend.http + request.path_qs, data=body or None,
-                                                 headers=headers) as resp:
+                                           headers=headers) as resp:
                     payload = await resp.read()
-                    out = {k: resp.headers[k] for k in FORWARDED_HEADERS if k in resp.headers}
+                    out = {k: resp.headers[k] for k in RETURNED_HEADERS if k in resp.headers}
                     return web.Response(status=resp.status, body=payload, headers=out)
             except aiohttp.ClientConnectorError:  # Triton is down: it never saw this request
+                self._unreachable()
                 if attempt == 1:
                     stale = backend
-                    self._unreachable()
                     continue
+                return _json_error(503, UNREACHABLE)
             except RuntimeError:  # "Session is closed": replaced before the request left
                 if attempt == 1 and session.closed:
                     stale = backend
@@ -311,96 +437,17 @@ class FrontDoor:
         return _json_error(503, LOST_IN_FLIGHT)
 
 
-def empty_shape_problem(name: str, shape: list[int]) -> str | None:
-    if any(int(d) == 0 for d in shape):
-        return f"input {name!r} has shape {list(shape)}: a request needs at least one item (image)"
-    return None
-
-
-def grpc_infer_problem(request: bytes) -> str | None:
-    """Why a serialized ``ModelInferRequest`` must not reach Triton (None when it may)."""
-    from tritonclient.grpc import service_pb2
-
-    try:
-        message = service_pb2.ModelInferRequest.FromString(request)
-    except Exception:  # protobuf's DecodeError; Triton would refuse it too
-        return "not a valid ModelInferRequest"
-    raw = message.raw_input_contents
-    for at, inp in enumerate(message.inputs):
-        problem = empty_shape_problem(inp.name, list(inp.shape))
-        if not problem and inp.name == WHERE:
-            if len(raw) == len(message.inputs):
-                problem = where_problem(list(inp.shape), raw=raw[at])
-            else:
-                problem = where_problem(list(inp.shape), sizes=[len(b) for b in inp.contents.bytes_contents])
-        if problem:
-            return problem
-    return None
-
-
-def where_problem(shape: list[int], *, raw: bytes | None = None, sizes: list[int] | None = None) -> str | None:
-    """Why a ``where`` tensor (Triton's serialized BYTES: a 4-byte little-endian length before each
-    element, or the element sizes) must not reach Triton: too many rows, or a filter over the limit."""
-    count = 1
-    for d in shape:
-        count *= max(int(d), 0)
-    if count > MAX_FILTER_ROWS:
-        return f"input {WHERE!r} has {count} elements; at most {MAX_FILTER_ROWS} filters per request"
-    if raw is not None:
-        sizes, at = [], 0
-        while at < len(raw) and len(sizes) <= count:
-            size = int.from_bytes(raw[at:at + 4], "little") if at + 4 <= len(raw) else -1
-            if size < 0 or at + 4 + size > len(raw):
-                return f"input {WHERE!r} is not a valid BYTES tensor"
-            sizes.append(size)
-            at += 4 + size
-    problem = filter_size_problem(max(sizes or [0]))
-    return f"input {WHERE!r}: {problem}" if problem else None
-
-
-def http_infer_problem(body: bytes, header_length: str | None) -> str | None:
-    """The same check for a KServe v2 HTTP inference body (JSON header, then binary tensors)."""
-    import json
-
-    try:
-        header = json.loads(body[: int(header_length)] if header_length else body)
-        inputs = header.get("inputs", []) if isinstance(header, dict) else []
-        offset = int(header_length) if header_length else len(body)  # binary tensors follow, in input order
-        for inp in inputs:
-            shape = list(inp.get("shape", []))
-            problem = empty_shape_problem(str(inp.get("name")), shape)
-            binary = int((inp.get("parameters") or {}).get("binary_data_size", 0))
-            if not problem and inp.get("name") == WHERE:
-                if binary:
-                    problem = where_problem(shape, raw=body[offset:offset + binary])
-                else:
-                    problem = where_problem(shape, sizes=[len(str(v).encode()) for v in _flat(inp.get("data", []))])
-            offset += binary
-            if problem:
-                return problem
-    except (ValueError, TypeError, AttributeError):
-        return "the request is not a KServe v2 inference request (JSON header)"
-    return None
-
-
-def _flat(data: Any) -> list[Any]:
-    """The elements of a JSON tensor's ``data`` (nested lists or flat)."""
-    if not isinstance(data, list):
-        return [data]
-    out: list[Any] = []
-    for item in data:
-        out.extend(_flat(item))
-        if len(out) > MAX_FILTER_ROWS:
-            break
-    return out
-
-
 def _never_arrived(code: Any, details: str) -> bool:
     """A gRPC error that says the connection to Triton could not be made (the request never left)."""
     import grpc
 
     text = details.lower()
     return code == grpc.StatusCode.UNAVAILABLE and ("failed to connect" in text or "connection refused" in text)
+
+
+def _queue_full(details: str) -> bool:
+    """Triton's own backpressure: a model's bounded queue is full (UNAVAILABLE, passed through as is)."""
+    return "maximum queue size" in details.lower()
 
 
 def _lost_backend(code: Any, details: str) -> bool:
@@ -414,37 +461,63 @@ def _lost_backend(code: Any, details: str) -> bool:
     )
 
 
-def _json_error(status: int, message: str) -> Any:
+def _json_error(status: int, message: str, *, close: bool = False) -> Any:
+    """A JSON error response; ``close``: the connection closes after it (the body was not all read)."""
     from aiohttp import web
 
-    return web.json_response({"error": message}, status=status)
+    response = web.json_response({"error": message}, status=status)
+    if close:
+        response.force_close()
+    return response
+
+
+class _Refused(asyncio.Protocol):
+    """An HTTP connection over the cap: one 503, then closed (its request is never read)."""
+
+    BODY = b'{"error": "too many open connections; retry shortly"}'
+    ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+              b"Connection: close\r\nContent-Length: " + str(len(BODY)).encode() + b"\r\n\r\n" + BODY)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.write(self.ANSWER)  # type: ignore[attr-defined]
+        transport.close()
 
 
 class _GrpcRouter:
-    """A generic handler: forwarded methods go to Triton, the rest are refused here."""
+    """A generic handler: forwarded methods go to Triton, the rest are refused here (one handler per method)."""
 
     def __init__(self, door: FrontDoor) -> None:
         self.door = door
 
     def service(self, details: Any) -> Any:
+        method = str(details.method)
+        handler = self.door._grpc_handlers.get(method)
+        if handler is None:
+            handler = self._handler(method)
+            if grpc_forwarded(method):  # a fixed set: any other name is refused (and not remembered)
+                self.door._grpc_handlers[method] = handler
+        return handler
+
+    def _handler(self, method: str) -> Any:
         import grpc
 
-        method = str(details.method)
-        name = method.rsplit("/", 1)[-1]
-        if method.startswith(GRPC_SERVICE) and name in GRPC_FORWARDED:
+        if grpc_forwarded(method):
+            door = self.door
+
             async def forward(request: bytes, context: Any) -> bytes:
-                return await self.door.forward_grpc(method, request, context)
+                return await door.forward_grpc(method, request, context)
 
             return grpc.unary_unary_rpc_method_handler(forward)
 
-        async def refuse(request: bytes, context: Any) -> bytes:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, REFUSED)
-            return b""
-
-        if name.startswith("ModelStream"):
+        if method.rsplit("/", 1)[-1].startswith("ModelStream"):
             async def refuse_stream(requests: Any, context: Any) -> Any:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, REFUSED)
                 yield b""  # pragma: no cover
 
             return grpc.stream_stream_rpc_method_handler(refuse_stream)
+
+        async def refuse(request: bytes, context: Any) -> bytes:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, REFUSED)
+            return b""
+
         return grpc.unary_unary_rpc_method_handler(refuse)

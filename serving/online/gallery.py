@@ -56,6 +56,7 @@ from ascl.serving.collections.index import (
     index_count,
     index_exists,
     open_index,
+    public_metadata,
     read_info,
 )
 from ascl.serving.online.server import PortInUseError, ServerError
@@ -69,7 +70,7 @@ __all__ = [
     "IndexFileError", "LabelError", "NoIndexFolderError", "PortInUseError", "Removed", "RunningService",
     "ServerError", "TritonGallery", "add_image_bytes", "add_images", "build_index", "check_ports_free",
     "clean_label", "describe_precision", "index_count", "index_exists", "index_manifest", "index_records",
-    "model_onnx", "remove_images", "source_folders", "start_service",
+    "model_onnx", "public_metadata", "remove_images", "source_folders", "start_service",
 ]
 
 class NoIndexFolderError(AsclError, RuntimeError):
@@ -215,13 +216,38 @@ class TritonGallery(_Gallery):
         self.index_dir = as_spec(index_dir) if index_dir else None
         self.add_timeout_s = add_timeout_s
         self.description = f"Triton at {url}"
+        self._galleries: dict[str, list[str]] = {}  # gallery name (what the server sends) -> its folders here
+        self._galleries_version: Any = None
 
     def embed(self, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
         """[N, D] unit embeddings computed by the server (``names`` are not sent)."""
         return np.asarray(self.client.embed(list(images)), dtype=np.float32)
 
     def _search(self, images: list[bytes], k: int, where: Where | None) -> list[list[Hit]]:
-        return self.client.search(images, k=k, where=where)  # the server clamps k to the index size
+        hits = self.client.search(images, k=k, where=where)  # the server clamps k to the index size
+        return hits if self.index_dir is None else [[self._with_file(h) for h in row] for row in hits]
+
+    def _with_file(self, hit: Hit) -> Hit:
+        """``hit`` with its gallery's folder on this machine, so that ``hit.file`` finds the image: the
+        server sends a gallery's name only, never its path (``public_metadata``)."""
+        name = hit.metadata.get("source")
+        if not isinstance(name, str) or hit.file is not None:
+            return hit
+        for folder in self._gallery_folders().get(name, []):
+            if (Path(folder) / hit.name).is_file():
+                return Hit(hit.id, hit.score, {**hit.metadata, "source": folder})
+        return hit
+
+    def _gallery_folders(self) -> dict[str, list[str]]:
+        """Gallery name -> the source folders of the served index with that name (read once per version)."""
+        assert self.index_dir is not None
+        version = read_info(self.index_dir).get("version")
+        if version != self._galleries_version:
+            folders: dict[str, list[str]] = {}
+            for source in sorted({str(m.get("source")) for m in open_index(self.index_dir).records().values()}):
+                folders.setdefault(str(public_metadata({"source": source})["source"]), []).append(source)
+            self._galleries, self._galleries_version = folders, version
+        return self._galleries
 
     def labels(self) -> list[str]:
         """The labels in the served index folder (read here; empty without ``index_dir``)."""
@@ -342,9 +368,12 @@ def check_ports_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
 
 
 class RunningService(Protocol):
-    """A started search service; ``stop`` returns once Triton and its stubs are gone."""
+    """A started search service; ``stop`` returns once Triton and its stubs are gone; ``wait``
+    blocks until the service stops by itself (Triton could not be restarted) and says why."""
 
     def stop(self, grace_s: float = 30.0) -> None: ...
+
+    def wait(self, timeout_s: float | None = None) -> str | None: ...
 
 
 def start_service(onnx_path: str | Path, index_dir: str | Path, workdir: str | Path, *, grpc_port: int,

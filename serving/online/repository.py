@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ascl import names
 from ascl.atomic import atomic_dir
 from ascl.export.profiles import TRT_MAX_BATCH, TRT_OPT_BATCH
+from ascl.serving.online.limits import MAX_QUEUE_SIZE
 
 if TYPE_CHECKING:
     from ascl.serving.collections.index import IndexSpec
@@ -84,30 +85,40 @@ def _tensor(spec: Any, name: str, dtype: str, dims: list[int]) -> None:
     spec.name, spec.data_type, spec.dims[:] = name, _pb().DataType.Value(dtype), dims
 
 
+def bounded_queue(config: Any, max_queue_size: int) -> None:
+    """A dynamic batcher whose queue holds at most ``max_queue_size`` requests; REJECT the rest."""
+    policy = config.dynamic_batching.default_queue_policy
+    policy.max_queue_size = max_queue_size
+    policy.timeout_action = _pb().ModelQueuePolicy.REJECT
+
+
 def _python_model(config: Any, max_batch: int, params: dict[str, str], delay_us: int = QUEUE_DELAY_US,
-                  instances: int = 1) -> None:
+                  instances: int = 1, max_queue_size: int = MAX_QUEUE_SIZE) -> None:
     config.backend = "python"
     config.max_batch_size = max_batch
     config.dynamic_batching.max_queue_delay_microseconds = delay_us
+    bounded_queue(config, max_queue_size)
     group = config.instance_group.add()
     group.count, group.kind = instances, _pb().ModelInstanceGroup.KIND_CPU
     for key, value in params.items():
         config.parameters[key].string_value = value
 
 
-def preprocess_config(facts: ModelFacts, max_image_bytes: int, max_request_bytes: int) -> Any:
+def preprocess_config(facts: ModelFacts, max_image_bytes: int, max_request_bytes: int,
+                      max_queue_size: int = MAX_QUEUE_SIZE) -> Any:
     """No config warm-up (Triton 2.51's TYPE_STRING warm-up files did not reach the Python model
     intact); ``initialize`` decodes one image instead."""
     s = facts.image_size
     config = _pb().ModelConfig(name=names.MODEL_PREPROCESS)
     _python_model(config, REQUEST_MAX_BATCH, {"image_size": str(s), "max_image_bytes": str(max_image_bytes),
-                                              "max_request_bytes": str(max_request_bytes)}, 500)
+                                              "max_request_bytes": str(max_request_bytes)}, 500,
+                  max_queue_size=max_queue_size)
     _tensor(config.input.add(), names.IMAGE_BYTES, "TYPE_STRING", [1])
     _tensor(config.output.add(), names.IMAGES, "TYPE_UINT8", [s, s, 3])
     return config
 
 
-def encoder_config(facts: ModelFacts, platform: str) -> Any:
+def encoder_config(facts: ModelFacts, platform: str, max_queue_size: int = MAX_QUEUE_SIZE) -> Any:
     """`python` (embedded: ONNX Runtime in the Python backend), `onnxruntime` or `tensorrt`."""
     s = facts.image_size
     config = _pb().ModelConfig(name=names.MODEL_ENCODER)
@@ -117,12 +128,13 @@ def encoder_config(facts: ModelFacts, platform: str) -> Any:
         cores = os.cpu_count() or 1
         _python_model(config, ENCODER_MAX_BATCH, {"onnx_file": "model.onnx", "threads": "1",
                                                   "precision": facts.precision},
-                      instances=max(1, min(cores, 4)))
+                      instances=max(1, min(cores, 4)), max_queue_size=max_queue_size)
     else:
         config.platform = "onnxruntime_onnx" if platform == "onnxruntime" else "tensorrt_plan"
         config.max_batch_size = ENCODER_MAX_BATCH
         config.dynamic_batching.max_queue_delay_microseconds = QUEUE_DELAY_US
         config.dynamic_batching.preferred_batch_size[:] = [TRT_OPT_BATCH, TRT_MAX_BATCH]
+        bounded_queue(config, max_queue_size)
     _tensor(config.input.add(), names.IMAGES, "TYPE_UINT8", [s, s, 3])
     _tensor(config.output.add(), names.EMBEDDINGS, "TYPE_FP32", [facts.embedding_dim])
     for batch in (1, 8):
@@ -133,10 +145,11 @@ def encoder_config(facts: ModelFacts, platform: str) -> Any:
     return config
 
 
-def search_config(facts: ModelFacts, index_dir: str) -> Any:
+def search_config(facts: ModelFacts, index_dir: str, max_queue_size: int = MAX_QUEUE_SIZE) -> Any:
     """No warm-up: a k that is valid depends on the index; ``initialize`` loads the index instead."""
     config = _pb().ModelConfig(name=names.MODEL_SEARCH)
-    _python_model(config, ENCODER_MAX_BATCH, {"index_dir": index_dir, "poll_seconds": "0.5"}, 500)
+    _python_model(config, ENCODER_MAX_BATCH, {"index_dir": index_dir, "poll_seconds": "0.5"}, 500,
+                  max_queue_size=max_queue_size)
     _tensor(config.input.add(), names.EMBEDDINGS, "TYPE_FP32", [facts.embedding_dim])
     _tensor(config.input.add(), names.TOP_K, "TYPE_INT32", [1])
     _optional_where(config)
@@ -212,13 +225,14 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 def write_repository(
     out: str | Path, onnx_path: str | Path, index_dir: IndexSpec, *, platform: str = "python",
     plan_path: str | Path | None = None, copy_index: bool = False, max_image_bytes: int | None = None,
-    max_request_bytes: int | None = None,
+    max_request_bytes: int | None = None, max_queue_size: int = MAX_QUEUE_SIZE,
 ) -> Path:
     """Write a complete model repository to ``out`` (atomically) and return it.
 
     ``platform``: ``python`` (embedded server), ``onnxruntime`` or ``tensorrt`` (production).
     ``copy_index``: copy the index's current version into the repository (production) instead
     of pointing at ``index_dir`` (embedded: `ascl index add` updates are picked up live).
+    ``max_queue_size``: requests each model's queue holds; more are refused (UNAVAILABLE / 503).
     """
     from ascl.images import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES
     from ascl.serving.collections.index import as_spec, read_info
@@ -239,11 +253,11 @@ def write_repository(
     with atomic_dir(out) as repo:
         pre = repo / names.MODEL_PREPROCESS
         write_config(pre, preprocess_config(facts, max_image_bytes or MAX_IMAGE_BYTES,
-                                            max_request_bytes or MAX_REQUEST_BYTES))
+                                            max_request_bytes or MAX_REQUEST_BYTES, max_queue_size))
         _python_files(pre / "1", "preprocess")
 
         enc = repo / names.MODEL_ENCODER
-        write_config(enc, encoder_config(facts, platform))
+        write_config(enc, encoder_config(facts, platform, max_queue_size))
         (enc / "1").mkdir(parents=True)
         if platform == "python":
             _python_files(enc / "1", "encoder")
@@ -256,7 +270,7 @@ def write_repository(
         search = repo / names.MODEL_SEARCH
         _python_files(search / "1", "search")
         index_param = copy_current_version(index_dir, search / "1" / "index") if copy_index else str(index_dir)
-        write_config(search, search_config(facts, index_param))
+        write_config(search, search_config(facts, index_param, max_queue_size))
 
         for config in (embed_config(facts), image_search_config(facts)):
             write_config(repo / config.name, config)

@@ -44,13 +44,16 @@ def serve_repository_dir() -> Path:
 def cmd_serve(args: argparse.Namespace) -> int:
     from ascl.serving.collections.index import ensure_index_model, read_info
     from ascl.serving.collections.model_files import resolve_onnx
-    from ascl.serving.online.front_door import Limits
+    from ascl.serving.online.limits import Limits
     from ascl.serving.online.precision import served_onnx
     from ascl.serving.online.repository import docker_command, write_repository
     from ascl.serving.online.server import ADMIN_KEY_HEADER, ServerError, check_ports_free
     from ascl.serving.online.service import SearchService
 
     max_request = int(args.max_request_mb * 2**20)
+    limits = Limits(max_request_bytes=max_request, max_in_flight=args.max_in_flight,
+                    max_connections=args.max_connections, idle_timeout_s=args.idle_timeout,
+                    header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
     with user_errors(*USER_ERRORS):
         read_info(args.index)  # IndexFileError (what to do) when it is no index
         onnx = resolve_onnx(args.model or model_of_index(args.index))  # None: the shipped default
@@ -60,7 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"encoder: {served.description}", flush=True)
         if args.repository_only:
             repo = write_repository(args.repository_only, served.onnx, args.index, platform=args.platform,
-                                    copy_index=True, plan_path=args.plan, max_request_bytes=max_request)
+                                    copy_index=True, plan_path=args.plan, max_request_bytes=max_request,
+                                    max_queue_size=args.max_queue)
             print(f"wrote the production model repository {repo}")
             if args.platform == "tensorrt" and not args.plan:
                 print(f"build its engine on the serving GPU first: ascl export tensorrt {onnx} "
@@ -70,9 +74,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_ports_free({"grpc": args.grpc_port, "http": args.http_port, "metrics": args.metrics_port}, args.host)
         keep = args.repository is not None
         repo_dir = Path(args.repository) if keep else serve_repository_dir() / "models"
-        write_repository(repo_dir, served.onnx, args.index, max_request_bytes=max_request)
+        write_repository(repo_dir, served.onnx, args.index, max_request_bytes=max_request,
+                         max_queue_size=args.max_queue)
     service = SearchService(repo_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                            metrics_port=args.metrics_port, limits=Limits(max_request_bytes=max_request),
+                            metrics_port=args.metrics_port, limits=limits,
                             verbose=args.verbose, start_timeout_s=args.start_timeout)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -137,6 +142,29 @@ def _add_precision(p: argparse.ArgumentParser, calibration_default: str) -> None
     p.add_argument("--min-recall", type=float, default=0.95, help=MIN_RECALL_HELP)
 
 
+def _add_limits(p: argparse.ArgumentParser) -> None:
+    """What clients may claim of the service, all together; the defaults leave ordinary load
+    (tens of concurrent requests) untouched."""
+    from ascl.serving.online.limits import MAX_QUEUE_SIZE, Limits
+
+    d = Limits()
+    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight,
+                   help="inference requests inside the service at once; more are refused at once with UNAVAILABLE "
+                        "(HTTP 503, retry shortly) instead of waiting without bound")
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE_SIZE,
+                   help="requests each Triton model's queue holds; more are refused with UNAVAILABLE / 503 (the "
+                        "backpressure of a --repository-only production repository, which has no front door)")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open client connections per port (gRPC, HTTP); more are closed at once. Lowered "
+                        "automatically to what the process's open-file limit (ulimit -n) holds")
+    p.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s,
+                   help="seconds an open connection with no request in flight is kept")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help="seconds a new connection has to send its first request's headers (gRPC: its handshake)")
+    p.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help="seconds an HTTP request's body has to arrive (64 MiB in 60 s is about 9 Mbit/s)")
+
+
 def register(sub: Any) -> None:
     """Add ``serve`` and ``query`` to the ``ascl`` command."""
     serve = sub.add_parser("serve", help="serve embedding and image search with Triton (gRPC + HTTP)",
@@ -151,8 +179,10 @@ def register(sub: Any) -> None:
                        help="write the model repository here and keep it (default: a temporary folder)")
     serve.add_argument("--start-timeout", type=float, default=180.0, help="seconds to wait for the server to be ready")
     serve.add_argument("--max-request-mb", type=float, default=64.0,
-                       help="largest request (all its images, encoded) the ports accept; larger ones are refused "
-                            "before they are read (gRPC RESOURCE_EXHAUSTED, HTTP 413)")
+                       help="largest request (all its images, encoded) the ports accept, as sent and once inflated "
+                            "(HTTP gzip/deflate bodies); larger ones are refused before they are read or while they "
+                            "inflate (gRPC RESOURCE_EXHAUSTED, HTTP 413)")
+    _add_limits(serve)
     serve.add_argument("--print-admin-key", action="store_true",
                        help="print the key of Triton's restricted APIs (model repository, config, statistics, trace, "
                             "logging, shared memory) on its private ports; the public ports never serve them")

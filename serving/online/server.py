@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -159,6 +160,10 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+# Error lines a CPU-only Triton writes on every start; they are not the cause of anything.
+CPU_ONLY_NOISE = ("CudaDriverHelper", "CUDA driver", "unable to create stream")
+LOAD_FAILURE = re.compile(r"failed to load '(?P<model>[^']+)' version \d+: (?:\w+: )?(?P<cause>.*)")
+
 # APIs that only an operator holding the admin key may call (header ADMIN_KEY_HEADER); the
 # model-repository API cannot load or unload anything at all (model control mode "none").
 RESTRICTED_APIS = ("model-repository", "model-config", "statistics", "trace", "logging", "shared-memory")
@@ -228,6 +233,7 @@ class TritonServer(ServerUrls):
         self._own_log = log_path is None  # a temporary log we remove after a clean stop
         self.process: subprocess.Popen[bytes] | None = None
         self.stubs_at_start: set[int] = set()
+        self.last_errors = ""  # the error lines of the log of a server that did not exit cleanly
 
     def command(self) -> list[str]:
         """The tritonserver command line."""
@@ -263,17 +269,36 @@ class TritonServer(ServerUrls):
         try:
             self.wait_ready(timeout_s)
         except BaseException:
-            self.stop()
+            self.stop(kill=True)  # the message holds what its log said; a temporary log goes with it
             raise
         self.stubs_at_start = self.stub_pids()  # every model is loaded: these are all the stubs it runs
         return self
 
     def errors(self) -> str:
-        """The error lines of the server log (model load failures and the like)."""
+        """The error lines of the server log (model load failures and the like), without the CUDA
+        lines that a CPU-only Triton always writes."""
         if self.log_path is None or not self.log_path.exists():
             return ""
         lines = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(line for line in lines if line.startswith("E") or "rror" in line[:200])[-6000:]
+        return "\n".join(line for line in lines if (line.startswith("E") or "rror" in line[:200])
+                         and not any(noise in line for noise in CPU_ONLY_NOISE))[-6000:]
+
+    def load_failures(self) -> list[str]:
+        """One line per model that failed to load: ``model 'search': <the cause, naming the file>``."""
+        found: dict[str, str] = {}
+        for line in self.errors().splitlines():
+            match = LOAD_FAILURE.search(line)
+            if match:
+                found.setdefault(match["model"], match["cause"].strip().rstrip('"'))
+        return [f"model {model!r}: {cause}" for model, cause in found.items()]
+
+    def failure_report(self) -> str:
+        """The log's error lines, then one last line with the cause: what a failed start says."""
+        failures = self.load_failures()
+        last = (f"could not load {failures[0]}" if len(failures) == 1 else
+                "could not load " + "; ".join(failures) if failures else "see the errors above")
+        errors = self.errors()
+        return (errors + "\n" if errors else "") + last
 
     def logs(self, tail: int = 4000) -> str:
         """The last ``tail`` characters of the server log."""
@@ -290,18 +315,37 @@ class TritonServer(ServerUrls):
             return False
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
-        """Block until ready; ServerError if the process exits or time runs out."""
+        """Block until ready; ServerError if the process exits or time runs out (its message ends
+        with the cause: the model that failed to load and why, naming the file)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
-                raise ServerError(
-                    f"tritonserver exited (code {code}) before it was ready; errors in {self.log_path}:\n{self.errors()}"
-                )
+                where = "" if self._own_log else f" (log: {self.log_path})"
+                raise ServerError(f"tritonserver exited (code {code}) before it was ready{where}:\n"
+                                  f"{self.failure_report()}")
             if self.is_ready():
                 return
             time.sleep(0.25)
         raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s; log:\n{self.logs()}")
+
+    def is_live(self, timeout_s: float = 2.0) -> bool:
+        """Triton's liveness endpoint answers 200 within ``timeout_s`` (a hung or stopped server does not)."""
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/live", timeout=timeout_s) as resp:
+                return bool(resp.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def state(self) -> str:
+        """The process state letter from /proc (R, S, D, T when stopped by SIGSTOP, Z...); "" when unknown."""
+        proc = self.process
+        if proc is None:
+            return ""
+        try:
+            return Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return ""
 
     def wait(self) -> int:
         """Block until the server exits; returns its exit code."""
@@ -348,7 +392,8 @@ class TritonServer(ServerUrls):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # stubs a crashed server left behind
             self.remove_shared_memory()
-        if self._own_log and proc.returncode == 0 and self.log_path is not None:
+            self.last_errors = self.errors()[-2000:]
+        if self._own_log and self.log_path is not None:  # a temporary file: nothing left in /tmp
             self.log_path.unlink(missing_ok=True)
         return proc.returncode
 

@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ascl.serving.online.front_door import Backend, FrontDoor, Limits
-from ascl.serving.online.server import ServerError, ServerUrls, TritonServer, check_ports_free
+from ascl.serving.online.front_door import Backend, FrontDoor
+from ascl.serving.online.limits import Limits
+from ascl.serving.online.server import ServerUrls, TritonServer, check_ports_free
 
 
 def free_local_port() -> int:
@@ -35,6 +37,18 @@ def free_local_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def ensure_descriptors(count: int = 16) -> None:
+    """OSError (EMFILE) unless ``count`` more file descriptors can be opened now: a check that
+    needs sockets, pipes and /proc must not mistake a flood of client connections for a dead server."""
+    opened: list[int] = []
+    try:
+        for _ in range(count):
+            opened.append(os.open(os.devnull, os.O_RDONLY))
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,13 +63,17 @@ def probe_image() -> bytes:
 
 @dataclass
 class Supervision:
-    """How often and how hard the supervisor checks Triton."""
+    """How often and how hard the supervisor checks Triton, and when it gives up."""
 
-    check_every_s: float = 1.0  # process alive?
+    check_every_s: float = 1.0  # process alive, not stopped, stubs alive, liveness endpoint answers?
     probe_every_s: float = 3.0  # a real search through preprocess, encoder and search
     probe_timeout_s: float = 15.0  # generous: under full load a probe waits behind real requests
     failures_before_restart: int = 2
+    live_timeout_s: float = 2.0  # the liveness endpoint answers within this, even under load
+    hung_after_s: float = 10.0  # no liveness answer for this long (or stopped, SIGSTOP): restart
+    stopped_after_s: float = 2.0  # a stopped process (state T) for this long: restart
     start_attempts: int = 3
+    give_up_after_s: float = 300.0  # the supervisor's own checks failing this long: the service stops
 
 
 @dataclass
@@ -87,7 +105,7 @@ class SearchService(ServerUrls):
         self.log = log or (lambda text: print(text, flush=True))
         self.events = ServiceEvents()
         self.triton: TritonServer | None = None
-        self.front = FrontDoor(host, grpc_port, http_port, self.limits)
+        self.front = FrontDoor(host, grpc_port, http_port, self.limits, log=self.log)
         self._wake = threading.Event()  # set by the front door when Triton refused a connection
         self.front.on_unreachable = self._wake.set
         self._stopping = threading.Event()
@@ -107,7 +125,7 @@ class SearchService(ServerUrls):
         except BaseException:
             self.front.stop(0)
             raise
-        self._supervisor = threading.Thread(target=self._supervise, name="triton-supervisor", daemon=True)
+        self._supervisor = threading.Thread(target=self._supervise_guarded, name="triton-supervisor", daemon=True)
         self._supervisor.start()
         return self
 
@@ -142,9 +160,10 @@ class SearchService(ServerUrls):
                 self._supervisor.join(10)
             self._stopped.set()
 
-    def wait(self) -> str | None:
-        """Block until ``stop()``; returns why the service gave up, if it did (None after a clean stop)."""
-        self._stopped.wait()
+    def wait(self, timeout_s: float | None = None) -> str | None:
+        """Block until the service stopped (or ``timeout_s`` passed); returns why the service gave up,
+        if it did: Triton could not be restarted, or the supervisor could not keep watching it."""
+        self._stopped.wait(timeout_s)
         return self._failure
 
     def __enter__(self) -> SearchService:
@@ -156,7 +175,8 @@ class SearchService(ServerUrls):
     # ------------------------------------------------------------------ supervision
 
     def probe(self) -> str | None:
-        """One search through Triton's private gRPC port; None when it answered, else why not."""
+        """One search through Triton's private gRPC port; None when it answered (or was refused
+        because Triton's queues are full: busy, not broken), else why not."""
         import numpy as np
         import tritonclient.grpc as grpcclient
 
@@ -174,34 +194,85 @@ class SearchService(ServerUrls):
             with grpcclient.InferenceServerClient(f"127.0.0.1:{triton.ports['grpc']}") as client:
                 client.infer(names.MODEL_IMAGE_SEARCH, [image, k], client_timeout=self.supervision.probe_timeout_s)
         except Exception as exc:  # any failure of the probe is a finding, reported in the restart reason
-            return f"a probe search failed ({str(exc).strip().splitlines()[0][:300]})"
+            text = str(exc).strip()
+            if "maximum queue size" in text.lower():  # full, and saying so: it answers
+                return None
+            return f"a probe search failed ({text.splitlines()[0][:300] if text else type(exc).__name__})"
         return None
 
+    def _supervise_guarded(self) -> None:
+        try:
+            self._supervise()
+        except BaseException as exc:  # a bug of our own: the service must not run on unwatched
+            self._give_up(f"the supervisor stopped on an error ({type(exc).__name__}: {exc})")
+            raise
+
     def _supervise(self) -> None:
-        sup = self.supervision
-        failures, last_probe = 0, time.monotonic()
+        """The supervisor thread: checks until ``stop()``. Its own errors (out of descriptors, a
+        /proc that cannot be read) are logged at a bounded rate and checked again; if they last
+        ``give_up_after_s`` the service stops with the reason (``wait()`` returns it)."""
+        watch = _Watch()
+        failing_since: float | None = None
         while not self._stopping.is_set():
-            woken = self._wake.wait(sup.check_every_s)
+            woken = self._wake.wait(self.supervision.check_every_s)
             self._wake.clear()
             if self._stopping.is_set():
                 return
-            triton = self.triton
-            dead = triton is None or not triton.is_alive()
-            lost = set() if dead or triton is None else triton.lost_stubs()
+            try:
+                self._check(watch, woken)
+                failing_since = None
+            except Exception as exc:  # never a silent dead thread: log, keep watching, or give up with the reason
+                now = time.monotonic()
+                failing_since = failing_since or now
+                reason = f"{type(exc).__name__}: {exc}"
+                self._log_bounded("supervisor-error", f"supervisor: a check failed ({reason}); checking again")
+                if now - failing_since > self.supervision.give_up_after_s:
+                    self._give_up(f"the supervisor's checks kept failing for {now - failing_since:.0f} s ({reason})")
+                    return
+                time.sleep(min(5.0, self.supervision.check_every_s))
+
+    def _check(self, watch: _Watch, woken: bool) -> None:
+        """One round of checks; restarts Triton when one says it is dead, stopped, hung or broken."""
+        sup = self.supervision
+        ensure_descriptors()  # out of them, every check below would fail and look like a broken Triton
+        now = time.monotonic()
+        triton = self.triton
+        dead = triton is None or not triton.is_alive()
+        if not dead and triton is not None:
+            lost = triton.lost_stubs()
             if lost:
                 self._restart(f"backend stub {sorted(lost)} exited")
-                failures, last_probe = 0, time.monotonic()
-                continue
-            if not (dead or woken) and time.monotonic() - last_probe < sup.probe_every_s:
-                continue
-            last_probe = time.monotonic()
-            reason = self.probe()
-            if self._stopping.is_set():
+                watch.reset()
                 return
-            failures = failures + 1 if reason else 0
-            if reason and (dead or failures >= sup.failures_before_restart):
-                self._restart(reason)
-                failures, last_probe = 0, time.monotonic()
+            if triton.state() in ("T", "t"):  # SIGSTOP (or a debugger): it answers nothing, ever
+                watch.stopped_since = watch.stopped_since or now
+                if now - watch.stopped_since >= sup.stopped_after_s:
+                    self._restart(f"tritonserver is stopped (process state T, e.g. SIGSTOP) for "
+                                  f"{now - watch.stopped_since:.0f} s")
+                    watch.reset()
+                return
+            watch.stopped_since = None
+            if triton.is_live(sup.live_timeout_s):
+                watch.silent_since = None
+            else:
+                watch.silent_since = watch.silent_since or now
+                if now - watch.silent_since >= sup.hung_after_s:
+                    self._restart(f"tritonserver did not answer its liveness check for {now - watch.silent_since:.0f} s")
+                    watch.reset()
+                    return
+        if not (dead or woken) and now - watch.last_probe < sup.probe_every_s:
+            return
+        watch.last_probe = now
+        reason = self.probe()
+        if self._stopping.is_set():
+            return
+        watch.failures = watch.failures + 1 if reason else 0
+        if reason and (dead or watch.failures >= sup.failures_before_restart):
+            self._restart(reason)
+            watch.reset()
+
+    def _log_bounded(self, kind: str, text: str) -> None:
+        self.front.log(kind, text)
 
     def _restart(self, reason: str) -> None:
         self.events.restarts += 1
@@ -213,17 +284,39 @@ class SearchService(ServerUrls):
             broken, self.triton = self.triton, None
         if broken is not None:
             broken.stop(kill=True)
+            if broken.last_errors:
+                self.log("supervisor: the stopped tritonserver's last errors:\n" + broken.last_errors)
+        last = ""
         for attempt in range(1, self.supervision.start_attempts + 1):
             if self._stopping.is_set():
                 return
             try:
                 self._start_triton()
-            except ServerError as exc:
-                self.log(f"supervisor: start attempt {attempt} failed: {str(exc)[:500]}")
+            except Exception as exc:  # ServerError, or the machine's own (out of descriptors, memory)
+                last = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else type(exc).__name__
+                self.log(f"supervisor: start attempt {attempt} failed: {last}")
                 time.sleep(min(10.0, 2.0 * attempt))
                 continue
             self.log(f"supervisor: tritonserver is serving again after {time.monotonic() - began:.1f} s")
             return
-        self._failure = f"tritonserver could not be restarted after {self.supervision.start_attempts} attempts ({reason})"
-        self.log(f"supervisor: {self._failure}; stopping")
+        self._give_up(f"tritonserver could not be restarted after {self.supervision.start_attempts} attempts "
+                      f"({reason}); last attempt: {last}")
+
+    def _give_up(self, failure: str) -> None:
+        """Stop the service for good: ``wait()`` returns ``failure`` (``ascl serve`` / ``ascl up`` exit 1 with it)."""
+        self._failure = failure
+        self.log(f"supervisor: {failure}; stopping")
         threading.Thread(target=self.stop, name="service-stop", daemon=True).start()
+
+
+@dataclass
+class _Watch:
+    """What the supervisor remembers between checks."""
+
+    failures: int = 0  # probe failures in a row
+    last_probe: float = field(default_factory=time.monotonic)
+    stopped_since: float | None = None
+    silent_since: float | None = None
+
+    def reset(self) -> None:
+        self.failures, self.last_probe, self.stopped_since, self.silent_since = 0, time.monotonic(), None, None

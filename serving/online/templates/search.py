@@ -10,7 +10,8 @@ returns no hits.
 The index (``ascl.serving.collections.index``: a folder, or a URI of another backend) is opened
 in ``initialize``; a watcher thread takes each new version (``ascl index add``), builds its
 lookups for filters, and swaps it in. ``execute`` takes one reference to the current index per
-batch, so in-flight requests finish on the version they started with.
+batch, so in-flight requests finish on the version they started with. Metadata leaves without
+server paths (``public_metadata``: a gallery's name instead of its folder).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ascl.names import EMBEDDINGS, IDS, METADATA, SCORES, TOP_K, WHERE
-from ascl.serving.collections.index import VectorIndex, open_index
+from ascl.serving.collections.index import VectorIndex, open_index, public_metadata
 from ascl.serving.online.request_errors import RequestError, error_response
 
 
@@ -74,7 +75,7 @@ class TritonPythonModel:
         scores, ids = index.search(queries, int(ks[0]), where=_where(request))  # [B, k'] each, k' <= k
         records = index.records(ids.reshape(-1).tolist())
         meta = np.array(
-            [[json.dumps(records.get(int(i), {}), sort_keys=True).encode() for i in row] for row in ids],
+            [[json.dumps(public_metadata(records.get(int(i), {})), sort_keys=True).encode() for i in row] for row in ids],
             dtype=np.object_,
         )  # [B, k]
         return pb_utils.InferenceResponse(
