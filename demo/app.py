@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from ascl.demo import search as actions
+from ascl.demo.page_limits import (
+    MAX_SESSIONS,
+    AddQuota,
+    BodyLimit,
+    QuotaError,
+    remove_upload_folder,
+    upload_folder,
+)
 from ascl.images import MAX_IMAGE_BYTES
 from ascl.serving.online.gallery import GalleryService
 
@@ -23,30 +31,43 @@ QUIET_GRADIO_ENV = {
     "DO_NOT_TRACK": "1",
 }
 DEFAULT_K = 10
+MAX_QUEUED = 16  # calls waiting in Gradio's queue at once; more are told that the queue is full
 
 
 def quiet_gradio() -> None:
-    """Set the environment that keeps Gradio offline; call before importing gradio."""
+    """Set the environment that keeps Gradio offline and its uploads in this process's own folder
+    (``page_limits.upload_folder``); call before importing gradio."""
     for key, value in QUIET_GRADIO_ENV.items():
         os.environ[key] = value
+    upload_folder()
 
 
 def _results_view(outcome: actions.SearchOutcome, backend: GalleryService) -> tuple[list[Any], str, list[dict[str, Any]]]:
     gallery = [(actions.thumbnail(r), actions.caption(r)) for r in outcome.results]
     status = (f"**{len(outcome.results)} results in {outcome.seconds * 1000:.1f} ms** "
               f"({backend.description})")
-    raw = [{"id": r.id, "score": round(r.score, 6), "label": r.label, "name": r.name} for r in outcome.results]
+    raw = [{"id": r.id, "score": round(r.score, 6), "label": r.label, "name": actions.public_name(r)}
+           for r in outcome.results]
     return gallery, status, raw
 
 
+def _client(request: Any) -> str:
+    """The address a request came from (what the add quota counts per)."""
+    client = getattr(request, "client", None)
+    return str(getattr(client, "host", None) or "unknown")
+
+
 def build_app(backend: GalleryService, examples: Sequence[Path] = (), *, title: str = "ascl image search",
-              subtitle: str = "") -> Any:
+              subtitle: str = "", quota: AddQuota | None = None) -> Any:
     """The Blocks app. Its API endpoints ``/search`` (image, k, label filter: "any" by default)
     and ``/add`` (image, label) are what ``gradio_client`` calls; the page wires the same handlers
     to upload, webcam, clipboard, example clicks, the k slider and the label filter (a dropdown of
-    the gallery's labels: the search then passes ``where={"label": ...}``)."""
+    the gallery's labels: the search then passes ``where={"label": ...}``). ``quota``: how many
+    images visitors may add (``page_limits.AddQuota``; its defaults when None)."""
     quiet_gradio()
     import gradio as gr
+
+    quota = quota or AddQuota()
 
     def label_choices() -> list[str]:
         """"any", then the gallery's labels (read again after an add, which may bring a new one)."""
@@ -67,16 +88,25 @@ def build_app(backend: GalleryService, examples: Sequence[Path] = (), *, title: 
             return [], f"**Error:** {exc}", []
         return _results_view(outcome, backend)
 
-    def on_add(image: Any, label: str) -> tuple[str, Any]:
+    def on_add(image: Any, label: str, request: Any) -> tuple[str, Any]:
+        client = _client(request)
+        try:
+            quota.take(client)  # before the upload is even read
+        except QuotaError as exc:
+            gr.Warning(str(exc))
+            return f"**Error:** {exc}", []
         try:
             data, name = actions.upload_bytes(image)
-            result = actions.add(backend, data, name, label.strip() or None)
+            result = actions.add(backend, data, name, (label or "").strip() or None)
         except actions.UserError as exc:
+            quota.give_back(client)
             gr.Warning(str(exc))
             return f"**Error:** {exc}", []
         gr.Info(f"Added as id {result.id}")
-        raw = [{"id": result.id, "label": result.label, "name": result.name}]
+        raw = [{"id": result.id, "label": result.label, "name": actions.public_name(result)}]
         return f"**Added as id {result.id}**: it is in the index now and found by the next search.", raw
+
+    on_add.__annotations__["request"] = gr.Request  # Gradio passes the request to a parameter of this type
 
     def after_add(image: Any, k: Any, only: Any, added: str) -> tuple[Any, str, Any, Any]:
         gallery, found, raw = on_search(image, k, only)
@@ -117,11 +147,26 @@ def build_app(backend: GalleryService, examples: Sequence[Path] = (), *, title: 
 
 
 def launch(app: Any, port: int, *, allowed_paths: Sequence[Path] = (), host: str = "127.0.0.1") -> str:
-    """Start ``app`` in a background thread on ``host:port``; returns its URL."""
+    """Start ``app`` in a background thread on ``host:port``; returns its URL.
+
+    Every request body is capped (``page_limits.BodyLimit``), Gradio keeps the inputs of at most
+    ``MAX_SESSIONS`` sessions, and at most ``MAX_QUEUED`` calls wait in its queue (more are told
+    the queue is full), so that what visitors send cannot grow the process without bound."""
+    from starlette.middleware import Middleware
+
     quiet_gradio()
-    app.queue(default_concurrency_limit=2)
+    app.queue(default_concurrency_limit=2, max_size=MAX_QUEUED)
     app.launch(server_name=host, server_port=port, prevent_thread_lock=True, share=False, quiet=True,
                show_error=True, inbrowser=False, ssr_mode=False, mcp_server=False,
                allowed_paths=[str(p) for p in allowed_paths],
-               max_file_size=MAX_IMAGE_BYTES + 2**20, footer_links=["api"])
+               max_file_size=MAX_IMAGE_BYTES, footer_links=["api"],
+               state_session_capacity=MAX_SESSIONS, app_kwargs={"middleware": [Middleware(BodyLimit)]})
     return f"http://{host}:{port}/"
+
+
+def close(app: Any) -> None:
+    """Stop ``app`` and delete this process's uploads and thumbnails."""
+    try:
+        app.close()
+    finally:
+        remove_upload_folder()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ascl.demo.gallery_images import DEFAULT_SUBSET
+from ascl.demo.page_limits import ADDS_PER_CLIENT, MAX_ADDS
 from ascl.errors import InputError, user_errors
 from ascl.image_sources import describe_specs
 
@@ -64,6 +65,11 @@ def register(sub: Any) -> None:
 
 def _add_port_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=7860, help="port of the demo page (bound to 127.0.0.1)")
+    parser.add_argument("--max-adds", type=int, default=MAX_ADDS,
+                        help="images the page's 'Add' may put into the index in one run, all visitors together (0: "
+                             "none); each is a file of up to 20 MiB in the index folder")
+    parser.add_argument("--max-adds-per-client", type=int, default=ADDS_PER_CLIENT,
+                        help="images one visitor (client address) may add per hour")
     parser.add_argument("--cache", type=Path, default=None,
                         help="cache folder for exports, galleries and indexes; default $ASCL_CACHE, else "
                              "~/.cache/ascl")
@@ -87,13 +93,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     opts = UpOptions(model=args.model, gallery=args.gallery, cache=(args.cache or default_cache()).expanduser(),
                      ports=Ports(args.port, args.grpc_port, args.http_port, args.metrics_port),
                      gallery_size=args.gallery_size, refresh=args.refresh, precision=args.precision,
-                     calibration=args.calibration, min_recall=args.min_recall)
+                     calibration=args.calibration, min_recall=args.min_recall,
+                     max_adds=args.max_adds, max_adds_per_client=args.max_adds_per_client)
     with user_errors(ImportError, prefix=MISSING_EXTRAS), user_errors(FileNotFoundError, LookupError, ValueError):
         return run_up(opts)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ascl.demo.app import build_app, launch, quiet_gradio
+    from ascl.demo.app import build_app, close, launch, quiet_gradio
+    from ascl.demo.page_limits import AddQuota
     from ascl.demo.up import default_cache, example_files, gallery_roots, terminate_on_sigterm
     from ascl.serving.online.gallery import index_exists
 
@@ -106,7 +114,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         backend = _demo_backend(args, cache)
     examples = example_files(index) if index is not None else []
     allowed = gallery_roots(index) if index is not None else []
-    app = build_app(backend, examples, subtitle=f"Searching with {backend.description}.")
+    app = build_app(backend, examples, subtitle=f"Searching with {backend.description}.",
+                    quota=AddQuota(args.max_adds_per_client, args.max_adds))
     with terminate_on_sigterm():
         try:
             url = launch(app, args.port, allowed_paths=allowed)
@@ -116,7 +125,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             print("stopping ...", flush=True)
         finally:
-            app.close()
+            close(app)
     return 0
 
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ascl.demo.page_limits import upload_folder
 from ascl.errors import AsclError
 from ascl.images import MAX_IMAGE_BYTES, ImageError
-from ascl.serving.online.gallery import GalleryService, Hit
+from ascl.serving.online.gallery import GalleryService, Hit, public_metadata
 
 MAX_K = 50
 ANY_LABEL = "any"  # the label filter's choice that filters nothing
@@ -41,15 +42,17 @@ def upload_bytes(value: Any) -> tuple[bytes, str]:
     """The bytes and file name of an uploaded image, from what Gradio passes unprocessed.
 
     Accepts Gradio's file payload (a dict with ``path`` or a ``data:`` URL, as sent by upload,
-    webcam and clipboard), a file path, or raw bytes. Too-large files are refused before they
-    are read into memory.
+    webcam and clipboard), a file path, or raw bytes. Too-large images are refused before they
+    are read into memory or decoded, in every form; a link to an image elsewhere is never fetched.
     """
     if value is None or value == "":
         raise UserError("No image yet: upload one, take a webcam picture, paste from the clipboard or click an example.")
     if isinstance(value, bytes | bytearray):
         data, name = bytes(value), "upload"
     elif isinstance(value, dict) and str(value.get("url") or "").startswith("data:") and not value.get("path"):
-        data, name = _data_url_bytes(str(value["url"])), "clipboard.png"
+        data, name = _data_url_bytes(str(value["url"]), "clipboard.png"), "clipboard.png"
+    elif isinstance(value, dict) and not value.get("path"):
+        raise UserError("Links to images are not fetched; upload the image file itself.")
     elif isinstance(value, dict | str | Path):
         path = Path(value["path"] if isinstance(value, dict) else value)
         name = str(value.get("orig_name") or path.name) if isinstance(value, dict) else path.name
@@ -67,11 +70,23 @@ def upload_bytes(value: Any) -> tuple[bytes, str]:
     return data, name
 
 
-def _data_url_bytes(url: str) -> bytes:
-    try:
-        return base64.b64decode(url.split(",", 1)[1], validate=False)
-    except (IndexError, ValueError) as exc:
-        raise UserError("The pasted image could not be decoded; try saving it to a file and uploading it.") from exc
+def _data_url_bytes(url: str, name: str) -> bytes:
+    """The bytes of a ``data:`` URL, refused by its length before anything is decoded when they
+    would be over the image limit."""
+    header, comma, payload = url.partition(",")
+    if not comma:
+        raise UserError("The pasted image could not be decoded; try saving it to a file and uploading it.")
+    if header.endswith(";base64"):
+        size = len(payload) * 3 // 4 - payload[-2:].count("=")  # what it decodes to (whitespace aside)
+        if size > MAX_IMAGE_BYTES:
+            raise UserError(_too_large(name, size))
+        try:
+            return base64.b64decode(payload, validate=False)
+        except ValueError as exc:
+            raise UserError("The pasted image could not be decoded; try saving it to a file and uploading it.") from exc
+    if len(payload) > 3 * MAX_IMAGE_BYTES:  # percent-encoded: each byte is 1 to 3 characters
+        raise UserError(_too_large(name, len(payload) // 3))
+    return urllib.parse.unquote_to_bytes(payload)
 
 
 def _too_large(name: str, size: int) -> str:
@@ -138,6 +153,11 @@ def add(backend: GalleryService, image: bytes, name: str, label: str | None = No
         raise UserError(friendly_message(exc, backend, name)) from exc
 
 
+def public_name(result: Hit) -> str:
+    """The name of a result a visitor may see: its place in its gallery, never a path of this machine."""
+    return str(public_metadata({"path": result.name})["path"])
+
+
 def caption(result: Hit) -> str:
     """The caption under a result thumbnail: score, label and id."""
     return f"{result.score:.3f} · {result.label or 'unlabelled'} · #{result.id}"
@@ -145,7 +165,7 @@ def caption(result: Hit) -> str:
 
 def thumbnail(result: Hit, folder: Path | None = None) -> str:
     """A small PNG file to show for ``result``: the gallery image shrunk to at most 256 px, or a grey
-    tile when the image is not on this machine.
+    tile when the image is not on this machine; in the page's upload folder (removed when it stops).
 
     Files, not in-memory images: Gradio copies a file into its cache atomically, while it rewrites
     an in-memory image's cache file on every response, so two quick searches returning the same
@@ -156,7 +176,7 @@ def thumbnail(result: Hit, folder: Path | None = None) -> str:
 
     from ascl.atomic import atomic_path
 
-    folder = folder or Path(tempfile.gettempdir()) / "ascl-demo-thumbnails"
+    folder = folder or upload_folder() / "thumbnails"
     source = result.file
     try:
         stat = source.stat() if source is not None else None

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from ascl.cache import cache_dir
 from ascl.demo.gallery_images import Gallery, resolve_gallery
 from ascl.demo.model import ModelChoice, choose_model, ensure_onnx
+from ascl.demo.page_limits import ADDS_PER_CLIENT, MAX_ADDS, AddQuota
 
 T = TypeVar("T")
 EXAMPLES = 12
@@ -134,6 +135,8 @@ class UpOptions:
     precision: str = "fp32"  # or int8: the calibrated int8 copy of the model is served
     calibration: str | None = None  # int8 calibration images; default: the gallery's own
     min_recall: float = 0.95  # int8 is refused below this recall@10 vs fp32
+    max_adds: int = MAX_ADDS  # images the page may add in one run, all visitors together
+    max_adds_per_client: int = ADDS_PER_CLIENT  # per visitor (client address) and hour
 
 
 def prepare(opts: UpOptions, timings: Timings) -> tuple[ModelChoice, Path, Gallery, Path]:
@@ -176,8 +179,8 @@ def ensure_index(onnx_path: Path, gallery: Gallery, index_dir: Path) -> bool:
 
 def run_up(opts: UpOptions) -> int:
     """The whole of ``ascl up``; returns the exit code."""
-    from ascl.demo.app import build_app, launch, quiet_gradio
-    from ascl.serving.online.gallery import TritonGallery, start_service
+    from ascl.demo.app import build_app, close, launch, quiet_gradio
+    from ascl.serving.online.gallery import ServerError, TritonGallery, start_service
 
     quiet_gradio()
     timings = Timings()
@@ -199,12 +202,14 @@ def run_up(opts: UpOptions) -> int:
             subtitle = (f"Model: {choice.description}. Gallery: {gallery.description}."
                         + (f"\n\n**{choice.warning}**" if choice.warning else ""))
             gradio_import.join()
-            app = build_app(backend, example_files(index_dir), subtitle=subtitle)
-            stack.callback(_stopping, "demo", app.close)
+            app = build_app(backend, example_files(index_dir), subtitle=subtitle,
+                            quota=AddQuota(opts.max_adds_per_client, opts.max_adds))
+            stack.callback(_stopping, "demo", lambda: close(app))
             url = timings.run("demo", lambda: launch(app, opts.ports.demo, allowed_paths=gallery_roots(index_dir)))
             _print_ready(url, opts.ports, timings)
-            while True:
-                time.sleep(3600)
+            failure = server.wait()  # returns only when the service stopped by itself; Ctrl-C interrupts it
+            if failure:
+                raise ServerError(failure)  # exit 1 with the reason, after the page and Triton are stopped
         except KeyboardInterrupt:
             for sig in (signal.SIGTERM, signal.SIGINT):  # a second Ctrl-C must not cut the clean-up short
                 signal.signal(sig, signal.SIG_IGN)
