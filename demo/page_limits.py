@@ -4,8 +4,10 @@
   (``multipart/form-data``, what the page and ``gradio_client`` send images as) at most
   ``MAX_UPLOAD_BYTES`` (the image limit, ``ascl.images.MAX_IMAGE_BYTES``, and room for the form),
   any other body (the JSON of an API call) at most ``MAX_JSON_BYTES``, so a ``data:`` URL image
-  inside an API call is at most about 0.7 MiB. A larger ``Content-Length`` is refused (413)
-  before a byte is read, a chunked body as soon as it passes the limit. Gradio reads and parses
+  inside an API call is at most about 0.7 MiB. A ``Content-Length`` over the limit is refused
+  (413) before the body is kept anywhere, a chunked body as soon as it passes the limit; a body up
+  to ``DRAIN_FACTOR`` times the limit is read and dropped first so that the client hears why, a
+  larger one is left unread and the connection closed. Gradio reads and parses
   a JSON body of any size, and keeps each session's last input in memory (``MAX_SESSIONS`` of
   them, least recently used first out).
 - ``AddQuota``: how many images the page adds to the gallery: per client address in a sliding
@@ -33,6 +35,7 @@ from ascl.images import MAX_IMAGE_BYTES
 MAX_UPLOAD_BYTES = MAX_IMAGE_BYTES + 2**20  # a multipart upload: one image (Gradio: max_file_size) and its form
 MAX_JSON_BYTES = 2**20  # any other request body: an API call's JSON
 MAX_SESSIONS = 128  # sessions whose last inputs Gradio keeps in memory
+DRAIN_FACTOR = 4  # a refused body up to this many times its limit is read (and dropped) so the 413 is heard
 ADDS_PER_CLIENT = 20  # images one client address may add per hour
 MAX_ADDS = 500  # images the page adds in one run, all clients together
 WINDOW_S = 3600.0
@@ -64,30 +67,40 @@ class BodyLimit:
         limit = self.upload_limit if upload else self.json_limit
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
+            if int(length) <= DRAIN_FACTOR * limit:  # read and drop it, so that the client hears why
+                await _drain(receive, DRAIN_FACTOR * limit)
             await self._refuse(send, limit, upload)
             return
         received = 0
-        started = False
+        over = refused = False
 
         async def counted() -> Message:
-            nonlocal received
+            nonlocal received, over
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    over = True
                     raise _TooLarge
             return message
 
+        async def refuse_once() -> None:
+            nonlocal refused
+            if not refused:
+                refused = True
+                await _drain(receive, DRAIN_FACTOR * limit - received)
+                await self._refuse(send, limit, upload)
+
         async def sending(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if over:  # the app answers the broken read its own way (FastAPI: 400): answer 413 instead
+                await refuse_once()
+                return
             await send(message)
 
         try:
             await self.app(scope, counted, sending)
         except _TooLarge:
-            if not started:
-                await self._refuse(send, limit, upload)
+            await refuse_once()
 
     async def _refuse(self, send: Send, limit: int, upload: bool) -> None:
         what = (f"an upload may be at most {limit / 2**20:g} MiB (images: {MAX_IMAGE_BYTES / 2**20:g} MiB)" if upload
@@ -98,6 +111,16 @@ class BodyLimit:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of a refused body, up to ``budget`` bytes (past that the connection closes
+    with the body unread: the client may then see a reset instead of the 413)."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+        budget -= len(message.get("body", b""))
 
 
 class QuotaError(Exception):

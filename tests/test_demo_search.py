@@ -184,6 +184,44 @@ def test_upload_payloads(tmp_path: Path) -> None:
     url = "data:image/png;base64," + base64.b64encode(data).decode()
     assert actions.upload_bytes({"url": url, "path": None})[0] == data
     assert actions.upload_bytes(str(file)) == (data, "x.png")
+    percent = "data:image/png," + "".join(f"%{b:02x}" for b in data)
+    assert actions.upload_bytes({"url": percent, "path": None})[0] == data
+
+
+def test_oversized_data_urls_and_links_are_refused_before_anything_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue: the add path base64-decoded a data: URL of any size (400 MiB) before the size check."""
+    decoded: list[int] = []
+    real = base64.b64decode
+    monkeypatch.setattr(base64, "b64decode", lambda text, **kw: decoded.append(len(text)) or real(text, **kw))
+    over = "data:image/png;base64," + "A" * ((MAX_IMAGE_BYTES // 3 + 1) * 4)
+    with pytest.raises(actions.UserError, match="over the 20 MiB limit"):
+        actions.upload_bytes({"url": over, "path": None})
+    with pytest.raises(actions.UserError, match="over the 20 MiB limit"):
+        actions.upload_bytes({"url": "data:image/png," + "%00" * (MAX_IMAGE_BYTES + 10), "path": None})
+    assert decoded == []
+    with pytest.raises(actions.UserError, match="not fetched"):
+        actions.upload_bytes({"url": "http://example.com/cat.png", "path": None})
+
+
+def test_the_add_quota_counts_per_visitor_and_per_run() -> None:
+    from ascl.demo.page_limits import AddQuota, QuotaError
+
+    now = [0.0]
+    quota = AddQuota(per_client=2, total=3, window_s=60, clock=lambda: now[0])
+    quota.take("a")
+    quota.take("a")
+    with pytest.raises(QuotaError, match="limit per visitor"):
+        quota.take("a")
+    quota.take("b")  # another visitor has their own
+    with pytest.raises(QuotaError, match="limit of 3 images"):
+        quota.take("c")  # but all together: 3
+    quota.give_back("b")  # an add that failed does not count
+    quota.take("c")
+    now[0] = 61.0  # the window slid past a's adds, the run's total stays
+    with pytest.raises(QuotaError, match="limit of 3"):
+        quota.take("a")
+    with pytest.raises(QuotaError, match="switched off"):
+        AddQuota(total=0).take("a")
 
 
 def test_galleries(tmp_path: Path, digits_folder: Path, cifar_tar: Path) -> None:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from conftest import free_port
 from PIL import Image
 
 READY_TIMEOUT_S = 420
+ADDS_PER_CLIENT = 5  # the page's add quota per visitor, small so that a test reaches it
 
 
 @dataclass
@@ -76,7 +78,8 @@ def alive(processes: set[tuple[int, str]]) -> set[tuple[int, str]]:
 
 def start_up(workdir: Path, gallery: Path, cache: Path) -> Up:
     ports = {name: free_port() for name in ("port", "grpc-port", "http-port", "metrics-port")}
-    args = [sys.executable, "-m", "ascl", "up", "--gallery", str(gallery), "--cache", str(cache)]
+    args = [sys.executable, "-m", "ascl", "up", "--gallery", str(gallery), "--cache", str(cache),
+            "--max-adds-per-client", str(ADDS_PER_CLIENT)]
     for name, port in ports.items():
         args += [f"--{name}", str(port)]
     log = workdir / f"up-{len(list(workdir.glob('up-*.log')))}.log"
@@ -194,12 +197,132 @@ def test_demo_bad_image_keeps_working(running: Up, tmp_path: Path, digits_folder
     assert len(gallery) == 5
 
 
+def gradio_call(up: Up, api: str, data: list[object], *, raw_body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, str]:
+    """(HTTP status, the event stream's text) of one call to the page's API, as a raw client sends it."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = raw_body if raw_body is not None else json.dumps({"data": data}).encode()
+    request = urllib.request.Request(f"{up.demo_url}gradio_api/call/{api}", data=body,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            event = json.loads(resp.read())["event_id"]
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
+    with urllib.request.urlopen(f"{up.demo_url}gradio_api/call/{api}/{event}", timeout=120) as resp:
+        return resp.status, resp.read().decode(errors="replace")
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def data_url(data: bytes) -> dict[str, object]:
+    import base64
+
+    return {"url": "data:image/png;base64," + base64.b64encode(data).decode(), "meta": {"_type": "gradio.FileData"}}
+
+
+def test_the_page_refuses_large_bodies_before_reading_them(running: Up) -> None:
+    """Issue: four 400 MiB data: URLs to /add grew the tree to 6.5 GB and kept 5 GB. Every body is
+    bounded before it is read: an API call's JSON at 1 MiB, an upload at the 20 MiB image limit."""
+    import http.client
+
+    before = rss_mib(running.process.pid)
+    big = data_url(b"\x89PNG" + bytes(3 * 2**19))  # 2 MiB of base64 inside a JSON call
+    began = time.monotonic()
+    for _ in range(4):
+        status, text = gradio_call(running, "add", [big, "x"])
+        assert status == 413 and "upload larger images as files" in text, (status, text[:300])
+    assert time.monotonic() - began < 20
+    for claimed, kind in ((400 * 2**20, "application/json"), (400 * 2**20, "multipart/form-data; boundary=x")):
+        conn = http.client.HTTPConnection("127.0.0.1", running.ports["port"], timeout=30)
+        path = "/gradio_api/upload" if kind.startswith("multipart") else "/gradio_api/call/add"
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Type", kind)
+        conn.putheader("Content-Length", str(claimed))
+        conn.endheaders()  # claims 400 MiB, sends none of it: refused on the claim alone
+        assert conn.getresponse().status == 413
+        conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", running.ports["port"], timeout=30)  # chunked: no claim
+    conn.putrequest("POST", "/gradio_api/call/add")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    chunk = b"[" * 2**16
+    try:
+        for _ in range(24):  # 1.5 MiB in all, refused once it passes 1 MiB
+            conn.send(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        conn.send(b"0\r\n\r\n")
+        assert conn.getresponse().status == 413
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # refused and closed while it was still sending: as good
+    finally:
+        conn.close()
+    assert rss_mib(running.process.pid) - before < 100, f"the page grew {rss_mib(running.process.pid) - before:.0f} MiB"
+
+
+def test_a_small_data_url_is_searched_and_links_are_never_fetched(running: Up, digits_folder: Path) -> None:
+    query = sorted(digits_folder.rglob("*.png"))[7]
+    status, text = gradio_call(running, "search", [data_url(query.read_bytes()), 3, "any"])
+    assert status == 200 and "3 results in" in text, text[:300]
+    assert query.relative_to(digits_folder).as_posix() in text
+    status, text = gradio_call(running, "search", [{"url": "http://127.0.0.1:9/x.png",
+                                                   "meta": {"_type": "gradio.FileData"}}, 3, "any"])
+    assert "not fetched" in text, text[:300]
+
+
+def test_results_name_no_server_path(running: Up, digits_folder: Path, workdir: Path) -> None:
+    from gradio_client import Client as PageClient
+    from gradio_client import handle_file
+
+    from ascl.serving import Client
+
+    query = sorted(digits_folder.rglob("*.png"))[3]
+    (hits,) = Client(running.grpc).search([query.read_bytes()], k=10)
+    shown = str([h.metadata for h in hits])
+    assert str(digits_folder) not in shown and str(workdir) not in shown and "'/" not in shown, shown[:300]
+    assert hits[0].metadata["source"] == digits_folder.name
+    _, _, raw = PageClient(running.demo_url, verbose=False).predict(handle_file(str(query)), 10, api_name="/search")
+    assert all(not str(r["name"]).startswith("/") for r in raw) and raw[0]["name"] == query.relative_to(
+        digits_folder).as_posix()
+
+
+def test_adds_per_visitor_are_bounded(running: Up, tmp_path: Path) -> None:
+    from gradio_client import Client, handle_file
+
+    from ascl.serving import Client as SearchClient
+
+    client = Client(running.demo_url, verbose=False)
+    refused = None
+    for seed in range(100, 100 + ADDS_PER_CLIENT + 1):
+        image = tmp_path / f"{seed}.png"
+        image.write_bytes(png_bytes(seed))
+        status, _ = client.predict(handle_file(str(image)), "", api_name="/add")
+        if "limit per visitor" in status:
+            refused = image
+            break
+        assert "Added as id" in status, status
+    assert refused is not None, f"{ADDS_PER_CLIENT + 1} adds from one visitor were all taken"
+    (hits,) = SearchClient(running.grpc).search([refused.read_bytes()], k=10)
+    assert refused.name not in {h.metadata.get("original_name") for h in hits}  # the refused image was not added
+
+
 def test_sigterm_stops_everything_and_warm_start_is_cached(running: Up, workdir: Path, digits_folder: Path) -> None:
     assert len(alive(running.seen)) >= 2  # tritonserver and at least one stub
+    uploads = list(Path(tempfile.gettempdir()).glob(f"ascl-demo-uploads-{running.process.pid}-*"))
+    assert len(uploads) == 1 and any(uploads[0].rglob("*.png")), uploads  # the page's uploads and thumbnails
     assert stop_up(running) == 0
     assert "stopped" in running.output()
     time.sleep(0.5)
     assert alive(running.seen) == set(), f"left running: {alive(running.seen)}"
+    assert not uploads[0].exists(), "the page's uploads were left behind"
 
     warm = start_up(workdir, digits_folder, running.cache)
     try:
@@ -208,3 +331,46 @@ def test_sigterm_stops_everything_and_warm_start_is_cached(running: Up, workdir:
     finally:
         assert stop_up(warm) == 0
     assert alive(warm.seen) == set()
+
+
+def test_a_killed_up_is_cleaned_by_the_next_and_exhausted_restarts_end_it_with_the_reason(
+        workdir: Path, digits_folder: Path, tmp_path: Path) -> None:
+    """kill -9 of ``ascl up`` cannot clean up: its Triton goes (parent-death signal) and the next start
+    removes its uploads folder. Then Triton killed with the index damaged: every restart fails, and
+    ``ascl up`` stops everything and exits 1 with the reason."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(workdir / "cache", cache)  # warm: model, gallery and index are cached
+    first = start_up(workdir, digits_folder, cache)
+    uploads = list(Path(tempfile.gettempdir()).glob(f"ascl-demo-uploads-{first.process.pid}-*"))
+    assert len(uploads) == 1
+    first.process.kill()
+    first.process.wait()
+    deadline = time.monotonic() + 60
+    while alive(first.seen) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive(first.seen) == set()
+    assert not list(Path("/dev/shm").glob(f"ascl_{first.process.pid}_*"))
+
+    second = start_up(workdir, digits_folder, cache)
+    try:
+        assert not uploads[0].exists(), "the killed page's uploads are still there"
+        (index,) = [p for p in (cache / "indexes").iterdir() if p.is_dir()]
+        faiss_file = next(index.glob("index*.faiss"))
+        with open(faiss_file, "r+b") as fh:
+            fh.truncate(100)
+        triton = [pid for pid, _ in alive(descendants(second.process.pid))
+                  if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"tritonserver")]
+        assert len(triton) == 1
+        os.kill(triton[0], signal.SIGKILL)
+        code = second.process.wait(timeout=300)
+    finally:
+        if second.process.poll() is None:
+            second.process.kill()
+    text = second.output().strip()
+    assert code == 1, text[-3000:]
+    last = text.splitlines()[-1]
+    assert "could not be restarted" in last and faiss_file.name in last, last
+    time.sleep(0.5)
+    assert alive(second.seen) == set()
