@@ -1,7 +1,8 @@
 """The serving benchmarks run end to end at a tiny size and write the records the README quotes.
 
 ``serve_load.py`` (two models served side by side through the service), ``soak.py`` (mixed good
-and hostile traffic, memory watched) and ``default_model.py`` (demo-gallery precision@10 and int8
+and bad traffic, then idle-connection floods, compression bombs and oversized data: URLs to the demo
+page beside good traffic, memory watched), ``front_door.py`` (the front door's share) and ``default_model.py`` (demo-gallery precision@10 and int8
 recall) on the offline CIFAR-10 copy, each a few seconds; the figures that matter come from
 full runs on a quiet machine (benchmarks/README.md).
 """
@@ -91,9 +92,11 @@ def test_serve_load_int8_row_and_engine_parts(cifar_tar: Path, tmp_path: Path) -
         "zero_errors", "fp32_served_over_engine", "int8_qps_ratio"}
 
 
-def test_soak_counts_good_and_bad_requests(narrow_model: Path, cifar_tar: Path, tmp_path: Path) -> None:
+def test_soak_counts_good_and_bad_requests_and_hostile_rows(narrow_model: Path, cifar_tar: Path,
+                                                            tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     run_benchmark("soak.py", "--model", str(narrow_model), "--duration", "5", "--concurrency", "3", "--gallery", "60",
+                  "--phase", "4", "--settle", "2", "--flood", "100", "--bomb-mb", "64", "--data-url-mb", "4",
                   "--out", str(out), cache=tmp_path / "cache")
     record = json.loads(out.read_text())
     counts = record["counts"]
@@ -102,6 +105,15 @@ def test_soak_counts_good_and_bad_requests(narrow_model: Path, cifar_tar: Path, 
     codes = {code for kind in record["bad_codes"].values() for code in kind}
     assert codes <= {"StatusCode.INVALID_ARGUMENT", "StatusCode.RESOURCE_EXHAUSTED"}, codes
     assert record["memory_mib"]["peak"] > 0 and "trend_second_half_mib_per_min" in record["shm_mib"]
+    hostile = record["hostile"]
+    assert hostile["quiet"]["good"] > 0 and hostile["quiet"]["service_mib"] > 0
+    for attack in ("idle_flood", "compression_bombs", "data_urls"):
+        row = hostile[attack]
+        assert row["good"] > 0 and row["good_failed"] == 0, row
+        assert set(row["goals"]) == {"zero_failed_good", "p99_within_2x_quiet", "memory_back_within_10pct"}
+    assert set(hostile["compression_bombs"]["attack_outcomes"]) == {"413"}  # every bomb refused, none served
+    assert all(o in ("413", "ConnectionResetError", "BrokenPipeError")
+               for o in hostile["data_urls"]["attack_outcomes"]), hostile["data_urls"]["attack_outcomes"]
 
 
 def test_default_model_quality_record(narrow_model: Path, cifar_tar: Path, tmp_path: Path) -> None:
@@ -114,3 +126,17 @@ def test_default_model_quality_record(narrow_model: Path, cifar_tar: Path, tmp_p
     for key in ("precision_at_10_fp32", "precision_at_10_int8", "int8_recall_at_10_vs_fp32"):
         assert 0.0 <= row[key] <= 1.0
     assert record["gallery_images"] == 2000 and "30 images of the held-out val split" in record["queries"]
+
+
+def test_front_door_share_record(narrow_model: Path, cifar_tar: Path, tmp_path: Path) -> None:
+    out = tmp_path / "front_door.json"
+    run_benchmark("front_door.py", "--model", str(narrow_model), "--gallery", "60", "--levels", "2", "--duration", "1",
+                  "--warmup", "0.5", "--rounds", "1", "--idle", "1", "--out", str(out), cache=tmp_path / "cache")
+    record = json.loads(out.read_text())
+    current = record["results"]["current"]
+    for key in ("grpc_c2", "http_c2"):
+        row = current[key]
+        assert row["door"]["requests"] > 0 and row["door"]["errors"] == 0 and row["direct"]["errors"] == 0
+        assert row["door"]["door_cpu_us"] > 0 and row["door"]["triton_cpu_us"] > 0 and 0 < row["door_share"] < 1
+    assert current["http_gzip_c2"]["door"]["errors"] == 0  # compressed requests through the door
+    assert record["machine"]["cpu_simd"] is not None and "load_average_before" in record
