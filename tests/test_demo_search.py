@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from serving_helpers import png_bytes
+from serving_helpers import huge_png, png_bytes
 
 from ascl.demo import search as actions
 from ascl.demo.gallery_images import cifar_subset_from_tar, digits_gallery, folder_key, resolve_gallery
@@ -161,6 +161,8 @@ def test_bad_inputs_become_friendly_errors(backend: InProcessGallery, tmp_path: 
         actions.upload_bytes({"path": str(huge), "orig_name": "huge.png"})
     with pytest.raises(actions.UserError, match="No image yet"):
         actions.upload_bytes(None)
+    with pytest.raises(actions.UserError, match="pixel limit"):
+        actions.search(backend, huge_png(), 3, "huge.png")
     assert len(actions.search(backend, png_bytes(2), 3).results) == 3  # still usable
 
 

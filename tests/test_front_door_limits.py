@@ -27,7 +27,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from conftest import free_port
 from PIL import Image
-from serving_helpers import export_random_encoder, processes_mentioning
+from serving_helpers import export_random_encoder, huge_png, processes_mentioning
 from tritonclient.utils import InferenceServerException
 
 from ascl import names
@@ -438,15 +438,6 @@ def test_deeply_nested_json_is_the_clients_fault(service: SearchService, queries
     with grpcclient.InferenceServerClient(service.grpc_url) as client, pytest.raises(InferenceServerException) as err:
         client.infer(names.MODEL_IMAGE_SEARCH, grpc_inputs([queries[0]], 3, where=deep_filter))
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT" and "nested" in str(err.value.message())
-
-
-def huge_png(side: int = 30_000) -> bytes:
-    """A valid PNG header claiming ``side`` x ``side`` pixels, with almost no pixel data."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
 
 
 def test_an_image_over_the_pixel_limit_says_so(service: SearchService) -> None:
