@@ -85,6 +85,8 @@ async def read_body(request: Any, limit: int, timeout_s: float, executor: Execut
             raise BodyError(415, f"Content-Encoding {encoding!r} is not accepted; send gzip, deflate or none",
                             close=length is None or length > 0)
         inflater = Inflater(encoding, limit)
+    if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # curl waits for it before a large body
     loop = asyncio.get_running_loop()
     parts: list[bytes] = []
     received = 0
