@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -78,3 +80,70 @@ def huge_png(side: int = 30_000) -> bytes:
 
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+
+
+def supervised_service(root: Path, images: Path, *, max_request_bytes: int | None = None,
+                       max_queue_size: int | None = None, **service_kwargs: Any) -> Any:
+    """A ``SearchService`` (not started) on free ports over a random encoder and an index of
+    ``images``, logging into ``service.events_log``; repository limits as given."""
+    from conftest import free_port
+
+    from ascl.serving.collections.build import build_index
+    from ascl.serving.online.repository import write_repository
+    from ascl.serving.online.service import SearchService
+
+    onnx_path = export_random_encoder(root / "encoder.onnx")
+    build_index(onnx_path, str(images), root / "idx", progress=False)
+    repo_limits = {k: v for k, v in (("max_request_bytes", max_request_bytes), ("max_queue_size", max_queue_size))
+                   if v is not None}
+    repo = write_repository(root / "models", onnx_path, root / "idx", **repo_limits)
+    events: list[str] = []
+    service = SearchService(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                            log=events.append, **service_kwargs)
+    service.events_log = events  # type: ignore[attr-defined]
+    return service
+
+
+def under_load(service: Any, images: list[bytes], act: Callable[[], None], *,
+               recover_within_s: float = 60) -> tuple[list[str], float]:
+    """4 clients search while ``act()`` breaks the server: (the outcomes from the act on, seconds
+    until searches succeeded again)."""
+    import threading
+    import time
+
+    from tritonclient.utils import InferenceServerException
+
+    from ascl.serving import Client
+
+    outcomes: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with Client(service.grpc_url, timeout_s=120) as c:
+            i = 0
+            while not stop.is_set():
+                try:
+                    c.search([images[i % len(images)]], k=3)
+                    outcomes.append("ok")
+                except InferenceServerException as exc:
+                    outcomes.append(f"{exc.status()}: {str(exc.message())[:160]}")
+                i += 1
+
+    workers = [threading.Thread(target=load) for _ in range(4)]
+    for w in workers:
+        w.start()
+    try:
+        time.sleep(2)
+        assert "ok" in outcomes, outcomes[:5]
+        mark = len(outcomes)
+        acted = time.monotonic()
+        act()
+        while time.monotonic() - acted < recover_within_s and "ok" not in outcomes[mark + 8:]:
+            time.sleep(0.2)
+        recovered = time.monotonic() - acted
+        time.sleep(1)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(120)
+    return outcomes[mark:], recovered

@@ -25,17 +25,14 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import free_port
 from PIL import Image
-from serving_helpers import export_random_encoder, huge_png, processes_mentioning
+from serving_helpers import huge_png, processes_mentioning, supervised_service
 from tritonclient.utils import InferenceServerException
 
 from ascl import names
 from ascl.images import MAX_IMAGE_PIXELS, list_images
 from ascl.serving import Client
-from ascl.serving.collections.build import build_index
 from ascl.serving.online.limits import Limits
-from ascl.serving.online.repository import write_repository
 from ascl.serving.online.service import SearchService, Supervision
 
 MAX_REQUEST = 8 * 2**20
@@ -46,21 +43,14 @@ QUEUE = 4
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[SearchService]:
-    root = tmp_path_factory.mktemp("front-door")
-    onnx_path = export_random_encoder(root / "encoder.onnx")
-    build_index(onnx_path, str(digits_folder), root / "idx", progress=False)
-    repo = write_repository(root / "models", onnx_path, root / "idx", max_request_bytes=MAX_REQUEST,
-                            max_queue_size=QUEUE)
-    events: list[str] = []
-    svc = SearchService(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(), limits=LIMITS,
-                        supervision=Supervision(probe_every_s=2.0), log=events.append)
-    svc.events_log = events  # type: ignore[attr-defined]
+    svc = supervised_service(tmp_path_factory.mktemp("front-door"), digits_folder, max_request_bytes=MAX_REQUEST,
+                             max_queue_size=QUEUE, limits=LIMITS, supervision=Supervision(probe_every_s=2.0))
     try:
         svc.start()
         yield svc
     finally:
         svc.stop()
-    assert processes_mentioning(str(repo)) == []
+    assert processes_mentioning(str(svc.repository)) == []
 
 
 @pytest.fixture(scope="module")

@@ -24,17 +24,14 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import free_port
 from PIL import Image
-from serving_helpers import export_random_encoder, processes_mentioning
+from serving_helpers import processes_mentioning, supervised_service, under_load
 from tritonclient.utils import InferenceServerException
 
 from ascl import names
 from ascl.images import list_images
 from ascl.serving import Client
-from ascl.serving.collections.build import build_index
 from ascl.serving.online.limits import Limits
-from ascl.serving.online.repository import write_repository
 from ascl.serving.online.server import ADMIN_KEY_HEADER
 from ascl.serving.online.service import SearchService, Supervision
 
@@ -43,21 +40,15 @@ MAX_REQUEST = 8 * 2**20  # small, so that the over-limit test sends little
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[SearchService]:
-    root = tmp_path_factory.mktemp("hardened")
-    onnx_path = export_random_encoder(root / "encoder.onnx")
-    build_index(onnx_path, str(digits_folder), root / "idx", progress=False)
-    repo = write_repository(root / "models", onnx_path, root / "idx", max_request_bytes=MAX_REQUEST)
-    events: list[str] = []
-    svc = SearchService(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                        limits=Limits(max_request_bytes=MAX_REQUEST),
-                        supervision=Supervision(probe_every_s=1.0, probe_timeout_s=10.0), log=events.append)
-    svc.events_log = events  # type: ignore[attr-defined]
+    svc = supervised_service(tmp_path_factory.mktemp("hardened"), digits_folder, max_request_bytes=MAX_REQUEST,
+                             limits=Limits(max_request_bytes=MAX_REQUEST),
+                             supervision=Supervision(probe_every_s=1.0, probe_timeout_s=10.0))
     try:
         svc.start()
         yield svc
     finally:
         svc.stop()
-    assert processes_mentioning(str(repo)) == []
+    assert processes_mentioning(str(svc.repository)) == []
 
 
 def png(size: tuple[int, int] = (32, 32), colour: tuple[int, int, int] = (200, 30, 90), mode: str = "RGB") -> bytes:
@@ -258,46 +249,20 @@ def test_bad_input_is_invalid_argument_over_grpc_and_400_over_http(service: Sear
 def test_a_killed_stub_is_restarted_and_only_in_flight_requests_fail(service: SearchService,
                                                                       digits_folder: Path) -> None:
     good = [p.read_bytes() for p in list_images(digits_folder)[:16]]
-    outcomes: list[str] = []
-    stop = threading.Event()
+    stubs = processes_mentioning(f"{service.repository}/{names.MODEL_PREPROCESS}")
+    assert stubs, "no preprocess stub found"
+    restarts_before = service.events.restarts
 
-    def load() -> None:
-        with Client(service.grpc_url, timeout_s=120) as c:
-            i = 0
-            while not stop.is_set():
-                try:
-                    c.search([good[i % 16]], k=3)
-                    outcomes.append("ok")
-                except InferenceServerException as exc:
-                    outcomes.append(f"{exc.status()}: {str(exc.message())[:160]}")
-                i += 1
-
-    workers = [threading.Thread(target=load) for _ in range(4)]
-    for w in workers:
-        w.start()
-    try:
-        time.sleep(2)
-        stubs = processes_mentioning(f"{service.repository}/{names.MODEL_PREPROCESS}")
-        assert stubs, "no preprocess stub found"
-        restarts_before = service.events.restarts
-        killed_at = time.monotonic()
+    def kill_stubs() -> None:
         for pid in stubs:
             os.kill(pid, signal.SIGKILL)
-        mark = len(outcomes)
-        deadline = killed_at + 45
-        while time.monotonic() < deadline and "ok" not in outcomes[mark + 8:]:
-            time.sleep(0.2)
-        recovered = time.monotonic() - killed_at
-        assert "ok" in outcomes[mark + 8:], f"not answering {recovered:.0f} s after the stub was killed"
-        assert recovered < 45
-        print(f"answering again {recovered:.1f} s after the kill; supervisor restarts: {service.events.restarts} "
-              f"({service.events.reasons})")
-        assert service.events.restarts > restarts_before, "a dead stub must get a fresh server"
-        time.sleep(2)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(120)
+
+    outcomes, recovered = under_load(service, good, kill_stubs, recover_within_s=45)
+    assert "ok" in outcomes[8:], f"not answering {recovered:.0f} s after the stub was killed"
+    assert recovered < 45
+    print(f"answering again {recovered:.1f} s after the kill; supervisor restarts: {service.events.restarts} "
+          f"({service.events.reasons})")
+    assert service.events.restarts > restarts_before, "a dead stub must get a fresh server"
     failed = [o for o in outcomes if o != "ok"]
     assert {f.split(":")[0] for f in failed} <= {"StatusCode.UNAVAILABLE"}, failed[:5]
     assert len(failed) <= 4 * 2, failed  # at most what was in flight (4 clients, a probe in between)

@@ -16,18 +16,17 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import free_port
-from serving_helpers import export_random_encoder, processes_mentioning
+from serving_helpers import export_random_encoder, processes_mentioning, supervised_service, under_load
 from tritonclient.utils import InferenceServerException
 
 from ascl.images import list_images
 from ascl.serving import Client
 from ascl.serving.collections.build import build_index
-from ascl.serving.online.repository import write_repository
 from ascl.serving.online.server import TritonServer
 from ascl.serving.online.service import SearchService, Supervision
 
@@ -41,58 +40,15 @@ def model_and_index(tmp_path_factory: pytest.TempPathFactory, digits_folder: Pat
 
 
 @pytest.fixture(scope="module")
-def service(model_and_index: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[SearchService]:
-    onnx_path, index = model_and_index
-    repo = write_repository(tmp_path_factory.mktemp("supervised") / "models", onnx_path, index)
-    events: list[str] = []
-    svc = SearchService(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                        supervision=Supervision(probe_every_s=1.0, probe_timeout_s=10.0, stopped_after_s=1.0),
-                        log=events.append)
-    svc.events_log = events  # type: ignore[attr-defined]
+def service(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[SearchService]:
+    svc = supervised_service(tmp_path_factory.mktemp("supervised"), digits_folder, supervision=Supervision(
+        probe_every_s=1.0, probe_timeout_s=10.0, stopped_after_s=1.0))
     try:
         svc.start()
         yield svc
     finally:
         svc.stop()
-    assert processes_mentioning(str(repo)) == []
-
-
-def under_load(service: SearchService, images: list[bytes], act: Callable[[], None], *,
-               recover_within_s: float = 60) -> tuple[list[str], float]:
-    """Run 4 clients searching while ``act()`` breaks Triton; returns (the outcomes after the act, seconds
-    until searches succeeded again)."""
-    outcomes: list[str] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with Client(service.grpc_url, timeout_s=120) as c:
-            i = 0
-            while not stop.is_set():
-                try:
-                    c.search([images[i % len(images)]], k=3)
-                    outcomes.append("ok")
-                except InferenceServerException as exc:
-                    outcomes.append(f"{exc.status()}: {str(exc.message())[:160]}")
-                i += 1
-
-    workers = [threading.Thread(target=load) for _ in range(4)]
-    for w in workers:
-        w.start()
-    try:
-        time.sleep(2)
-        assert "ok" in outcomes, outcomes[:5]
-        mark = len(outcomes)
-        acted = time.monotonic()
-        act()
-        while time.monotonic() - acted < recover_within_s and "ok" not in outcomes[mark + 8:]:
-            time.sleep(0.2)
-        recovered = time.monotonic() - acted
-        time.sleep(1)
-    finally:
-        stop.set()
-        for w in workers:
-            w.join(120)
-    return outcomes[mark:], recovered
+    assert processes_mentioning(str(svc.repository)) == []
 
 
 def test_a_killed_tritonserver_is_restarted_under_load(service: SearchService, digits_folder: Path) -> None:
