@@ -43,7 +43,15 @@ if TYPE_CHECKING:
 CURVE_PNG = "training_curve.png"
 RUN_CURVES_PNG = "curves.png"  # drawn by ascl train in the run folder
 PROJECTION_PNG = "embeddings_pca.png"
-KNN_NAME = f"kNN top-1 (k={KNN_K}, t={KNN_T})"  # the protocol of ascl eval knn
+
+
+def knn_name(k: int) -> str:
+    """The card's name of a kNN top-1 measured with ``k`` neighbours (``KNN_NAME`` for the protocol's k)."""
+    return f"kNN top-1 (k={k}, t={KNN_T})"
+
+
+KNN_NAME = knn_name(KNN_K)  # the protocol of ascl eval knn
+
 LINEAR_NAME = "linear-probe top-1"
 WALL_TIME_COLUMNS = ("wall_time_s", "elapsed_s", "time_s", "elapsed")
 # Keys of a JSON run record (run.json, or the time_to_accuracy benchmark's result), first found wins.
@@ -276,7 +284,7 @@ def build_facts(
         dataset, dataset_type = _dataset_of({"data": {"spec": str(spec)}}) or (str(spec), "imagefolder")
         how = "measured by ascl push with the ascl eval protocol"
         facts.metrics = [  # measured now: replaces any recorded numbers
-            Metric(KNN, KNN_NAME, ev.knn_top1, dataset, dataset_type, ev.split, how),
+            *(Metric(KNN, knn_name(k), value, dataset, dataset_type, ev.split, how) for k, value in ev.knn_by_k.items()),
             Metric(LINEAR, LINEAR_NAME, ev.linear_top1, dataset, dataset_type, ev.split, how),
         ]
         plot_projection(ev.val_embeddings, ev.val_labels, ev.classes, figures / PROJECTION_PNG,

@@ -122,7 +122,8 @@ def test_push_dry_run_from_training_run(run_folder: Path, tmp_path: Path, capsys
     assert "(embeddings_pca.png)" in card.text and "(training_curve.png)" in card.text
     assert "name: digits_tiny" in card.text and "2 CPU cores" in card.text
     assert card.data.model_name == "digits"
-    assert [r.metric_name for r in card.data.eval_results] == ["kNN top-1 (k=200, t=0.1)", "linear-probe top-1"]
+    assert [r.metric_name for r in card.data.eval_results] == ["kNN top-1 (k=200, t=0.1)", "kNN top-1 (k=20, t=0.1)",
+                                                             "linear-probe top-1"]
     assert all(0.0 <= r.metric_value <= 100.0 for r in card.data.eval_results)
     assert "last 10% of every class held out" in card.data.eval_results[0].dataset_split
 
