@@ -413,12 +413,12 @@ def prepare_int8(onnx_path: Path, index_dir: Path, tmp: Path) -> tuple[Path | No
     """`ascl serve --precision int8` for the same fp32 file and index: (int8 onnx, repository, what
     happened); (None, None, why) when the int8 export is refused."""
     from ascl.errors import AsclError
-    from ascl.serving.online.precision import served_onnx
     from ascl.serving.online.repository import write_repository
+    from ascl.serving.online.serve import choose_model, served_model
 
     try:
-        served = served_onnx(onnx_path, "int8", calibration="cifar10-offline", index_dir=index_dir,
-                             cache=tmp / "int8-cache")
+        served = served_model(choose_model(str(onnx_path)), "int8", calibration="cifar10-offline", index=index_dir,
+                              cache=tmp / "int8-cache")
     except AsclError as exc:
         return None, None, f"refused: {exc}"
     repo = write_repository(onnx_path.parent / "models-int8", served.onnx, index_dir)

@@ -13,9 +13,9 @@ from serving_helpers import png_bytes
 
 from ascl.demo import search as actions
 from ascl.demo.gallery_images import cifar_subset_from_tar, digits_gallery, folder_key, resolve_gallery
-from ascl.demo.model import choose_model, ensure_onnx
 from ascl.images import MAX_IMAGE_BYTES
 from ascl.serving.online.gallery import InProcessGallery, build_index
+from ascl.serving.online.serve import choose_model, ensure_onnx
 
 
 @pytest.fixture(scope="module")

@@ -242,7 +242,7 @@ def _int8_labelled_copy(onnx: Path, dest: Path) -> Path:
 
 def test_embeddings_never_mix_across_models(models: dict[str, Any], digits_folder: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from ascl.serving.collections.model_identity import ModelMismatchError
+    from ascl.export.identity import ModelMismatchError
     from ascl.serving.online.gallery import InProcessGallery
 
     a, b = models["a"], models["b"]

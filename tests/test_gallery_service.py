@@ -160,8 +160,10 @@ def _serving_imports(path: Path) -> list[str]:
 
 
 # demo/cli.py is a CLI module: it sits on top of every layer (README, Architecture) and reads
-# serving's option help texts for --precision; the demo's code talks to the gallery service only.
-CLI_HELP_TEXTS = {"cli.py": {"ascl.serving.online.precision"}}
+# serving's option help texts for --precision; the demo's code talks to the gallery service only,
+# and what starts a service (up.py, cli.py's --in-process) takes the one serve path.
+CLI_HELP_TEXTS = {"cli.py": {"ascl.serving.online.precision", "ascl.serving.online.serve"},
+                  "up.py": {"ascl.serving.online.serve"}}
 
 
 def test_demo_uses_only_the_gallery_seam() -> None:

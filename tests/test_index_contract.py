@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from ascl.errors import AsclError
+from ascl.export.identity import ModelMismatchError
 from ascl.serving.collections.filters import MAX_FILTER_BYTES, FilterError
 from ascl.serving.collections.index import (
     IndexFileError,
@@ -25,7 +26,6 @@ from ascl.serving.collections.index import (
     read_info,
     writing,
 )
-from ascl.serving.collections.model_identity import ModelMismatchError
 
 DIM = 16
 MODEL = {"name": "model-a", "weights": "sha256:" + "a" * 64, "dim": DIM, "precision": "fp32"}

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ascl.errors import InputError, user_errors
-from ascl.serving.collections.index_cli import model_of_index
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 DEFAULT_THRESHOLD = 0.94  # = ascl.serving.collections.dedup.DEFAULT_THRESHOLD (checked by the tests; not imported: numpy)
@@ -33,7 +32,10 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     out = dedup.check_output(args.out)
     with user_errors(*USER_ERRORS):
         if args.index is not None:
-            model = args.model or model_of_index(args.index)  # needed only if the vectors cannot be read back
+            from ascl.serving.collections.index import recorded_onnx
+
+            recorded = recorded_onnx(args.index)
+            model = args.model or (str(recorded) if recorded else None)  # needed only if the vectors cannot be read back
             result = dedup.dedup_index(args.index, threshold, onnx_path=(lambda: _onnx(model)) if model else None,
                                        batch_size=args.batch_size)
         else:

@@ -441,7 +441,7 @@ class FaissFolders:
         """The folder's current version under its writer lock, saved as the next version when the
         block changed it (or created it). An error in the block writes nothing, and removes a folder
         this call created. ModelMismatchError when ``model`` is not the index's."""
-        from ascl.serving.collections.model_identity import ensure_same_model
+        from ascl.export.identity import ensure_same_model
 
         folder = Path(spec)
         created = not folder.exists()

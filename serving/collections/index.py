@@ -34,7 +34,7 @@ from ascl.serving.collections.index_types import (
 __all__ = [
     "BACKENDS", "Hit", "IndexBusyError", "IndexConflictError", "IndexFileError", "IndexSpec", "NewIndex",
     "VectorIndex", "as_spec", "backend_of", "copy_index", "ensure_index_model", "index_count", "index_exists", "open_index",
-    "read_info", "writing",
+    "read_info", "recorded_onnx", "writing",
 ]
 
 # URI scheme -> backend; a spec without a scheme is a folder (FAISS).
@@ -101,8 +101,14 @@ def copy_index(spec: IndexSpec, dest: Path) -> str:
     return backend_of(spec).copy(spec, dest)
 
 
+def recorded_onnx(spec: IndexSpec) -> Path | None:
+    """The ONNX file the index records it was built with, when that file is still on this machine."""
+    onnx = read_info(spec).get("model", {}).get("onnx")
+    return Path(onnx) if onnx and Path(onnx).is_file() else None
+
+
 def ensure_index_model(spec: IndexSpec, onnx_path: str | Path) -> None:
     """ModelMismatchError (naming both) unless the index ``spec`` holds embeddings of the model of ``onnx_path``."""
-    from ascl.serving.collections.model_identity import ensure_same_model, model_identity
+    from ascl.export.identity import ensure_same_model, model_identity
 
     ensure_same_model(read_info(spec).get("model"), model_identity(onnx_path), f"index {spec}")

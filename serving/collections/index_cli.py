@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from ascl.errors import InputError, user_errors
@@ -23,14 +22,6 @@ def add_model_option(p: argparse.ArgumentParser, default: str | None, when_absen
                    help="an exported .onnx file, a training run folder or checkpoint, a hub folder, a shipped "
                         "model name ('default' = the shipped default, see 'ascl models') or a hub repo id "
                         f"(exported to ONNX once and cached under ~/.cache/ascl); {when_absent}")
-
-
-def model_of_index(index: str) -> str | None:
-    """The ONNX file an index records it was built with, when that file is still on this machine."""
-    from ascl.serving.collections.index import read_info
-
-    onnx = read_info(index).get("model", {}).get("onnx")
-    return str(onnx) if onnx and Path(onnx).is_file() else None
 
 
 def _add_images(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -51,7 +42,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                          "(embeddings written by 'ascl embed')")
     with user_errors(*USER_ERRORS):
         if from_parquet is not None:
-            from ascl.serving.collections.model_identity import model_identity
+            from ascl.export.identity import model_identity
 
             model = model_identity(resolve_onnx(args.model)) if args.model else None
             report = build_index_from_parquet(from_parquet, args.out, factory=args.factory, model=model)

@@ -64,7 +64,7 @@ class NewIndex:
     """How to create an index that does not exist yet: the first writer's settings."""
 
     dim: int
-    model: Mapping[str, Any]  # ascl.serving.collections.model_identity record of the embeddings
+    model: Mapping[str, Any]  # ascl.export.identity record of the embeddings
     factory: str = "auto"  # a backend's index type; auto: its choice for ``size_hint`` vectors
     size_hint: int = 0  # about how many vectors the first change adds
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ from ascl.atomic import atomic_dir
 from ascl.export.profiles import TRT_MAX_BATCH, TRT_OPT_BATCH
 
 if TYPE_CHECKING:
+    from ascl.export.runtime import OnnxFacts
     from ascl.serving.collections.index import IndexSpec
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -57,23 +57,6 @@ QUEUE_DELAY_US = 2000
 TRITON_CONTAINER = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version pytriton ships
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the configs need to know about the encoder."""
-
-    image_size: int
-    embedding_dim: int
-    precision: str = "fp32"  # ascl.precision of the ONNX file: fp32 or int8
-
-
-def model_facts(onnx_path: Path) -> ModelFacts:
-    """Image size, embedding dim and precision read from the exported ONNX file."""
-    from ascl.export.runtime import OnnxEmbedder
-
-    embedder = OnnxEmbedder(onnx_path, providers=["CPUExecutionProvider"])
-    return ModelFacts(embedder.image_size, embedder.embedding_dim, embedder.precision)
-
-
 def _pb() -> Any:
     from tritonclient.grpc import model_config_pb2
 
@@ -95,7 +78,7 @@ def _python_model(config: Any, max_batch: int, params: dict[str, str], delay_us:
         config.parameters[key].string_value = value
 
 
-def preprocess_config(facts: ModelFacts, max_image_bytes: int, max_request_bytes: int) -> Any:
+def preprocess_config(facts: OnnxFacts, max_image_bytes: int, max_request_bytes: int) -> Any:
     """No config warm-up (Triton 2.51's TYPE_STRING warm-up files did not reach the Python model
     intact); ``initialize`` decodes one image instead."""
     s = facts.image_size
@@ -107,7 +90,7 @@ def preprocess_config(facts: ModelFacts, max_image_bytes: int, max_request_bytes
     return config
 
 
-def encoder_config(facts: ModelFacts, platform: str) -> Any:
+def encoder_config(facts: OnnxFacts, platform: str) -> Any:
     """`python` (embedded: ONNX Runtime in the Python backend), `onnxruntime` or `tensorrt`."""
     s = facts.image_size
     config = _pb().ModelConfig(name=names.MODEL_ENCODER)
@@ -133,7 +116,7 @@ def encoder_config(facts: ModelFacts, platform: str) -> Any:
     return config
 
 
-def search_config(facts: ModelFacts, index_dir: str) -> Any:
+def search_config(facts: OnnxFacts, index_dir: str) -> Any:
     """No warm-up: a k that is valid depends on the index; ``initialize`` loads the index instead."""
     config = _pb().ModelConfig(name=names.MODEL_SEARCH)
     _python_model(config, ENCODER_MAX_BATCH, {"index_dir": index_dir, "poll_seconds": "0.5"}, 500)
@@ -161,7 +144,7 @@ def _step(config: Any, model: str, inputs: dict[str, str], outputs: dict[str, st
         step.output_map[key] = value
 
 
-def embed_config(facts: ModelFacts) -> Any:
+def embed_config(facts: OnnxFacts) -> Any:
     config = _pb().ModelConfig(name=names.MODEL_EMBED, platform="ensemble", max_batch_size=REQUEST_MAX_BATCH)
     _tensor(config.input.add(), names.IMAGE_BYTES, "TYPE_STRING", [1])
     _tensor(config.output.add(), names.EMBEDDINGS, "TYPE_FP32", [facts.embedding_dim])
@@ -170,7 +153,7 @@ def embed_config(facts: ModelFacts) -> Any:
     return config
 
 
-def image_search_config(facts: ModelFacts) -> Any:
+def image_search_config(facts: OnnxFacts) -> Any:
     config = _pb().ModelConfig(name=names.MODEL_IMAGE_SEARCH, platform="ensemble", max_batch_size=REQUEST_MAX_BATCH)
     _tensor(config.input.add(), names.IMAGE_BYTES, "TYPE_STRING", [1])
     _tensor(config.input.add(), names.TOP_K, "TYPE_INT32", [1])
@@ -212,13 +195,14 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 def write_repository(
     out: str | Path, onnx_path: str | Path, index_dir: IndexSpec, *, platform: str = "python",
     plan_path: str | Path | None = None, copy_index: bool = False, max_image_bytes: int | None = None,
-    max_request_bytes: int | None = None,
+    max_request_bytes: int | None = None, facts: OnnxFacts | None = None,
 ) -> Path:
     """Write a complete model repository to ``out`` (atomically) and return it.
 
     ``platform``: ``python`` (embedded server), ``onnxruntime`` or ``tensorrt`` (production).
     ``copy_index``: copy the index's current version into the repository (production) instead
     of pointing at ``index_dir`` (embedded: `ascl index add` updates are picked up live).
+    ``facts``: the encoder's, when the caller has read them already (else read from ``onnx_path``).
     """
     from ascl.images import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES
     from ascl.serving.collections.index import as_spec, read_info
@@ -230,7 +214,10 @@ def write_repository(
     index_dir = as_spec(index_dir)
     index_dir = index_dir.resolve() if isinstance(index_dir, Path) else index_dir
     info = read_info(index_dir)
-    facts = model_facts(onnx_path)
+    if facts is None:
+        from ascl.export.runtime import onnx_facts
+
+        facts = onnx_facts(onnx_path)
     if int(info["dim"]) != facts.embedding_dim:
         raise ValueError(
             f"{index_dir}: index dim {info['dim']} does not match the model's embedding dim "

@@ -15,7 +15,7 @@ from types import FrameType
 from typing import Any
 
 from ascl.errors import InputError, user_errors
-from ascl.serving.collections.index_cli import add_model_option, model_of_index
+from ascl.serving.collections.index_cli import add_model_option
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 # Builtin errors of FAISS, ONNX Runtime, PIL and the file system that mean bad input here; the
@@ -42,42 +42,47 @@ def serve_repository_dir() -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ascl.serving.collections.index import ensure_index_model, read_info
-    from ascl.serving.collections.model_files import resolve_onnx
-    from ascl.serving.online.front_door import Limits
-    from ascl.serving.online.precision import served_onnx
+    import sys
+
+    from ascl.serving.collections.index import read_info
     from ascl.serving.online.repository import docker_command, write_repository
-    from ascl.serving.online.server import ADMIN_KEY_HEADER, ServerError, check_ports_free
-    from ascl.serving.online.service import SearchService
+    from ascl.serving.online.serve import check_ports_free, choose_model, served_model, start_service
+    from ascl.serving.online.server import ADMIN_KEY_HEADER, ServerError
 
     max_request = int(args.max_request_mb * 2**20)
     with user_errors(*USER_ERRORS):
         read_info(args.index)  # IndexFileError (what to do) when it is no index
-        onnx = resolve_onnx(args.model or model_of_index(args.index))  # None: the shipped default
-        ensure_index_model(args.index, onnx)  # exit 2, naming both, for another model's index
-        served = served_onnx(onnx, args.precision, calibration=args.calibration, min_recall=args.min_recall,
-                             index_dir=args.index)
+        if not args.repository_only:
+            check_ports_free({"--grpc-port": args.grpc_port, "--http-port": args.http_port,
+                              "--metrics-port": args.metrics_port}, args.host)
+        choice = choose_model(args.model, index=args.index)
+        print(f"model: {choice.description}", flush=True)
+        if choice.warning:
+            print(f"WARNING: {choice.warning}", file=sys.stderr, flush=True)
+        served = served_model(choice, args.precision, index=args.index, calibration=args.calibration,
+                              min_recall=args.min_recall)  # exit 2, naming both, for another model's index
         print(f"encoder: {served.description}", flush=True)
         if args.repository_only:
             repo = write_repository(args.repository_only, served.onnx, args.index, platform=args.platform,
-                                    copy_index=True, plan_path=args.plan, max_request_bytes=max_request)
+                                    copy_index=True, plan_path=args.plan, max_request_bytes=max_request,
+                                    facts=served.facts)
             print(f"wrote the production model repository {repo}")
             if args.platform == "tensorrt" and not args.plan:
-                print(f"build its engine on the serving GPU first: ascl export tensorrt {onnx} "
+                print(f"build its engine on the serving GPU first: ascl export tensorrt {served.onnx} "
                       f"--out {repo}/encoder/1/model.plan --min 1 --opt 64 --max 256")
             print("serve it with NVIDIA's Triton container:\n  " + docker_command(repo))
             return 0
-        check_ports_free({"grpc": args.grpc_port, "http": args.http_port, "metrics": args.metrics_port}, args.host)
-        keep = args.repository is not None
-        repo_dir = Path(args.repository) if keep else serve_repository_dir() / "models"
-        write_repository(repo_dir, served.onnx, args.index, max_request_bytes=max_request)
-    service = SearchService(repo_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                            metrics_port=args.metrics_port, limits=Limits(max_request_bytes=max_request),
-                            verbose=args.verbose, start_timeout_s=args.start_timeout)
+    keep = args.repository is not None
+    repo_dir = Path(args.repository) if keep else serve_repository_dir() / "models"
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    service = None
     try:
         print(f"starting tritonserver ({served.precision} encoder) on the model repository {repo_dir} ...", flush=True)
-        service.start()
+        with user_errors(*USER_ERRORS):
+            service = start_service(served, args.index, repo_dir, grpc_port=args.grpc_port,
+                                    http_port=args.http_port, metrics_port=args.metrics_port, host=args.host,
+                                    max_request_bytes=max_request, verbose=args.verbose,
+                                    start_timeout_s=args.start_timeout)
         print(f"ready: gRPC {service.grpc_url}  HTTP {service.http_url}  metrics {service.metrics_url}\n"
               f"  health: {service.http_url}/v2/health/ready   (inference, health and metadata only)\n"
               f"  try: ascl query IMAGE -k 10 --server {service.grpc_url}   (Ctrl-C stops)", flush=True)
@@ -92,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("stopping: in-flight requests finish first...", flush=True)
         return 0
     finally:
-        service.stop()
+        if service is not None:
+            service.stop()
         signal.signal(signal.SIGTERM, previous)
         if not keep:
             shutil.rmtree(repo_dir.parent, ignore_errors=True)
@@ -126,22 +132,15 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_precision(p: argparse.ArgumentParser, calibration_default: str) -> None:
-    """``--precision``, ``--calibration`` and ``--min-recall`` (shared with ``ascl up``)."""
-    from ascl.image_sources import describe_specs
-    from ascl.serving.online.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS
-
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    p.add_argument("--calibration", default=None, metavar="IMAGES",
-                   help=f"int8 calibration and verification images: {describe_specs()}; default: {calibration_default}")
-    p.add_argument("--min-recall", type=float, default=0.95, help=MIN_RECALL_HELP)
-
-
 def register(sub: Any) -> None:
     """Add ``serve`` and ``query`` to the ``ascl`` command."""
+    from ascl.serving.online.precision import add_precision_options  # only argparse and help texts
+
     serve = sub.add_parser("serve", help="serve embedding and image search with Triton (gRPC + HTTP)",
                            formatter_class=FMT)
-    add_model_option(serve, None, "default: the model the index was built with, else 'default'")
+    add_model_option(serve, None, "default: the model the index was built with (when its ONNX file is here), else "
+                                  "the shipped default, else your newest run in runs/, else a random encoder "
+                                  "(with a warning)")
     serve.add_argument("--index", required=True, help="index folder from 'ascl index build'")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (clients, ascl query)")
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (also /v2/health/ready)")
@@ -163,7 +162,7 @@ def register(sub: Any) -> None:
     serve.add_argument("--platform", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                        help="encoder backend of --repository-only: native onnxruntime_onnx or tensorrt_plan")
     serve.add_argument("--plan", default=None, help="TensorRT plan to put in the repository (--platform tensorrt)")
-    _add_precision(serve, "the index's own source images when they are on this machine, else the CIFAR-10 copy "
+    add_precision_options(serve, "the index's own source images when they are on this machine, else the CIFAR-10 copy "
                           "(cifar10-offline) when one is found")
     serve.set_defaults(func=cmd_serve)
 
