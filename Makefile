@@ -6,9 +6,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PKG_DIRS := ascl training export serving demo model_cards
 TYPECHECK_TREE := build/typecheck
-# The Triton Python stub that nvidia-pytriton ships needs NumPy < 2 (see serving/server.py):
+# The Triton Python stub that nvidia-pytriton ships needs NumPy < 2 (see serving/online/server.py):
 # prepare its small side environment at install time, not at the first server start.
-STUB_ENV = $(BIN)/python -c "from ascl.serving.server import prepared_stub_env; prepared_stub_env()"
+STUB_ENV = $(BIN)/python -c "from ascl.serving.online.server import prepared_stub_env; prepared_stub_env()"
 
 .PHONY: up test lint typecheck pytest install-dev install-run browser clean
 

@@ -24,9 +24,10 @@ from ascl.errors import AsclError
 COMMAND_MODULES = (
     "ascl.training.cli",  # train, eval
     "ascl.export.cli",  # export
-    "ascl.serving.cli",  # index, serve, query
-    "ascl.serving.embed_cli",  # embed
-    "ascl.serving.dedup_cli",  # dedup
+    "ascl.serving.collections.index_cli",  # index
+    "ascl.serving.online.serve_cli",  # serve, query
+    "ascl.serving.collections.embed_cli",  # embed
+    "ascl.serving.collections.dedup_cli",  # dedup
     "ascl.model_cards.cli",  # push, pull, models
     "ascl.demo.cli",  # demo, up
 )

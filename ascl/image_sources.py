@@ -288,6 +288,25 @@ def iter_images(
     return items if limit is None else _take(items, limit)
 
 
+def source_fingerprint(spec: str | os.PathLike[str] | ImageSpec) -> tuple[str, str]:
+    """(the source as index metadata records it, a fingerprint that changes with its images), cheaply:
+    names, sizes and modification times for folders and list files, size and time for archives.
+
+    The one content key of an image source: the export cache's calibration key and the demo's
+    gallery and index keys are built on it.
+    """
+    parsed = parse_spec(spec)
+    digest = hashlib.sha256(f"{parsed.kind}\0{parsed.source}\n".encode())
+    if parsed.kind == "tar":
+        stat = parsed.path.stat()  # type: ignore[union-attr]
+        digest.update(f"{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    elif parsed.kind in ("folder", "list"):
+        for item in iter_images(parsed):
+            stat = item.file.stat()  # type: ignore[union-attr]
+            digest.update(f"{item.path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return parsed.source, digest.hexdigest()
+
+
 def _take(items: Iterator[SourceImage], limit: int) -> Iterator[SourceImage]:
     for n, item in enumerate(items):
         if n >= limit:

@@ -135,7 +135,7 @@ def pair_metrics(groups: list[list[int]], family: np.ndarray, kind: list[str],
 
 def scale_timing(n: int, dim: int, threshold: float) -> dict[str, float]:
     """Seconds to group ``n`` random unit vectors (few pairs: the cost is the range search itself)."""
-    from ascl.serving.dedup import group_near_duplicates
+    from ascl.serving.collections.dedup import group_near_duplicates
 
     rng = np.random.default_rng(0)
     v = rng.standard_normal((n, dim)).astype(np.float32)
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     from ascl.image_sources import parse_spec
     from ascl.images import decode_image
     from ascl.models import resolve_model
-    from ascl.serving.dedup import DEFAULT_THRESHOLD, embed_images, group_near_duplicates
+    from ascl.serving.collections.dedup import DEFAULT_THRESHOLD, embed_images, group_near_duplicates
 
     started, load_before = time.time(), os.getloadavg()
     ref = resolve_model(args.model)

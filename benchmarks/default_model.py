@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ascl.atomic import atomic_write_text
     from ascl.cache import cache_dir
-    from ascl.demo.gallery import resolve_gallery
+    from ascl.demo.gallery_images import resolve_gallery
     from ascl.training.data import load_split
 
     started = time.time()

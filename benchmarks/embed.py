@@ -90,7 +90,7 @@ def engine_only(onnx: Path, images: np.ndarray, threads: int, seconds: float) ->
 
 def run_pipeline(engine: str, images: str, onnx: Path, work: Path, args: argparse.Namespace,
                  threads: int) -> tuple[dict[str, Any], Path]:
-    from ascl.serving.embed import RayOptions, embed_collection
+    from ascl.serving.collections.embed import RayOptions, embed_collection
 
     out = work / f"{engine}-{time.monotonic_ns()}"
     options = RayOptions(actors=args.actors, threads=threads, num_cpus_per_actor=1.0, decode_cpus=1.0)
@@ -102,7 +102,7 @@ def run_pipeline(engine: str, images: str, onnx: Path, work: Path, args: argpars
 
 
 def same_output(a: Path, b: Path) -> dict[str, Any]:
-    from ascl.serving.parquet_set import embeddings_of, read_table
+    from ascl.serving.collections.parquet_set import embeddings_of, read_table
 
     x, y = read_table(a), read_table(b)
     same_rows = all(x.column(c).to_pylist() == y.column(c).to_pylist()
@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow
 
     from ascl.export.cache import cached_onnx
+    from ascl.export.identity import model_identity
     from ascl.image_sources import iter_images
     from ascl.models import resolve_model
-    from ascl.serving.model_identity import model_identity
 
     threads = args.threads or len(os.sched_getaffinity(0))
     load_before = os.getloadavg()

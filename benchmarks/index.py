@@ -61,7 +61,7 @@ def exact(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, fl
 
 def measure(factory: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int) -> dict[str, float | str]:
     """Build ``factory`` (through GalleryIndex, as `ascl index build` does) and measure it."""
-    from ascl.serving.index import GalleryIndex, apply_search_params
+    from ascl.serving.collections.faiss_index import GalleryIndex, apply_search_params
 
     t = time.perf_counter()
     index = GalleryIndex.create(base.shape[1], factory)
@@ -88,7 +88,7 @@ def measure(factory: str, base: np.ndarray, queries: np.ndarray, truth: np.ndarr
 
 
 def run_set(name: str, base: np.ndarray, queries: np.ndarray, factories: list[str], k: int) -> dict[str, object]:
-    from ascl.serving.index import auto_factory
+    from ascl.serving.collections.faiss_index import auto_factory
 
     auto = auto_factory(len(base), base.shape[1])
     print(f"[{name}] N={len(base)} D={base.shape[1]} queries={len(queries)} auto={auto}", flush=True)
@@ -110,8 +110,8 @@ def run_set(name: str, base: np.ndarray, queries: np.ndarray, factories: list[st
 
 def cifar_embeddings(model: str | None, limit: int, tmp: Path) -> np.ndarray:
     """Embed the CIFAR-10 copy with ``model`` (default: a seeded random-init ResNet-18 export)."""
-    from ascl.serving.build import embed_source
-    from ascl.serving.model_files import resolve_onnx
+    from ascl.serving.collections.build import embed_source
+    from ascl.serving.collections.model_files import resolve_onnx
 
     if model is None:
         import torch

@@ -81,7 +81,7 @@ def serve_baseline(port: int, index_dir: str, model: str) -> None:
     import torch
 
     from ascl.images import ImageError, decode_image
-    from ascl.serving.index import GalleryIndex
+    from ascl.serving.collections.faiss_index import GalleryIndex
 
     encoder = load_benchmark_encoder(model)
     index = GalleryIndex.load(index_dir)
@@ -200,7 +200,7 @@ def encoder_stats(service: Any) -> dict[str, Any]:
     import urllib.request
 
     from ascl import names
-    from ascl.serving.server import ADMIN_KEY_HEADER
+    from ascl.serving.online.server import ADMIN_KEY_HEADER
 
     url = f"http://127.0.0.1:{service.triton.ports['http']}/v2/models/{names.MODEL_ENCODER}/stats"
     request = urllib.request.Request(url, headers={ADMIN_KEY_HEADER: service.admin_key})
@@ -347,7 +347,7 @@ def serve_repository(repository: Path, label: str, queries: Path, levels: list[i
                      args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[int, int]]:
     """Serve ``repository`` through the service and run every level from a client process; returns
     the rows (each with the encoder's batch sizes at that level) and the top level's histogram."""
-    from ascl.serving.service import SearchService, free_local_port
+    from ascl.serving.online.service import SearchService, free_local_port
 
     rows, histogram = [], {}
     with SearchService(repository, grpc_port=free_local_port(), http_port=free_local_port(),
@@ -396,8 +396,8 @@ def wait_http(url: str, timeout: float = 120.0) -> None:
 def prepare_model(model: str, args: argparse.Namespace, tmp: Path) -> tuple[Path, Path, Path, str]:
     """Export ``model``, index the gallery with it, write its repository: (onnx, index, repository, described)."""
     from ascl.export.onnx_export import export_onnx
-    from ascl.serving.build import build_index
-    from ascl.serving.repository import write_repository
+    from ascl.serving.collections.build import build_index
+    from ascl.serving.online.repository import write_repository
 
     encoder = load_benchmark_encoder(model)
     folder = tmp / f"{len(list(tmp.iterdir()))}"
@@ -413,12 +413,12 @@ def prepare_int8(onnx_path: Path, index_dir: Path, tmp: Path) -> tuple[Path | No
     """`ascl serve --precision int8` for the same fp32 file and index: (int8 onnx, repository, what
     happened); (None, None, why) when the int8 export is refused."""
     from ascl.errors import AsclError
-    from ascl.serving.precision import served_onnx
-    from ascl.serving.repository import write_repository
+    from ascl.serving.online.repository import write_repository
+    from ascl.serving.online.serve import choose_model, served_model
 
     try:
-        served = served_onnx(onnx_path, "int8", calibration="cifar10-offline", index_dir=index_dir,
-                             cache=tmp / "int8-cache")
+        served = served_model(choose_model(str(onnx_path)), "int8", calibration="cifar10-offline", index=index_dir,
+                              cache=tmp / "int8-cache")
     except AsclError as exc:
         return None, None, f"refused: {exc}"
     repo = write_repository(onnx_path.parent / "models-int8", served.onnx, index_dir)
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.client is not None:
         return client_main(args.client, Path(args.queries_file), levels, args.duration, args.warmup)
 
-    from ascl.serving.service import free_local_port
+    from ascl.serving.online.service import free_local_port
 
     images = query_images(args.queries)
     load_before = os.getloadavg()

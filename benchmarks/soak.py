@@ -108,11 +108,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from ascl import names
     from ascl.image_sources import iter_images
-    from ascl.serving.build import build_index
-    from ascl.serving.front_door import Limits
-    from ascl.serving.model_files import resolve_onnx
-    from ascl.serving.repository import write_repository
-    from ascl.serving.service import SearchService, free_local_port
+    from ascl.serving.collections.build import build_index
+    from ascl.serving.collections.model_files import resolve_onnx
+    from ascl.serving.online.front_door import Limits
+    from ascl.serving.online.repository import write_repository
+    from ascl.serving.online.service import SearchService, free_local_port
 
     limit = int(args.max_request_mb * 2**20)
     good = [item.read() for item in list(iter_images(args.images, limit=args.gallery + 64))[-64:]]

@@ -1,4 +1,4 @@
-"""The Gradio page: a thin shell over ``ascl.demo.search`` and a ``GalleryService`` (``ascl.serving.gallery``).
+"""The Gradio page: a thin shell over ``ascl.demo.search`` and a ``GalleryService`` (``ascl.serving.online.gallery``).
 
 Gradio is imported inside the functions (``ascl --help`` must not pay for it), and telemetry,
 version checks and server-side rendering are switched off before the first import: the demo
@@ -14,7 +14,7 @@ from typing import Any
 
 from ascl.demo import search as actions
 from ascl.images import MAX_IMAGE_BYTES
-from ascl.serving.gallery import GalleryService
+from ascl.serving.online.gallery import GalleryService
 
 QUIET_GRADIO_ENV = {
     "GRADIO_ANALYTICS_ENABLED": "False",  # no usage pings, no PyPI version check

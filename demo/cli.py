@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ascl.demo.gallery import DEFAULT_SUBSET
+from ascl.demo.gallery_images import DEFAULT_SUBSET
 from ascl.errors import InputError, user_errors
 from ascl.image_sources import describe_specs
 
@@ -17,6 +17,8 @@ MISSING_EXTRAS = "install the serving and demo extras (pip install 'ascl-hub[ser
 
 def register(sub: Any) -> None:
     """Add ``ascl demo`` and ``ascl up``."""
+    from ascl.serving.online.precision import add_precision_options  # only argparse and help texts
+
     up = sub.add_parser(
         "up", formatter_class=Formatter,
         help="one command to a running image search: model, index, Triton and the demo page",
@@ -41,7 +43,8 @@ def register(sub: Any) -> None:
     up.add_argument("--metrics-port", type=int, default=8002, help="Triton Prometheus metrics port")
     up.add_argument("--refresh", action="store_true", help="export the model again even when a cached export exists "
                                                            "(use after a hub model changed)")
-    _add_precision_args(up)
+    add_precision_options(up, "the gallery's own images (those of its index), else the CIFAR-10 copy "
+                              "(cifar10-offline) when one is found")
     up.set_defaults(func=cmd_up)
 
     demo = sub.add_parser(
@@ -57,7 +60,8 @@ def register(sub: Any) -> None:
     demo.add_argument("--in-process", action="store_true", help="search in this process with ONNX Runtime + FAISS")
     demo.add_argument("--model", default=None,
                       help="with --in-process: an exported .onnx file, or any model 'ascl up --model' accepts "
-                           "(exported into --cache on first use)")
+                           "(exported into --cache on first use); default: the model the index was built with, "
+                           "else as 'ascl up'")
     _add_port_args(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -67,16 +71,6 @@ def _add_port_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=None,
                         help="cache folder for exports, galleries and indexes; default $ASCL_CACHE, else "
                              "~/.cache/ascl")
-
-
-def _add_precision_args(p: argparse.ArgumentParser) -> None:
-    from ascl.serving.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS  # help texts only
-
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    p.add_argument("--calibration", default=None, metavar="IMAGES",
-                   help=f"int8 calibration and verification images: {describe_specs()}; default: the gallery's own "
-                        "images")
-    p.add_argument("--min-recall", type=float, default=0.95, help=MIN_RECALL_HELP)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -95,7 +89,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ascl.demo.app import build_app, launch, quiet_gradio
     from ascl.demo.up import default_cache, example_files, gallery_roots, terminate_on_sigterm
-    from ascl.serving.gallery import index_exists
+    from ascl.serving.online.gallery import index_exists
 
     quiet_gradio()
     cache = (args.cache or default_cache()).expanduser()
@@ -121,12 +115,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_backend(args: argparse.Namespace, cache: Path) -> Any:
-    from ascl.demo.model import choose_model, ensure_onnx
-    from ascl.serving.gallery import InProcessGallery, TritonGallery
+    from ascl.serving.online.gallery import InProcessGallery, TritonGallery
+    from ascl.serving.online.serve import choose_model, served_model
 
     if not args.in_process:
         return TritonGallery(args.server, args.index)
     if args.index is None:
         raise InputError("--in-process needs --index IDX (an index folder from 'ascl index build' or 'ascl up')")
-    onnx_path, _ = ensure_onnx(choose_model(args.model), cache)  # an .onnx --model is used as it is
-    return InProcessGallery(onnx_path, args.index)
+    served = served_model(choose_model(args.model, index=args.index), index=args.index, cache=cache)
+    return InProcessGallery(served.onnx, args.index)

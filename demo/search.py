@@ -18,7 +18,7 @@ from typing import Any
 
 from ascl.errors import AsclError
 from ascl.images import MAX_IMAGE_BYTES, ImageError
-from ascl.serving.gallery import GalleryService, Result
+from ascl.serving.online.gallery import GalleryService, Hit
 
 MAX_K = 50
 ANY_LABEL = "any"  # the label filter's choice that filters nothing
@@ -33,7 +33,7 @@ class UserError(AsclError):
 class SearchOutcome:
     """Ranked results and how long the backend took, in seconds."""
 
-    results: list[Result]
+    results: list[Hit]
     seconds: float
 
 
@@ -130,7 +130,7 @@ def search(backend: GalleryService, image: bytes, k: Any, name: str = "the image
     return SearchOutcome(results, time.perf_counter() - start)
 
 
-def add(backend: GalleryService, image: bytes, name: str, label: str | None = None) -> Result:
+def add(backend: GalleryService, image: bytes, name: str, label: str | None = None) -> Hit:
     """Add ``image`` to the backend's gallery; raises UserError with a friendly message."""
     try:
         return backend.add(image, name=name, label=label or None)
@@ -138,12 +138,12 @@ def add(backend: GalleryService, image: bytes, name: str, label: str | None = No
         raise UserError(friendly_message(exc, backend, name)) from exc
 
 
-def caption(result: Result) -> str:
+def caption(result: Hit) -> str:
     """The caption under a result thumbnail: score, label and id."""
     return f"{result.score:.3f} · {result.label or 'unlabelled'} · #{result.id}"
 
 
-def thumbnail(result: Result, folder: Path | None = None) -> str:
+def thumbnail(result: Hit, folder: Path | None = None) -> str:
     """A small PNG file to show for ``result``: the gallery image shrunk to at most 256 px, or a grey
     tile when the image is not on this machine.
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +69,28 @@ def png_bytes(seed: int, size: int = 40) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def serve_until_ready(args: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], list[str]]:
+    """``ascl serve ARGS`` started and read up to its ``ready:`` line: (the process, its output lines)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ascl", "serve", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        if line.startswith("ready:"):
+            return proc, lines
+    stop(proc)
+    raise AssertionError(f"ascl serve exited with {proc.returncode} before ready:\n" + "\n".join(lines[-40:]))
+
+
+def stop(proc: subprocess.Popen[str], timeout_s: float = 90) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``; returns the exit code."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# folder -> (import prefix, layer)
+# folder -> (import prefix, layer); a module belongs to the longest folder that holds it
 FOLDERS = {
     "ascl": ("ascl", "core"),
     "training": ("ascl.training", "training"),
     "export": ("ascl.export", "export"),
     "model_cards": ("ascl.model_cards", "publishing"),
-    "serving": ("ascl.serving", "serving"),
+    "serving/collections": ("ascl.serving.collections", "collections"),
+    "serving/online": ("ascl.serving.online", "online"),
+    "serving": ("ascl.serving", "online"),  # the package itself: lazy re-exports of Client, Hit, TritonServer
     "demo": ("ascl.demo", "demo"),
 }
 # What each layer may import besides itself (../shared/docs/DESIGN.md, the README's Architecture).
@@ -30,21 +32,30 @@ ALLOWED = {
     "training": {"core"},
     "export": {"core"},
     "publishing": {"core", "training"},
-    "serving": {"core", "export"},
-    "demo": {"core", "serving"},
+    "collections": {"core", "export"},
+    "online": {"core", "export", "collections"},
+    "demo": {"core", "online"},
 }
 ENTRY_POINTS = {"ascl", "ascl.__main__", "ascl.cli"}
-SKIP_PARTS = {"templates"}  # Triton model files: run inside tritonserver, import only ascl.names / stdlib
+# The Triton Python models: files of the model repository, not modules of the package. They are
+# checked as modules of the online layer (``ascl.serving.online.templates.<name>``).
+TEMPLATES = ROOT / "serving" / "online" / "templates"
+
+
+def _folder_of(path: Path) -> str:
+    """The most specific folder of ``FOLDERS`` that holds ``path``."""
+    rel = path.relative_to(ROOT).as_posix()
+    return max((f for f in FOLDERS if rel.startswith(f + "/")), key=len)
 
 
 def project_modules() -> dict[str, Path]:
-    """Dotted module name -> source file, for every module of the ``ascl`` namespace."""
+    """Dotted module name -> source file, for every module of the ``ascl`` namespace (and the Triton models)."""
     modules = {}
     for folder, (prefix, _) in FOLDERS.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
-            rel = path.relative_to(ROOT / folder).with_suffix("")
-            if SKIP_PARTS & set(rel.parts):
+            if _folder_of(path) != folder:
                 continue
+            rel = path.relative_to(ROOT / folder).with_suffix("")
             parts = [p for p in rel.parts if p != "__init__"]
             modules[".".join([prefix, *parts])] = path
     return modules
@@ -63,12 +74,10 @@ def imported_names(path: Path) -> set[str]:
 
 
 def layer_of(module: str) -> str:
-    parts = module.split(".")
-    if len(parts) > 1:
-        for prefix, layer in FOLDERS.values():
-            if prefix != "ascl" and module.startswith(prefix + ".") or module == prefix:
-                return layer
-    return "core"
+    """The layer of a dotted module name: that of the longest folder prefix it has (core when none)."""
+    found = [(prefix, layer) for prefix, layer in FOLDERS.values()
+             if prefix != "ascl" and (module.startswith(prefix + ".") or module == prefix)]
+    return max(found)[1] if found else "core"
 
 
 def is_entry_point(module: str) -> bool:
@@ -120,12 +129,15 @@ def find_cycle(edges: set[tuple[str, str]]) -> list[str] | None:
 
 
 def test_the_checker_sees_arrows_and_cycles() -> None:
-    assert layer_of("ascl.models") == "core" and layer_of("ascl.serving.gallery") == "serving"
+    assert layer_of("ascl.models") == "core" and layer_of("ascl.serving.online.gallery") == "online"
+    assert layer_of("ascl.serving.collections.index") == "collections" and layer_of("ascl.serving") == "online"
     assert layer_of("ascl.model_cards.publish") == "publishing" and layer_of("ascl.training") == "training"
     assert find_cycle({("a", "b"), ("b", "c"), ("c", "a")}) == ["a", "b", "c", "a"]
     assert find_cycle({("a", "b"), ("b", "c"), ("a", "c")}) is None
     arrows = layer_arrows()
-    assert ("serving", "export") in arrows and ("training", "core") in arrows  # it does see real imports
+    assert ("collections", "export") in arrows and ("training", "core") in arrows  # it does see real imports
+    assert ("online", "collections") in arrows
+    assert any("ascl.serving.online.templates.search -> " in why for why in arrows[("online", "collections")])
 
 
 def test_every_arrow_between_folders_points_down() -> None:
@@ -180,4 +192,59 @@ def test_the_ascl_up_path_is_short_and_downhill() -> None:
     crossings = [(a, b) for a, b in zip(layers, layers[1:], strict=False) if a != b]
     assert all(b in ALLOWED[a] for a, b in crossings), chain
     # Before the core model layer: 13 modules, 5 layers, 5 crossings up and down (README, Architecture).
-    assert len(chain) <= 11 and len(set(layers)) <= 4, " -> ".join(chain)
+    # serving/online and serving/collections count as the one serving folder they share here.
+    folders = {"serving" if layer in ("online", "collections") else layer for layer in layers}
+    assert len(chain) <= 11 and len(folders) <= 4, " -> ".join(chain)
+
+
+def import_time_names(path: Path) -> set[str]:
+    """The ``ascl`` modules ``path`` imports when it is imported: module-level statements, not
+    those inside functions or under ``if TYPE_CHECKING``."""
+    names: set[str] = set()
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            continue
+        names |= imported_names_of(node)
+    return names
+
+
+def imported_names_of(tree: ast.AST) -> set[str]:
+    """``imported_names`` of one syntax tree."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("ascl"))
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("ascl"):
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_the_model_repository_vendors_what_the_triton_models_import() -> None:
+    """Every ``ascl`` module a Triton model imports, and what those import when loaded (and their
+    packages), is copied into the model repository: the models run where ascl is not installed."""
+    from ascl.serving.online.repository import VENDORED_MODULES
+
+    modules = project_modules()
+
+    def resolve(names: set[str]) -> set[str]:
+        return {n if n in modules else n.rpartition(".")[0] for n in names} & set(modules)
+
+    templates = sorted(TEMPLATES.glob("*.py"))
+    assert {p.stem for p in templates} >= {"preprocess", "encoder", "search"}
+    needed: set[str] = set()
+    todo = sorted(resolve(set().union(*(imported_names(p) for p in templates))))
+    while todo:
+        module = todo.pop()
+        if module in needed:
+            continue
+        needed.add(module)
+        parts = module.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a module runs its packages
+        todo += sorted(resolve(import_time_names(modules[module])))
+    assert "ascl.serving.collections.index" in needed and "ascl.export.runtime" in needed
+    missing = sorted(needed - set(VENDORED_MODULES))
+    assert not missing, f"the Triton models import these, but the repository does not vendor them: {missing}"

@@ -34,9 +34,9 @@ RESULTS_RENDERED = """(n) => {
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[str]:
     from ascl.demo.app import build_app, launch
-    from ascl.demo.model import choose_model, ensure_onnx
     from ascl.demo.up import example_files, gallery_roots
-    from ascl.serving.gallery import InProcessGallery, build_index
+    from ascl.serving.online.gallery import InProcessGallery, build_index
+    from ascl.serving.online.serve import choose_model, ensure_onnx
 
     cache = tmp_path_factory.mktemp("browser-cache")
     onnx_path, _ = ensure_onnx(choose_model(None, runs_dir=cache / "no-runs"), cache)

@@ -13,8 +13,14 @@ import pytest
 from PIL import Image
 
 from ascl.cli import main
-from ascl.serving import dedup
-from ascl.serving.index import GalleryIndex, IndexConflictError, manifest_version, read_manifest, writer_lock
+from ascl.serving.collections import dedup
+from ascl.serving.collections.faiss_index import (
+    GalleryIndex,
+    IndexConflictError,
+    manifest_version,
+    read_manifest,
+    writer_lock,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD = 0.96  # the test images: distinct originals <= ~0.94 with the shipped default, copies >= ~0.98
@@ -72,7 +78,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, i
 @pytest.fixture(scope="module")
 def onnx_model() -> Path:
     """The shipped default, exported once (the content-keyed cache)."""
-    from ascl.serving.model_files import resolve_onnx
+    from ascl.serving.collections.model_files import resolve_onnx
 
     return resolve_onnx("default")
 
@@ -245,7 +251,7 @@ def test_drop_keeps_one_per_group_and_waits_for_another_writer(
 
 
 def test_drop_refuses_when_the_kept_image_went_meanwhile(tmp_path: Path) -> None:
-    from ascl.serving.gallery import remove_images
+    from ascl.serving.online.gallery import remove_images
 
     index = GalleryIndex.create(4, "Flat")
     index.add(np.eye(4, dtype=np.float32), [{"path": f"{i}.png"} for i in range(4)])
@@ -287,7 +293,7 @@ def test_parquet_without_pyarrow_names_the_install(planted: tuple[Path, dict[str
 
 
 def test_cli_default_threshold_is_the_library_default() -> None:
-    from ascl.serving import dedup_cli
+    from ascl.serving.collections import dedup_cli
 
     assert dedup_cli.DEFAULT_THRESHOLD == dedup.DEFAULT_THRESHOLD
 

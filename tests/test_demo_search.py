@@ -12,10 +12,10 @@ from PIL import Image
 from serving_helpers import png_bytes
 
 from ascl.demo import search as actions
-from ascl.demo.gallery import cifar_subset_from_tar, digits_gallery, folder_key, resolve_gallery
-from ascl.demo.model import choose_model, ensure_onnx
+from ascl.demo.gallery_images import cifar_subset_from_tar, digits_gallery, folder_key, resolve_gallery
 from ascl.images import MAX_IMAGE_BYTES
-from ascl.serving.gallery import InProcessGallery, build_index
+from ascl.serving.online.gallery import InProcessGallery, build_index
+from ascl.serving.online.serve import choose_model, ensure_onnx
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_added_image_is_found_first_at_once(backend: InProcessGallery) -> None:
 
 
 def test_labels_are_bounded_and_cleaned(backend: InProcessGallery) -> None:
-    from ascl.serving.gallery import MAX_LABEL_CHARS, clean_label
+    from ascl.serving.online.gallery import MAX_LABEL_CHARS, clean_label
 
     assert clean_label("  a\n cat\t") == "a cat" and clean_label("   ") is None
     with pytest.raises(actions.UserError, match=f"at most {MAX_LABEL_CHARS} characters"):
@@ -167,7 +167,7 @@ def test_bad_inputs_become_friendly_errors(backend: InProcessGallery, tmp_path: 
 def test_server_down_is_a_friendly_error() -> None:
     from conftest import free_port
 
-    from ascl.serving.gallery import TritonGallery
+    from ascl.serving.online.gallery import TritonGallery
 
     backend = TritonGallery(f"127.0.0.1:{free_port()}")
     with pytest.raises(actions.UserError, match="search server is not answering"):

@@ -22,7 +22,7 @@ from serving_helpers import export_random_encoder
 
 from ascl.cli import main
 from ascl.images import list_images, load_image
-from ascl.serving.parquet_set import embeddings_of, read_errors, read_manifest, read_table
+from ascl.serving.collections.parquet_set import embeddings_of, read_errors, read_manifest, read_table
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -127,7 +127,7 @@ def test_parquet_round_trip_equals_the_encoder(models: dict[str, Any], digits_fo
 
 def test_resume_after_a_kill_loses_and_duplicates_nothing(cache: Path, tmp_path: Path) -> None:
     """SIGKILL after the first part is committed; the re-run equals an uninterrupted run."""
-    from ascl.serving.embed import embed_collection
+    from ascl.serving.collections.embed import embed_collection
 
     onnx = export_random_encoder(tmp_path / "full.onnx")  # full-width ResNet-18: slow enough to be caught
     args = ["digits", "--model", str(onnx), "--limit", "300", "--max-rows-per-file", "40", "--batch-size", "20"]
@@ -202,8 +202,8 @@ def test_unreadable_files_land_in_errors_parquet(models: dict[str, Any], digits_
 
 def test_index_from_parquet_searches_like_the_image_index(models: dict[str, Any], digits_folder: Path,
                                                           tmp_path: Path) -> None:
-    from ascl.serving.gallery import InProcessGallery
-    from ascl.serving.index import GalleryIndex
+    from ascl.serving.collections.faiss_index import GalleryIndex
+    from ascl.serving.online.gallery import InProcessGallery
 
     a = models["a"]
     from_images, from_set, embedded = tmp_path / "idx-images", tmp_path / "idx-parquet", tmp_path / "set"
@@ -242,8 +242,8 @@ def _int8_labelled_copy(onnx: Path, dest: Path) -> Path:
 
 def test_embeddings_never_mix_across_models(models: dict[str, Any], digits_folder: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from ascl.serving.gallery import InProcessGallery
-    from ascl.serving.model_identity import ModelMismatchError
+    from ascl.export.identity import ModelMismatchError
+    from ascl.serving.online.gallery import InProcessGallery
 
     a, b = models["a"], models["b"]
     images = str(digits_folder)

@@ -13,7 +13,7 @@ from torch import nn
 from ascl.encoder import Encoder
 from ascl.machine import cpu_has_native_bf16
 from ascl.training.augment import AugmentConfig
-from ascl.training.byol import BYOL, BYOLRegressionLoss, InBatchASCLLoss
+from ascl.training.byol import BYOL
 from ascl.training.fast import (
     Float32Loss,
     make_fast_optimizer,
@@ -22,7 +22,7 @@ from ascl.training.fast import (
     use_float32_loss,
 )
 from ascl.training.gpu_data import GpuTwoViewLoader
-from ascl.training.loss import ASCLLoss
+from ascl.training.loss import ASCLLoss, BYOLRegressionLoss, InBatchASCLLoss
 from ascl.training.moco import MoCo
 from ascl.training.modules import SplitBatchNorm
 from ascl.training.step import make_reference_step

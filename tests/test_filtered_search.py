@@ -26,11 +26,12 @@ from tritonclient.utils import InferenceServerException
 from ascl import names
 from ascl.cli import main
 from ascl.errors import USAGE, AsclError
-from ascl.serving import Client, filters
-from ascl.serving.cli import parse_where_args
-from ascl.serving.filters import MAX_FILTER_BYTES, FilterError, parse_where, where_json
-from ascl.serving.front_door import grpc_infer_problem, http_infer_problem
-from ascl.serving.index import GalleryIndex
+from ascl.serving import Client
+from ascl.serving.collections import faiss_filters
+from ascl.serving.collections.faiss_index import GalleryIndex
+from ascl.serving.collections.filters import MAX_FILTER_BYTES, FilterError, parse_where, where_json
+from ascl.serving.online.front_door import grpc_infer_problem, http_infer_problem
+from ascl.serving.online.serve_cli import parse_where_args
 
 N, DIM, Q = 4000, 64, 12
 FACTORIES = ["Flat", "HNSW32", "IVF128,PQ32x4fs,Refine(SQ8)"]  # what `auto` picks, at test size
@@ -133,9 +134,9 @@ def test_rows_are_full_even_when_the_approximate_search_falls_short(
         index: GalleryIndex, collection: Collection, monkeypatch: pytest.MonkeyPatch) -> None:
     # No exact path by selectivity: HNSW and IVF search a 1% filter with the selector and a wider
     # beam, and rows that come back short are searched again exhaustively.
-    monkeypatch.setattr(filters, "EXACT_MATCHES", 0)
-    monkeypatch.setattr(filters, "EXACT_FRACTION", 0.0)
-    monkeypatch.setattr(filters, "HNSW_FILTER_EF_MAX", 16)  # a beam too narrow for a 1% filter
+    monkeypatch.setattr(faiss_filters, "EXACT_MATCHES", 0)
+    monkeypatch.setattr(faiss_filters, "EXACT_FRACTION", 0.0)
+    monkeypatch.setattr(faiss_filters, "HNSW_FILTER_EF_MAX", 16)  # a beam too narrow for a 1% filter
     ivf = faiss.try_extract_index_ivf(faiss.downcast_index(index.index.index))
     if ivf is not None:
         monkeypatch.setattr(ivf, "nprobe", 1)  # scaled by 1 / selectivity: 100 of the 128 lists
@@ -249,9 +250,9 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[Served]:
-    from ascl.serving.build import build_index
-    from ascl.serving.repository import write_repository
-    from ascl.serving.service import SearchService
+    from ascl.serving.collections.build import build_index
+    from ascl.serving.online.repository import write_repository
+    from ascl.serving.online.service import SearchService
 
     root = tmp_path_factory.mktemp("filtered-served")
     onnx_path = export_random_encoder(root / "encoder.onnx")
@@ -273,7 +274,7 @@ def image(served: Served, digit: int, i: int = 0) -> bytes:
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_client_where_returns_only_matching_labels(served: Served, protocol: str) -> None:
-    from ascl.serving.gallery import InProcessGallery
+    from ascl.serving.online.gallery import InProcessGallery
 
     url = served.url if protocol == "grpc" else served.http_url
     queries = [image(served, 3), image(served, 8, 2)]
@@ -396,7 +397,7 @@ def test_query_cli_where(served: Served, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_gallery_services_filter_alike(served: Served) -> None:
-    from ascl.serving.gallery import InProcessGallery, TritonGallery
+    from ascl.serving.online.gallery import InProcessGallery, TritonGallery
 
     remote, local = TritonGallery(served.url, served.index), InProcessGallery(served.onnx, served.index)
     assert remote.labels() == local.labels() == [str(d) for d in range(10)]

@@ -1,4 +1,4 @@
-"""The gallery service (``ascl.serving.gallery``): one protocol, two implementations, one writer.
+"""The gallery service (``ascl.serving.online.gallery``): one protocol, two implementations, one writer.
 
 The in-process tests need no server; the Triton tests share one real ``tritonserver`` (started
 once for the module) over the same index folder that an ``InProcessGallery`` reads, so both
@@ -21,13 +21,14 @@ from serving_helpers import export_random_encoder, png_bytes, processes_mentioni
 
 from ascl.errors import FAILURE, USAGE, AsclError
 from ascl.images import ImageError, list_images
-from ascl.serving import gallery
-from ascl.serving.gallery import (
+from ascl.serving.collections.faiss_index import GalleryIndex, manifest_version
+from ascl.serving.online import gallery
+from ascl.serving.online.gallery import (
     ADDED_FOLDER,
     GalleryService,
+    Hit,
     InProcessGallery,
     PortInUseError,
-    Result,
     TritonGallery,
     add_images,
     build_index,
@@ -35,7 +36,6 @@ from ascl.serving.gallery import (
     index_count,
     index_records,
 )
-from ascl.serving.index import GalleryIndex, manifest_version
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOCOL = ("description", "embed", "search", "add", "remove", "count")
@@ -57,7 +57,7 @@ def local(built: tuple[Path, Path], tmp_path: Path) -> InProcessGallery:
     return InProcessGallery(built[0], tmp_path / "idx")
 
 
-def _ids(results: list[Result]) -> list[int]:
+def _ids(results: list[Hit]) -> list[int]:
     return [r.id for r in results]
 
 
@@ -120,9 +120,9 @@ def test_labels_and_missing_index_folder_are_asclerrors(local: InProcessGallery)
 
 def test_error_classes_derive_from_asclerror() -> None:
     from ascl.demo.search import UserError
-    from ascl.serving.index import IndexBusyError, IndexConflictError, IndexFileError
-    from ascl.serving.request_errors import RequestError
-    from ascl.serving.server import ServerError
+    from ascl.serving.collections.index import IndexBusyError, IndexConflictError, IndexFileError
+    from ascl.serving.online.request_errors import RequestError
+    from ascl.serving.online.server import ServerError
 
     for cls, builtin in ((IndexFileError, ValueError), (IndexBusyError, ValueError), (IndexConflictError, ValueError),
                          (RequestError, ValueError), (ServerError, RuntimeError), (PortInUseError, RuntimeError),
@@ -160,21 +160,23 @@ def _serving_imports(path: Path) -> list[str]:
 
 
 # demo/cli.py is a CLI module: it sits on top of every layer (README, Architecture) and reads
-# serving's option help texts for --precision; the demo's code talks to the gallery service only.
-CLI_HELP_TEXTS = {"cli.py": {"ascl.serving.precision"}}
+# serving's option help texts for --precision; the demo's code talks to the gallery service only,
+# and what starts a service (up.py, cli.py's --in-process) takes the one serve path.
+CLI_HELP_TEXTS = {"cli.py": {"ascl.serving.online.precision", "ascl.serving.online.serve"},
+                  "up.py": {"ascl.serving.online.serve"}}
 
 
 def test_demo_uses_only_the_gallery_seam() -> None:
     files = sorted((ROOT / "demo").glob("*.py"))
     assert {"up.py", "cli.py", "search.py", "app.py"} <= {f.name for f in files}
     for path in files:
-        allowed = {"ascl.serving.gallery"} | CLI_HELP_TEXTS.get(path.name, set())
+        allowed = {"ascl.serving.online.gallery"} | CLI_HELP_TEXTS.get(path.name, set())
         stray = sorted(set(_serving_imports(path)) - allowed)
-        assert stray == [], f"demo/{path.name} goes around ascl.serving.gallery: {stray}"
+        assert stray == [], f"demo/{path.name} goes around ascl.serving.online.gallery: {stray}"
 
 
 def test_gallery_module_imports_only_serving_the_export_runtime_and_cache_and_core() -> None:
-    tree = ast.parse((ROOT / "serving" / "gallery.py").read_text())
+    tree = ast.parse((ROOT / "serving" / "online" / "gallery.py").read_text())
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     ascl_modules = {m for m in modules if m == "ascl" or m.startswith("ascl.")}
     higher = {m for m in ascl_modules if m.split(".")[1:2] in (["demo"], ["training"], ["model_cards"])}
@@ -195,7 +197,7 @@ class Both:
 @pytest.fixture(scope="module")
 def both(built: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Both]:
     from ascl.serving import TritonServer
-    from ascl.serving.repository import write_repository
+    from ascl.serving.online.repository import write_repository
 
     root = tmp_path_factory.mktemp("gallery-triton")
     shutil.copytree(built[1], root / "idx")

@@ -248,7 +248,7 @@ def _old_calibration_folder(folder: Path, size: int, count: int, offset: int, se
 
 
 def test_training_calibration_indexing_and_demo_read_the_same_images(tmp_path: Path) -> None:
-    from ascl.demo.gallery import folder_key, resolve_gallery
+    from ascl.demo.gallery_images import folder_key, resolve_gallery
     from ascl.export.image_sets import load_image_set
     from ascl.image_sources import iter_images as iter_source  # what the index builder reads
     from ascl.training.data import holdout_mask, load_split
@@ -282,7 +282,7 @@ def test_demo_digits_gallery_as_before(tmp_path: Path) -> None:
     """Same pixels as the demo's own renderer drew (8x8 grey, bilinear, RGB PNG), one PNG per digit."""
     from sklearn.datasets import load_digits
 
-    from ascl.demo.gallery import digits_gallery
+    from ascl.demo.gallery_images import digits_gallery
 
     gallery = digits_gallery(tmp_path)
     files = sorted(gallery.root.rglob("*.png"))
@@ -302,7 +302,7 @@ def test_demo_digits_gallery_as_before(tmp_path: Path) -> None:
 def test_small_archive_as_before(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Training (decoded at 32, then resized), calibration (first per class in archive order, sorted,
     round-robin) and the demo subset (numbers below per_class) of a crafted CIFAR-like archive."""
-    from ascl.demo.gallery import cifar_subset_from_tar
+    from ascl.demo.gallery_images import cifar_subset_from_tar
     from ascl.export.image_sets import load_image_set
     from ascl.training.data import load_split
 
@@ -341,7 +341,7 @@ def test_real_cifar_tar_demo_subset_as_before(cifar_tar: Path, tmp_path: Path) -
     """The demo's CIFAR-10 subset: exactly the members the old regex rule picked (number < per_class)."""
     import re
 
-    from ascl.demo.gallery import cifar_subset_from_tar
+    from ascl.demo.gallery_images import cifar_subset_from_tar
 
     rule = re.compile(r"^(?:\./)?train/([a-z]+)/(\d+)\.(jpg|jpeg|png)$")
     expected = {}

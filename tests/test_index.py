@@ -10,7 +10,7 @@ import pytest
 from serving_helpers import export_random_encoder
 
 from ascl.cli import main
-from ascl.serving.index import (
+from ascl.serving.collections.faiss_index import (
     FLAT_MAX,
     HNSW_MAX,
     GalleryIndex,
@@ -156,8 +156,8 @@ def test_cli_errors_are_clear(onnx_model: Path, digits_folder: Path, tmp_path: P
 def test_add_image_bytes_dedups_and_versions(onnx_model: Path, digits_folder: Path, tmp_path: Path) -> None:
     from ascl.export.runtime import OnnxEmbedder
     from ascl.images import ImageError, decode_image
-    from ascl.serving.build import build_index
-    from ascl.serving.gallery import add_image_bytes
+    from ascl.serving.collections.build import build_index
+    from ascl.serving.online.gallery import add_image_bytes
 
     out = tmp_path / "idx"
     build_index(onnx_model, str(digits_folder / "2"), out, progress=False)
@@ -189,7 +189,7 @@ def test_index_benchmark_runs_tiny(tmp_path: Path) -> None:
 
 
 def test_save_refuses_to_write_over_a_version_it_did_not_start_from(tmp_path: Path) -> None:
-    from ascl.serving.index import IndexConflictError
+    from ascl.serving.collections.index import IndexConflictError
 
     index = GalleryIndex.create(8, "Flat")
     index.add(unit(4, 8), [{"path": f"{i}"} for i in range(4)])
@@ -208,7 +208,7 @@ def test_writer_lock_waits_for_the_holder_then_names_it(tmp_path: Path) -> None:
     import threading
     import time
 
-    from ascl.serving.index import IndexBusyError, writer_lock
+    from ascl.serving.collections.faiss_index import IndexBusyError, writer_lock
 
     held, release = threading.Event(), threading.Event()
 
@@ -241,7 +241,7 @@ def test_add_racing_remove_loses_neither(onnx_model: Path, digits_folder: Path, 
 
     from PIL import Image
 
-    from ascl.serving.build import build_index, remove_from_index
+    from ascl.serving.collections.build import build_index, remove_from_index
 
     idx = tmp_path / "idx"
     build_index(onnx_model, str(digits_folder), idx, progress=False)

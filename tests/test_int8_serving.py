@@ -173,8 +173,8 @@ def test_calibration_default_and_its_error(setup: Setup, tmp_path: Path, monkeyp
 
     import ascl.image_sources
     from ascl.export.cache import CalibrationNeededError
-    from ascl.serving.build import build_index
-    from ascl.serving.precision import default_calibration, index_sources
+    from ascl.serving.collections.build import build_index
+    from ascl.serving.online.precision import default_calibration, index_sources
 
     assert index_sources(setup.index)[0].startswith("cifar10-offline:")
     assert default_calibration(setup.index) == index_sources(setup.index)[0]
@@ -210,6 +210,6 @@ def test_up_serves_the_int8_copy_calibrated_on_its_gallery(setup: Setup, tmp_pat
     out = capsys.readouterr().out
     assert OnnxEmbedder(onnx_path).precision == "int8" and "int8" in timings.steps
     assert f"calibrated on 256 images of {gallery.resolve()}" in out and "verification images" in out
-    from ascl.serving.gallery import index_manifest
+    from ascl.serving.online.gallery import index_manifest
 
     assert OnnxEmbedder(index_manifest(index_dir)["model"]["onnx"]).precision == "fp32"  # the index: fp32-built

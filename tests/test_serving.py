@@ -26,8 +26,8 @@ from ascl.cli import main
 from ascl.export.runtime import OnnxEmbedder
 from ascl.images import list_images, load_image
 from ascl.serving import Client, TritonServer
-from ascl.serving.build import build_index
-from ascl.serving.repository import write_repository
+from ascl.serving.collections.build import build_index
+from ascl.serving.online.repository import write_repository
 
 
 @dataclass

@@ -32,11 +32,11 @@ from tritonclient.utils import InferenceServerException
 from ascl import names
 from ascl.images import list_images
 from ascl.serving import Client
-from ascl.serving.build import build_index
-from ascl.serving.front_door import Limits
-from ascl.serving.repository import write_repository
-from ascl.serving.server import ADMIN_KEY_HEADER
-from ascl.serving.service import SearchService, Supervision
+from ascl.serving.collections.build import build_index
+from ascl.serving.online.front_door import Limits
+from ascl.serving.online.repository import write_repository
+from ascl.serving.online.server import ADMIN_KEY_HEADER
+from ascl.serving.online.service import SearchService, Supervision
 
 MAX_REQUEST = 8 * 2**20  # small, so that the over-limit test sends little
 

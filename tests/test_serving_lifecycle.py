@@ -19,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from ascl.images import list_images
 from ascl.serving import Client
-from ascl.serving.build import build_index
+from ascl.serving.collections.build import build_index
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_missing_model_index_or_busy_port_fail_fast(model_and_index: tuple[Path,
         cases = {
             "no such ONNX file": ["--model", str(tmp_path / "nope.onnx"), "--index", str(index), *ports()],
             "not an index folder": ["--model", str(onnx_path), "--index", str(tmp_path), *ports()],
-            f"127.0.0.1:{busy_port} (http port) is already in use": [
+            f"port {busy_port} (--http-port) is in use": [
                 "--model", str(onnx_path), "--index", str(index), *ports(), "--http-port", busy_port],
         }
         for message, args in cases.items():

@@ -201,7 +201,7 @@ def test_byol_value_is_the_symmetrised_loss(mode: str) -> None:
     """BYOL's value equals 0.5 (L(p_q, z_k) + L(p_k, z_q)), recomputed from its networks."""
     import copy
 
-    from ascl.training.byol import BYOLRegressionLoss, InBatchASCLLoss
+    from ascl.training.loss import BYOLRegressionLoss, InBatchASCLLoss
     from ascl.training.modules import momentum_update
 
     fw = build_framework(tiny("framework=byol", f"loss.mode={mode}", "batch_size=8")).double().train()

@@ -14,8 +14,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from ascl import names
 from ascl.cli import main
-from ascl.serving.index import GalleryIndex
-from ascl.serving.repository import TRT_MAX_BATCH, write_repository
+from ascl.serving.collections.faiss_index import GalleryIndex
+from ascl.serving.online.repository import TRT_MAX_BATCH, write_repository
 
 ONNX_TO_TRITON = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: "TYPE_FP32"}
 
@@ -127,8 +127,8 @@ def test_python_models_vendor_what_they_import(model_and_index: tuple[Path, Path
     for model in (names.MODEL_PREPROCESS, names.MODEL_ENCODER, names.MODEL_SEARCH):
         version = repo / model / "1"
         assert "class TritonPythonModel" in (version / "model.py").read_text()
-        assert (version / "ascl" / "images.py").is_file() and (version / "ascl" / "serving" / "index.py").is_file()
-        assert (version / "ascl" / "serving" / "filters.py").is_file()  # index.py imports it
+        assert (version / "ascl" / "images.py").is_file() and (version / "ascl" / "serving" / "collections" / "index.py").is_file()
+        assert (version / "ascl" / "serving" / "collections" / "filters.py").is_file()  # index.py imports it
     assert (repo / names.MODEL_ENCODER / "1" / "model.onnx").stat().st_size > 1_000_000
 
 

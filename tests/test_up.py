@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 from conftest import free_port
 from PIL import Image
+from serving_helpers import serve_until_ready, stop
 
 READY_TIMEOUT_S = 420
 
@@ -192,6 +193,32 @@ def test_demo_bad_image_keeps_working(running: Up, tmp_path: Path, digits_folder
     assert gallery == [] and "not an image we can read" in status
     gallery, _, _ = client.predict(handle_file(str(sorted(digits_folder.rglob("*.png"))[0])), 5, api_name="/search")
     assert len(gallery) == 5
+
+
+def repository_files(root: Path) -> dict[str, bytes]:
+    """Every file of a model repository by relative path (the stubs' __pycache__ left out)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_serve_writes_the_same_model_repository_as_up(running: Up, tmp_path: Path) -> None:
+    """``ascl serve`` over the index ``ascl up`` built, same model and precision: one serve path, one repository."""
+    index = Path(next(line.split(" at ", 1)[1] for line in running.output().splitlines()
+                      if line.startswith("index:   ")))
+    up_repository = running.cache / "triton" / index.name
+    repository = tmp_path / "models"
+    args = ["--index", str(index), "--repository", str(repository)]
+    for flag in ("--grpc-port", "--http-port", "--metrics-port"):
+        args += [flag, str(free_port())]
+    env = {**os.environ, "ASCL_CACHE": str(running.cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    proc, lines = serve_until_ready(args, env)
+    try:
+        ours, theirs = repository_files(repository), repository_files(up_repository)
+        assert sorted(ours) == sorted(theirs) and len(ours) > 20
+        assert [name for name in ours if ours[name] != theirs[name]] == []
+        assert any(line.startswith("model: ") and f"the model {index} was built with" in line for line in lines), lines
+    finally:
+        stop(proc)
 
 
 def test_sigterm_stops_everything_and_warm_start_is_cached(running: Up, workdir: Path, digits_folder: Path) -> None:

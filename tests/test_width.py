@@ -120,8 +120,8 @@ def test_width_16_export_parity_and_int8(narrow_onnx: Path, narrow_hub: tuple[Pa
 
 
 def test_width_16_index_and_in_process_search(narrow_onnx: Path, digits_folder: Path, tmp_path: Path) -> None:
-    from ascl.serving.build import build_index
-    from ascl.serving.gallery import InProcessGallery
+    from ascl.serving.collections.build import build_index
+    from ascl.serving.online.gallery import InProcessGallery
 
     build_index(narrow_onnx / "encoder.onnx", str(digits_folder), tmp_path / "idx", progress=False)
     backend = InProcessGallery(narrow_onnx / "encoder.onnx", tmp_path / "idx")
@@ -134,8 +134,8 @@ def test_width_16_index_and_in_process_search(narrow_onnx: Path, digits_folder: 
 @pytest.fixture(scope="module")
 def narrow_server(narrow_onnx: Path, digits_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from ascl.serving import TritonServer
-    from ascl.serving.build import build_index
-    from ascl.serving.repository import write_repository
+    from ascl.serving.collections.build import build_index
+    from ascl.serving.online.repository import write_repository
 
     root = tmp_path_factory.mktemp("narrow-served")
     build_index(narrow_onnx / "encoder.onnx", str(digits_folder), root / "idx", progress=False)

@@ -25,6 +25,9 @@ DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
 AMPS = ("auto", "bf16", "off")  # no fp16: it would need loss scaling and its host syncs
 VIEWS = ("auto", "tensor", "opencv")  # how the fast path makes its two views
+# The losses of ascl.training.loss: ascl (soft, adaptive), ahcl (hard neighbours weighted by
+# confidence), hard (hard neighbours), none (the framework's plain loss: MoCo's InfoNCE, BYOL's regression).
+LOSS_MODES = ("ascl", "ahcl", "hard", "none")
 
 
 class ConfigError(AsclError, ValueError):
@@ -144,7 +147,7 @@ class TrainConfig:
             (self.amp in AMPS, f"amp must be one of {AMPS}, got {self.amp!r}"),
             (self.views in VIEWS, f"views must be one of {VIEWS}, got {self.views!r}"),
             (self.compile in SWITCHES, f"compile must be one of {SWITCHES} (or true/false), got {self.compile!r}"),
-            (self.loss.mode in ("ascl", "ahcl", "hard", "none"), f"loss.mode must be ascl|ahcl|hard|none, got {self.loss.mode!r}"),
+            (self.loss.mode in LOSS_MODES, f"loss.mode must be {'|'.join(LOSS_MODES)}, got {self.loss.mode!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}"),
             (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),

@@ -10,53 +10,51 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ascl import names
 from ascl.atomic import atomic_dir
 from ascl.export.profiles import TRT_MAX_BATCH, TRT_OPT_BATCH
 
+if TYPE_CHECKING:
+    from ascl.export.runtime import OnnxFacts
+    from ascl.serving.collections.index import IndexSpec
+
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-ASCL_ROOT = Path(__file__).resolve().parents[1]
-# Files vendored into each Python model's version folder, as ``ascl/<path>``.
-VENDORED = {
-    "__init__.py": ASCL_ROOT / "ascl" / "__init__.py",
-    "errors.py": ASCL_ROOT / "ascl" / "errors.py",
-    "names.py": ASCL_ROOT / "ascl" / "names.py",
-    "images.py": ASCL_ROOT / "ascl" / "images.py",
-    "atomic.py": ASCL_ROOT / "ascl" / "atomic.py",
-    "serving/__init__.py": ASCL_ROOT / "serving" / "__init__.py",
-    "serving/index.py": ASCL_ROOT / "serving" / "index.py",
-    "serving/filters.py": ASCL_ROOT / "serving" / "filters.py",
-    "serving/request_errors.py": ASCL_ROOT / "serving" / "request_errors.py",
-    "export/__init__.py": ASCL_ROOT / "export" / "__init__.py",
-    "export/runtime.py": ASCL_ROOT / "export" / "runtime.py",
-}
+# The ``ascl`` modules the Python models import (tests/test_architecture.py checks that this covers
+# every import of the templates, transitively), vendored into each model's version folder.
+VENDORED_MODULES = (
+    "ascl", "ascl.errors", "ascl.names", "ascl.images", "ascl.atomic",
+    "ascl.serving", "ascl.serving.collections", "ascl.serving.collections.index",
+    "ascl.serving.collections.index_types", "ascl.serving.collections.faiss_index",
+    "ascl.serving.collections.faiss_filters", "ascl.serving.collections.filters",
+    "ascl.serving.online", "ascl.serving.online.request_errors",
+    "ascl.export", "ascl.export.runtime",
+)
+
+
+def vendored_files() -> dict[str, Path]:
+    """``ascl/<path>`` in a model folder -> the installed source file, for every vendored module
+    (found by import machinery, so editable and regular installs both work)."""
+    import importlib.util
+
+    files = {}
+    for module in VENDORED_MODULES:
+        spec = importlib.util.find_spec(module)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"{module}: not found, cannot vendor it into the model repository")
+        parts = module.split(".")[1:]
+        rel = "/".join(parts + ["__init__.py"]) if spec.submodule_search_locations is not None else "/".join(parts) + ".py"
+        files[rel] = Path(spec.origin)
+    return files
+
 
 # Batch limits: the TensorRT optimization profile (min/opt/max) of `ascl export tensorrt`.
 REQUEST_MAX_BATCH = 64  # images per request through the ensembles
 ENCODER_MAX_BATCH = TRT_MAX_BATCH
 QUEUE_DELAY_US = 2000
 TRITON_CONTAINER = "nvcr.io/nvidia/tritonserver:24.10-py3"  # Triton 2.51, the version pytriton ships
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the configs need to know about the encoder."""
-
-    image_size: int
-    embedding_dim: int
-    precision: str = "fp32"  # ascl.precision of the ONNX file: fp32 or int8
-
-
-def model_facts(onnx_path: Path) -> ModelFacts:
-    """Image size, embedding dim and precision read from the exported ONNX file."""
-    from ascl.export.runtime import OnnxEmbedder
-
-    embedder = OnnxEmbedder(onnx_path, providers=["CPUExecutionProvider"])
-    return ModelFacts(embedder.image_size, embedder.embedding_dim, embedder.precision)
 
 
 def _pb() -> Any:
@@ -80,7 +78,7 @@ def _python_model(config: Any, max_batch: int, params: dict[str, str], delay_us:
         config.parameters[key].string_value = value
 
 
-def preprocess_config(facts: ModelFacts, max_image_bytes: int, max_request_bytes: int) -> Any:
+def preprocess_config(facts: OnnxFacts, max_image_bytes: int, max_request_bytes: int) -> Any:
     """No config warm-up (Triton 2.51's TYPE_STRING warm-up files did not reach the Python model
     intact); ``initialize`` decodes one image instead."""
     s = facts.image_size
@@ -92,7 +90,7 @@ def preprocess_config(facts: ModelFacts, max_image_bytes: int, max_request_bytes
     return config
 
 
-def encoder_config(facts: ModelFacts, platform: str) -> Any:
+def encoder_config(facts: OnnxFacts, platform: str) -> Any:
     """`python` (embedded: ONNX Runtime in the Python backend), `onnxruntime` or `tensorrt`."""
     s = facts.image_size
     config = _pb().ModelConfig(name=names.MODEL_ENCODER)
@@ -118,7 +116,7 @@ def encoder_config(facts: ModelFacts, platform: str) -> Any:
     return config
 
 
-def search_config(facts: ModelFacts, index_dir: str) -> Any:
+def search_config(facts: OnnxFacts, index_dir: str) -> Any:
     """No warm-up: a k that is valid depends on the index; ``initialize`` loads the index instead."""
     config = _pb().ModelConfig(name=names.MODEL_SEARCH)
     _python_model(config, ENCODER_MAX_BATCH, {"index_dir": index_dir, "poll_seconds": "0.5"}, 500)
@@ -146,7 +144,7 @@ def _step(config: Any, model: str, inputs: dict[str, str], outputs: dict[str, st
         step.output_map[key] = value
 
 
-def embed_config(facts: ModelFacts) -> Any:
+def embed_config(facts: OnnxFacts) -> Any:
     config = _pb().ModelConfig(name=names.MODEL_EMBED, platform="ensemble", max_batch_size=REQUEST_MAX_BATCH)
     _tensor(config.input.add(), names.IMAGE_BYTES, "TYPE_STRING", [1])
     _tensor(config.output.add(), names.EMBEDDINGS, "TYPE_FP32", [facts.embedding_dim])
@@ -155,7 +153,7 @@ def embed_config(facts: ModelFacts) -> Any:
     return config
 
 
-def image_search_config(facts: ModelFacts) -> Any:
+def image_search_config(facts: OnnxFacts) -> Any:
     config = _pb().ModelConfig(name=names.MODEL_IMAGE_SEARCH, platform="ensemble", max_batch_size=REQUEST_MAX_BATCH)
     _tensor(config.input.add(), names.IMAGE_BYTES, "TYPE_STRING", [1])
     _tensor(config.input.add(), names.TOP_K, "TYPE_INT32", [1])
@@ -181,7 +179,7 @@ def write_config(folder: Path, config: Any) -> None:
 def _python_files(version_dir: Path, template: str) -> None:
     version_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(TEMPLATES / f"{template}.py", version_dir / "model.py")
-    for rel, src in VENDORED.items():
+    for rel, src in vendored_files().items():
         dest = version_dir / "ascl" / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest)
@@ -195,27 +193,34 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def write_repository(
-    out: str | Path, onnx_path: str | Path, index_dir: str | Path, *, platform: str = "python",
+    out: str | Path, onnx_path: str | Path, index_dir: IndexSpec, *, platform: str = "python",
     plan_path: str | Path | None = None, copy_index: bool = False, max_image_bytes: int | None = None,
-    max_request_bytes: int | None = None,
+    max_request_bytes: int | None = None, facts: OnnxFacts | None = None,
 ) -> Path:
     """Write a complete model repository to ``out`` (atomically) and return it.
 
     ``platform``: ``python`` (embedded server), ``onnxruntime`` or ``tensorrt`` (production).
     ``copy_index``: copy the index's current version into the repository (production) instead
     of pointing at ``index_dir`` (embedded: `ascl index add` updates are picked up live).
+    ``facts``: the encoder's, when the caller has read them already (else read from ``onnx_path``).
     """
     from ascl.images import MAX_IMAGE_BYTES, MAX_REQUEST_BYTES
-    from ascl.serving.index import MANIFEST, read_manifest
+    from ascl.serving.collections.index import as_spec, read_info
+    from ascl.serving.collections.index import copy_index as copy_current_version
 
     if platform not in ("python", "onnxruntime", "tensorrt"):
         raise ValueError(f"unknown platform {platform!r}; choose python, onnxruntime or tensorrt")
-    onnx_path, index_dir = Path(onnx_path).resolve(), Path(index_dir).resolve()
-    manifest = read_manifest(index_dir)
-    facts = model_facts(onnx_path)
-    if int(manifest["dim"]) != facts.embedding_dim:
+    onnx_path = Path(onnx_path).resolve()
+    index_dir = as_spec(index_dir)
+    index_dir = index_dir.resolve() if isinstance(index_dir, Path) else index_dir
+    info = read_info(index_dir)
+    if facts is None:
+        from ascl.export.runtime import onnx_facts
+
+        facts = onnx_facts(onnx_path)
+    if int(info["dim"]) != facts.embedding_dim:
         raise ValueError(
-            f"{index_dir}: index dim {manifest['dim']} does not match the model's embedding dim "
+            f"{index_dir}: index dim {info['dim']} does not match the model's embedding dim "
             f"{facts.embedding_dim}; rebuild the index with this model"
         )
     with atomic_dir(out) as repo:
@@ -236,13 +241,9 @@ def write_repository(
             shutil.copy2(plan_path, enc / "1" / "model.plan")
 
         search = repo / names.MODEL_SEARCH
-        index_param = "index" if copy_index else str(index_dir)
-        write_config(search, search_config(facts, index_param))
         _python_files(search / "1", "search")
-        if copy_index:
-            (search / "1" / "index").mkdir()
-            for name in (manifest["index"], manifest["metadata"], MANIFEST):
-                shutil.copy2(index_dir / name, search / "1" / "index" / name)
+        index_param = copy_current_version(index_dir, search / "1" / "index") if copy_index else str(index_dir)
+        write_config(search, search_config(facts, index_param))
 
         for config in (embed_config(facts), image_search_config(facts)):
             write_config(repo / config.name, config)

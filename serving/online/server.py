@@ -116,7 +116,7 @@ def prepared_stub_env() -> Path | None:
         if result.returncode != 0:
             raise ServerError(
                 f"could not install {STUB_NUMPY!r} for the Triton Python stub (needed with NumPy 2, see "
-                f"ascl/serving/server.py): {result.stderr.strip()[-500:]}"
+                f"serving/online/server.py): {result.stderr.strip()[-500:]}"
             )
         (tmp_site / "ascl_venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")
         os.rename(tmp, dest)
@@ -208,7 +208,7 @@ class TritonServer(ServerUrls):
     given). ``start()`` checks the ports, launches the server and waits until it reports ready;
     ``stop()`` sends SIGTERM and kills it if it has not exited within ``exit_timeout_s``. For
     a server that drains in-flight requests, restarts after a crash and bounds request sizes,
-    use ``ascl.serving.service.SearchService``, which runs this one behind its front door.
+    use ``ascl.serving.online.service.SearchService``, which runs this one behind its front door.
     """
 
     def __init__(

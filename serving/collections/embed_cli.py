@@ -1,4 +1,4 @@
-"""Subcommand ``embed``: any image source -> a Parquet embedding set (``ascl.serving.embed``).
+"""Subcommand ``embed``: any image source -> a Parquet embedding set (``ascl.serving.collections.embed``).
 
 Only argparse at import time; ONNX Runtime, pyarrow and Ray load inside the command.
 """
@@ -32,7 +32,7 @@ local a new local instance; without it, $RAY_ADDRESS or a new local instance.
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from ascl.serving.embed import RayOptions, embed_collection
+    from ascl.serving.collections.embed import RayOptions, embed_collection
 
     options = RayOptions(address=args.address, actors=args.actors, num_cpus_per_actor=args.num_cpus_per_actor,
                          num_gpus_per_actor=args.num_gpus_per_actor, decode_cpus=args.decode_cpus,

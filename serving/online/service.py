@@ -1,8 +1,8 @@
 """``ascl serve`` as a service: Triton on private ports, the front door on the public ones, a supervisor.
 
-- The front door (``ascl.serving.front_door``) holds the public gRPC and HTTP ports for the
+- The front door (``ascl.serving.online.front_door``) holds the public gRPC and HTTP ports for the
   service's whole life and forwards the inference API only, with request-size limits.
-- Triton (``ascl.serving.server``) runs on free 127.0.0.1 ports with its control APIs behind an
+- Triton (``ascl.serving.online.server``) runs on free 127.0.0.1 ports with its control APIs behind an
   admin key; its metrics listen on the public metrics port.
 - The supervisor checks every second that Triton and its backend stubs are alive and, every few
   seconds, that a real search goes through all three Python models. A stub can die while the
@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ascl.serving.front_door import Backend, FrontDoor, Limits
-from ascl.serving.server import ServerError, ServerUrls, TritonServer, check_ports_free
+from ascl.serving.online.front_door import Backend, FrontDoor, Limits
+from ascl.serving.online.server import ServerError, ServerUrls, TritonServer, check_ports_free
 
 
 def free_local_port() -> int:

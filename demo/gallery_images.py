@@ -14,7 +14,6 @@ built on it can be reused safely. The images are read through ``ascl.image_sourc
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -30,6 +29,7 @@ from ascl.image_sources import (
     load_torchvision,
     parse_spec,
     per_class_subset,
+    source_fingerprint,
 )
 
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -48,20 +48,12 @@ class Gallery:
 
 
 def folder_key(root: Path) -> str:
-    """Content key of a folder: relative path, size and modification time of every image.
+    """Content key of a folder of images: the one source fingerprint (``ascl.image_sources``).
 
-    Hashing every byte of a large photo folder would make each start slow; size plus mtime
-    changes whenever a file is replaced, which is what a cache needs to notice.
+    Hashing every byte of a large photo folder would make each start slow; names, sizes and
+    modification times change whenever a file is replaced, which is what a cache needs to notice.
     """
-    from ascl.images import list_images
-
-    digest = hashlib.sha256()
-    for path in list_images(root):
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
-
-
+    return source_fingerprint(root)[1][:16]
 
 
 def _safe_part(name: str | None) -> bool:
@@ -95,11 +87,7 @@ def from_list(list_file: Path, cache: Path) -> Gallery:
     """The images a list file names, copied once into ``cache`` (a gallery is one folder)."""
     spec = parse_spec(list_file)
     items = list(iter_images(spec))
-    digest = hashlib.sha256(str(spec.source).encode())
-    for item in items:
-        stat = item.file.stat()  # type: ignore[union-attr]
-        digest.update(f"{item.path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    key = f"list-{digest.hexdigest()[:16]}"
+    key = f"list-{source_fingerprint(spec)[1][:16]}"
     root = cache / "galleries" / key
     if not root.is_dir():
         with atomic_dir(root) as tmp:

@@ -1,10 +1,4 @@
-"""Filtered search: a metadata filter (``where={"label": "cat"}``) evaluated inside FAISS.
-
-A filter maps field names to a value or a list of values: ``{"label": ["cat", "dog"], "source":
-"/data"}`` keeps the entries whose ``label`` is cat OR dog AND whose ``source`` is /data. Values
-compare as text: a stored number or boolean matches its JSON spelling (``3``, ``0.5``, ``true``);
-an entry without the field (or with ``null``) never matches. A field that no entry of the index
-has is an error that lists the known ones; a filter that matches nothing returns no hits.
+"""Filtered search in a FAISS index: a metadata filter (``ascl.serving.collections.filters``) inside FAISS.
 
 How it runs (``FieldIndex.search``): the matching entries become an ``IDSelectorBitmap`` over the
 index's *internal* positions, and FAISS scores only those. The selector goes to the inner index,
@@ -33,7 +27,6 @@ This module imports only numpy, faiss and ``ascl`` core modules: the Triton sear
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections.abc import Iterable, Mapping
@@ -41,73 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from ascl.errors import AsclError
+from ascl.serving.collections.filters import Where, as_text, check_fields, parse_where
 
-MAX_FILTER_BYTES = 16 * 1024  # one filter as JSON text; larger ones are refused (the front door, the search model)
 EXACT_MATCHES = 1024  # this many matching entries or fewer: score them all
 EXACT_FRACTION = 0.05  # a filter keeping less than this share of the index: score the matches all
 HNSW_FILTER_EF_MAX = 4096
-Where = Mapping[str, Any]  # field -> value or list of values (str, int, float, bool)
-Parsed = dict[str, tuple[str, ...]]  # field -> accepted values as text (any of)
-
-
-class FilterError(AsclError, ValueError):
-    """A filter that cannot be applied (malformed, too large, an unknown field); the message says why."""
-
-
-def as_text(value: Any) -> str | None:
-    """How a metadata value compares in a filter: text as is, numbers and booleans in JSON, else None."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool | int | float):
-        return json.dumps(value)
-    return None
-
-
-def parse_where(where: Where | str | bytes | None) -> Parsed:
-    """A filter (a mapping, or its JSON text) as {field: (value, ...)}; {} means no filter.
-
-    Raises FilterError for anything but an object of field -> value / list of values.
-    """
-    if where is None:
-        return {}
-    if isinstance(where, bytes | bytearray | str):
-        text = where.decode("utf-8", errors="replace") if isinstance(where, bytes | bytearray) else where
-        if len(text.encode()) > MAX_FILTER_BYTES:
-            raise FilterError(f"a filter may have at most {MAX_FILTER_BYTES // 1024} KiB of JSON, got "
-                              f"{len(text.encode())} bytes")
-        if not text.strip():
-            return {}
-        try:
-            where = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise FilterError(f"a filter must be a JSON object of field -> value(s): {exc.msg}") from None
-    if not isinstance(where, Mapping):
-        raise FilterError(f"a filter must be an object of field -> value(s), got {type(where).__name__}")
-    parsed: Parsed = {}
-    for field, value in where.items():
-        if not isinstance(field, str) or not field:
-            raise FilterError(f"filter field names must be non-empty text, got {field!r}")
-        values = list(value) if isinstance(value, list | tuple | set | frozenset) else [value]
-        texts = [as_text(v) for v in values]
-        if any(t is None for t in texts):
-            raise FilterError(f"filter field {field!r}: values must be text, numbers or booleans (or a list of "
-                              f"them), got {value!r}"[:300])
-        parsed[field] = tuple(sorted({t for t in texts if t is not None}))
-    return parsed
-
-
-def where_json(where: Where | str | bytes | None) -> str:
-    """The canonical JSON text of a filter (what a client sends); '' for no filter."""
-    parsed = parse_where(where)
-    if not parsed:
-        return ""
-    text = json.dumps({f: list(v) if len(v) != 1 else v[0] for f, v in sorted(parsed.items())},
-                      separators=(",", ":"), ensure_ascii=False)
-    if len(text.encode()) > MAX_FILTER_BYTES:
-        raise FilterError(f"a filter may have at most {MAX_FILTER_BYTES // 1024} KiB of JSON, got "
-                          f"{len(text.encode())} bytes")
-    return text
 
 
 class _Field:
@@ -173,10 +104,7 @@ class FieldIndex:
         parsed = parse_where(where)
         if not parsed:
             return None
-        unknown = sorted(set(parsed) - set(self.fields))
-        if unknown:
-            raise FilterError(f"unknown filter field{'s' if len(unknown) > 1 else ''} "
-                              f"{', '.join(repr(u) for u in unknown)}; this index knows: {', '.join(self.fields)}")
+        check_fields(parsed, self.fields)
         result: np.ndarray | None = None
         for name, values in sorted(parsed.items(), key=lambda item: len(item[1])):
             found = self.field(name).matching(values)

@@ -1,15 +1,16 @@
-"""Triton Python model `search`: embeddings + k (+ where) -> ids, scores, metadata (JSON) from a FAISS index.
+"""Triton Python model `search`: embeddings + k (+ where) -> ids, scores, metadata (JSON) from an index.
 
 A k larger than the index is clamped to its size (an index can shrink under a running
 client); a k below 1 is that request's INVALID_ARGUMENT error. The optional ``where`` input is a
-metadata filter as JSON text (``{"label": "cat"}``, ``ascl.serving.filters``), the same in every
-row of a request; an absent or empty one filters nothing. A bad filter (malformed, over 16 KiB,
-an unknown field) is that request's INVALID_ARGUMENT error; one that matches nothing returns no hits.
+metadata filter as JSON text (``{"label": "cat"}``, ``ascl.serving.collections.filters``), the
+same in every row of a request; an absent or empty one filters nothing. A bad filter (malformed,
+over 16 KiB, an unknown field) is that request's INVALID_ARGUMENT error; one that matches nothing
+returns no hits.
 
-The index is loaded in ``initialize``; a watcher thread loads each new version written to the
-index folder (``ascl index add``), builds its label lookup for filters, and swaps it in.
-``execute`` takes one reference to the current index per batch, so in-flight requests finish on
-the version they started with.
+The index (``ascl.serving.collections.index``: a folder, or a URI of another backend) is opened
+in ``initialize``; a watcher thread takes each new version (``ascl index add``), builds its
+lookups for filters, and swaps it in. ``execute`` takes one reference to the current index per
+batch, so in-flight requests finish on the version they started with.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ascl.names import EMBEDDINGS, IDS, METADATA, SCORES, TOP_K, WHERE
-from ascl.serving.filters import MAX_FILTER_BYTES
-from ascl.serving.index import GalleryIndex, manifest_version
-from ascl.serving.request_errors import RequestError, error_response
+from ascl.serving.collections.index import VectorIndex, open_index
+from ascl.serving.online.request_errors import RequestError, error_response
 
 
 def _where(request: Any) -> str | None:
@@ -34,12 +34,9 @@ def _where(request: Any) -> str | None:
     if tensor is None:
         return None
     rows = [v if isinstance(v, bytes) else str(v).encode() for v in tensor.as_numpy().reshape(-1)]  # [B]
-    too_large = [len(r) for r in rows if len(r) > MAX_FILTER_BYTES]
-    if too_large:
-        raise RequestError(f"a filter may have at most {MAX_FILTER_BYTES // 1024} KiB, got {too_large[0]} bytes")
     if len(set(rows)) > 1:
         raise RequestError("all rows of one request need the same filter (where)")
-    return rows[0].decode("utf-8", errors="replace") if rows else None
+    return rows[0].decode("utf-8", errors="replace") if rows else None  # parsed (and its size checked) by the index
 
 
 class TritonPythonModel:
@@ -49,38 +46,35 @@ class TritonPythonModel:
         faiss.omp_set_num_threads(1)  # small query batches: OpenMP spin-waits only steal CPU from the encoder
         params = json.loads(args["model_config"])["parameters"]
         folder = Path(args["model_repository"]) / args["model_version"]
-        self.folder = folder / params["index_dir"]["string_value"]  # absolute paths win in the join
+        spec = params["index_dir"]["string_value"]
+        self.spec = spec if "://" in spec else folder / spec  # a folder: absolute paths win in the join
         self.poll_s = float(params.get("poll_seconds", {}).get("string_value", "0.5"))
-        self.index = self._load()
+        self.index = open_index(self.spec)
+        self.index.warm()  # once per version, not per request
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="index-watcher", daemon=True)
         self._watcher.start()
 
-    def _load(self) -> GalleryIndex:
-        index = GalleryIndex.load(self.folder)
-        fields = index.field_index()  # once per version, not per request
-        if "label" in fields.fields:
-            fields.field("label")
-        return index
-
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                if manifest_version(self.folder) != self.index.version:
-                    fresh = self._load()
+                fresh = self.index.refreshed()
+                if fresh is not self.index:
+                    fresh.warm()
                     self.index = fresh  # one reference swap: readers see the old or the new index
-                    pb_utils.Logger.log_info(f"search: loaded index version {fresh.version} ({fresh.ntotal} vectors)")
+                    pb_utils.Logger.log_info(f"search: loaded index version {fresh.version} ({fresh.count()} vectors)")
             except Exception as exc:  # a bad new version must not stop serving the current one
                 pb_utils.Logger.log_warn(f"search: keeping index version {self.index.version}: {exc}")
 
-    def _respond(self, index: GalleryIndex, request: Any) -> Any:
+    def _respond(self, index: VectorIndex, request: Any) -> Any:
         queries = pb_utils.get_input_tensor_by_name(request, EMBEDDINGS).as_numpy()  # [B, D]
         ks = pb_utils.get_input_tensor_by_name(request, TOP_K).as_numpy().reshape(-1)  # [B]
         if len(set(ks.tolist())) != 1:
             raise RequestError(f"all rows of one request need the same k, got {sorted(set(ks.tolist()))}")
         scores, ids = index.search(queries, int(ks[0]), where=_where(request))  # [B, k'] each, k' <= k
+        records = index.records(ids.reshape(-1).tolist())
         meta = np.array(
-            [[json.dumps(index.metadata.get(int(i), {}), sort_keys=True).encode() for i in row] for row in ids],
+            [[json.dumps(records.get(int(i), {}), sort_keys=True).encode() for i in row] for row in ids],
             dtype=np.object_,
         )  # [B, k]
         return pb_utils.InferenceResponse(

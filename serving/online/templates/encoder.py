@@ -17,7 +17,7 @@ import triton_python_backend_utils as pb_utils
 
 from ascl.export.runtime import OnnxEmbedder
 from ascl.names import EMBEDDINGS, IMAGES
-from ascl.serving.request_errors import RequestError, error_response
+from ascl.serving.online.request_errors import RequestError, error_response
 
 
 class TritonPythonModel:

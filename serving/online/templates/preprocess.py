@@ -1,6 +1,6 @@
 """Triton Python model `preprocess`: encoded image bytes -> uint8 NHWC at the model's size.
 
-Generated into a model repository by ``ascl.serving.repository``. Each request is checked and
+Generated into a model repository by ``ascl.serving.online.repository``. Each request is checked and
 decoded on its own (at least one image, at most ``max_request_bytes`` in all, every image
 within the decode limits of ``ascl.images``), so a bad request fails alone.
 """
@@ -15,7 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 from ascl.images import decode_image
 from ascl.names import IMAGE_BYTES, IMAGES
-from ascl.serving.request_errors import RequestError, error_response
+from ascl.serving.online.request_errors import RequestError, error_response
 
 
 def _tiny_png() -> bytes:

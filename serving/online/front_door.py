@@ -13,7 +13,7 @@ Triton itself listens on private 127.0.0.1 ports. The front door is what clients
   images) is refused here (INVALID_ARGUMENT / 400): Triton 2.51 would batch it with other
   clients' requests, and the Python backend then fails the whole batch while unpacking it.
 - **Small filters.** The optional ``where`` input (a metadata filter, JSON text per row) is
-  forwarded like every other input, but a filter over ``MAX_FILTER_BYTES`` (16 KiB), or more
+  forwarded like every other input, but a filter over the size limit (``filter_size_problem``: 16 KiB), or more
   than ``MAX_FILTER_ROWS`` of them, is refused here (INVALID_ARGUMENT / 400).
 - **No requests from web pages.** An HTTP request that carries a browser ``Origin`` of another
   site, or a body type a form can send without a CORS preflight (``text/plain``,
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ascl.names import WHERE
-from ascl.serving.filters import MAX_FILTER_BYTES
-from ascl.serving.server import ServerError
+from ascl.serving.collections.filters import filter_size_problem
+from ascl.serving.online.server import ServerError
 
 GRPC_SERVICE = "/inference.GRPCInferenceService/"
 GRPC_FORWARDED = frozenset({"ServerLive", "ServerReady", "ServerMetadata", "ModelReady", "ModelMetadata", "ModelInfer"})
@@ -354,10 +354,8 @@ def where_problem(shape: list[int], *, raw: bytes | None = None, sizes: list[int
                 return f"input {WHERE!r} is not a valid BYTES tensor"
             sizes.append(size)
             at += 4 + size
-    largest = max(sizes or [0])
-    if largest > MAX_FILTER_BYTES:
-        return f"input {WHERE!r}: a filter of {largest} bytes is over the {MAX_FILTER_BYTES // 1024} KiB limit"
-    return None
+    problem = filter_size_problem(max(sizes or [0]))
+    return f"input {WHERE!r}: {problem}" if problem else None
 
 
 def http_infer_problem(body: bytes, header_length: str | None) -> str | None:

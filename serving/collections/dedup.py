@@ -1,11 +1,11 @@
 """Near-duplicate images: groups of images whose embeddings are within a cosine threshold.
 
-``ascl dedup`` (``ascl.serving.dedup_cli``) is a thin front end over this module:
+``ascl dedup`` (``ascl.serving.collections.dedup_cli``) is a thin front end over this module:
 
 - **Vectors.** From an image source (any spec of ``ascl.image_sources``) they are embedded here
-  with the exported model (ONNX Runtime). From an index folder they are the index's own
-  vectors, read back with ``reconstruct_n`` of the index inside the IDMap (positions follow
-  the IDMap's id list): exact for ``Flat`` and ``HNSW32`` (flat storage), the SQ8 re-ranking
+  with the exported model (ONNX Runtime). From an index they are the index's own vectors, read
+  back with ``VectorIndex.reconstruct`` (FAISS: ``reconstruct_n`` of the index inside the
+  IDMap): exact for ``Flat`` and ``HNSW32`` (flat storage), the SQ8 re-ranking
   codes for ``auto``'s ``IVF...,PQ...x4fs,Refine(SQ8)`` (cosine to the original vector >= 0.987
   on the shipped default's CIFAR-10 embeddings, median 0.99998). An index that keeps only lossy
   codes (PQ without a flat / SQ refinement, which FAISS cannot even read back safely: its
@@ -38,10 +38,8 @@ mode) and ``label`` when known, as CSV or Parquet by the file's suffix.
 from __future__ import annotations
 
 import csv
-import hashlib
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,13 +48,13 @@ import numpy as np
 
 from ascl.atomic import atomic_path
 from ascl.errors import AsclError
-from ascl.image_sources import SourceImage, iter_images
-from ascl.images import ImageError, decode_image
-from ascl.serving.index import GalleryIndex, IndexFileError
+from ascl.image_sources import iter_images
+from ascl.serving.collections.engine import embed_all
+from ascl.serving.collections.index import IndexFileError, IndexSpec, VectorIndex, open_index, read_info
 
 __all__ = [
     "DEFAULT_THRESHOLD", "DedupError", "DedupResult", "Embedded", "Group", "check_output", "dedup_images",
-    "dedup_index", "drop_duplicates", "embed_images", "group_near_duplicates", "index_vectors", "write_groups",
+    "dedup_index", "drop_duplicates", "embed_images", "group_near_duplicates", "write_groups",
 ]
 
 # Measured with benchmarks/dedup.py on the shipped default (benchmarks/README.md, "Near-duplicates"):
@@ -70,7 +68,6 @@ MIN_CHUNK = 32
 PAIR_BUDGET = 20_000_000  # pairs one range-search call may return (12 bytes each)
 TOLERANCE = 1e-6  # float rounding of unit vectors: an exact copy may score 0.99999994
 LOSSY_NORM_ERROR = 0.01  # median |norm - 1| of read-back vectors above which they are re-embedded
-RECONSTRUCT_CHUNK = 65536
 
 
 class DedupError(AsclError, ValueError):
@@ -261,110 +258,18 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _batched(items: Iterable[SourceImage], size: int) -> Iterator[list[SourceImage]]:
-    batch: list[SourceImage] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _embed_items(embedder: Any, items: Iterable[SourceImage], batch_size: int,
-                 decode: Callable[[SourceImage], np.ndarray | None], progress: bool, desc: str,
-                 total: int | None = None) -> tuple[np.ndarray, list[SourceImage]]:
-    """Embed every item that ``decode`` turns into pixels (None: skipped) -> (vectors [M, D], the items)."""
-    from tqdm import tqdm
-
-    vectors: list[np.ndarray] = []
-    kept: list[SourceImage] = []
-    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(desc=desc, unit="img", disable=not progress,
-                                                         total=total, file=sys.stderr) as bar:
-        for batch in _batched(items, batch_size):
-            decoded = list(pool.map(decode, batch))
-            good = [(item, px) for item, px in zip(batch, decoded, strict=True) if px is not None]
-            if good:
-                vectors.append(embedder.embed(np.stack([px for _, px in good])))  # [B, D]
-                kept.extend(item for item, _ in good)
-            bar.update(len(batch))
-    dim = int(embedder.embedding_dim)
-    return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), kept
-
-
 def embed_images(onnx_path: str | Path, images: Any, *, batch_size: int = 256, limit: int | None = None,
                  progress: bool = True) -> Embedded:
     """Embed every readable image of the source ``images`` (an ``ascl.image_sources`` spec), in its order.
 
-    Unreadable images are skipped with a warning (counted in ``skipped``). Identical files are
-    all kept (an index build keeps one of them: that is the difference between the two modes).
+    The embedding engine's one loop (``embed.embed_all``). Unreadable images are skipped with a
+    warning (counted in ``skipped``). Identical files are all kept (an index build keeps one of
+    them: that is the difference between the two modes).
     """
-    from ascl.export.runtime import OnnxEmbedder
-
-    embedder = OnnxEmbedder(onnx_path)
-    size = embedder.image_size
-    skipped = 0
-
-    def decode(item: SourceImage) -> np.ndarray | None:
-        nonlocal skipped
-        try:
-            return item.decode(size)
-        except ImageError as exc:
-            skipped += 1
-            _say(f"warning: skipping {exc}")
-            return None
-
-    vectors, kept = _embed_items(embedder, iter_images(images, limit), batch_size, decode, progress,
-                                 f"embedding {images}", total=limit)
-    records = [{"path": item.path, "label": item.label, "source": item.source} for item in kept]
-    return Embedded(vectors, records, skipped)
-
-
-def _stored_vectors(inner: Any) -> Any:
-    """The FAISS index to read ``inner``'s vectors from with ``reconstruct_n``, or None.
-
-    Only storage that keeps every vector whole or as scalar-quantised codes (flat, SQ, the
-    flat / SQ8 refinement of ``auto``'s IVF-PQ, HNSW or IVF over flat / SQ storage): PQ codes
-    are too lossy to tell near-duplicates apart, and FAISS 1.15's ``reconstruct_n`` of an
-    IVF fast-scan PQ index crashes the process.
-    """
-    import faiss
-
-    whole = (faiss.IndexFlat, faiss.IndexScalarQuantizer)
-    if isinstance(inner, faiss.IndexRefine):
-        refine = faiss.downcast_index(inner.refine_index)
-        return refine if isinstance(refine, whole) else None
-    if isinstance(inner, faiss.IndexHNSW):
-        return inner if isinstance(faiss.downcast_index(inner.storage), whole) else None
-    if isinstance(inner, (*whole, faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer)):
-        return inner
-    return None
-
-
-def index_vectors(index: GalleryIndex) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors [N, D] as the index stores them, their ids [N]), in the IDMap's order.
-
-    Raises IndexFileError when the index type does not keep its vectors (PQ codes, ...).
-    """
-    import faiss
-
-    inner = faiss.downcast_index(index.index.index)
-    ids = faiss.vector_to_array(index.index.id_map).astype(np.int64)  # [N] position -> id
-    source = _stored_vectors(inner)
-    if source is None:
-        raise IndexFileError(f"this index ({index.manifest.get('factory')}, {type(inner).__name__}) does not keep "
-                             "its vectors, only lossy codes")
-    n = index.ntotal
-    vectors = np.empty((n, index.dim), dtype=np.float32)
-    try:
-        for start in range(0, n, RECONSTRUCT_CHUNK):
-            count = min(RECONSTRUCT_CHUNK, n - start)
-            vectors[start:start + count] = source.reconstruct_n(start, count)
-    except RuntimeError as exc:
-        raise IndexFileError(f"this index ({index.manifest.get('factory')}) cannot give its vectors back "
-                             f"({str(exc).splitlines()[-1][:120]})") from exc
-    return vectors, ids
+    done = embed_all(iter_images(images, limit), onnx_path, batch_size=batch_size, progress=progress,
+                     desc=f"embedding {images}", total=limit, warn=lambda text: _say(text))
+    records = [{"path": r["path"], "label": r["label"], "source": r["source"]} for r in done.records]
+    return Embedded(done.vectors, records, done.bad)
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -372,19 +277,23 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
     return np.asarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def _reembed_index(onnx_path: str | Path, index: GalleryIndex, ids: np.ndarray, *, batch_size: int,
+def _reembed_index(onnx_path: str | Path, index: VectorIndex, ids: np.ndarray, *, batch_size: int,
                    progress: bool) -> np.ndarray:
-    """The index's images embedded again from the sources their metadata names, in ``ids`` order."""
-    from ascl.export.runtime import OnnxEmbedder
+    """The index's images embedded again from the sources their metadata names, in ``ids`` order.
 
-    embedder = OnnxEmbedder(onnx_path)
-    if embedder.embedding_dim != index.dim:
-        raise DedupError(f"the model makes {embedder.embedding_dim}-d embeddings but the index holds {index.dim}-d "
+    The engine's one loop, leaving out (before decoding) the files that changed since they were
+    indexed (their sha1 differs) and, silently, those that no longer decode."""
+    from ascl.export.runtime import onnx_facts
+
+    dim = onnx_facts(onnx_path).embedding_dim
+    if dim != index.dim:
+        raise DedupError(f"the model makes {dim}-d embeddings but the index holds {index.dim}-d "
                          "vectors; pass the model the index was built with (--model)")
     position = {int(i): p for p, i in enumerate(ids.tolist())}
+    held = index.records()
     wanted: dict[str, dict[str, int]] = {}  # source -> stored path -> id
     for i in ids.tolist():
-        meta = index.metadata.get(int(i), {})
+        meta = held.get(int(i), {})
         wanted.setdefault(str(meta.get("source", "")), {})[str(meta.get("path", ""))] = int(i)
     vectors = np.zeros((len(ids), index.dim), np.float32)
     found = np.zeros(len(ids), dtype=bool)
@@ -395,25 +304,20 @@ def _reembed_index(onnx_path: str | Path, index: GalleryIndex, ids: np.ndarray, 
         except AsclError:
             continue  # a source that is gone: its images are reported missing below
 
-        def decode(item: SourceImage, paths: dict[str, int] = paths) -> np.ndarray | None:
-            data = item.read()
-            sha1 = index.metadata[paths[item.path]].get("sha1")
-            if sha1 and hashlib.sha1(data).hexdigest() != sha1:
-                return None  # the file changed since it was indexed
-            try:
-                return decode_image(data, embedder.image_size, name=item.name or item.path)
-            except ImageError:
-                return None
+        def changed(path: str, sha1: str, paths: dict[str, int] = paths) -> bool:
+            stored = held[paths[path]].get("sha1")
+            return bool(stored) and stored != sha1  # the file changed since it was indexed
 
         try:
-            got, kept = _embed_items(embedder, items, batch_size, decode, progress, f"re-embedding {source}")
+            done = embed_all(items, onnx_path, batch_size=batch_size, skip=changed, progress=progress,
+                             desc=f"re-embedding {source}", warn=lambda _text: None)
         except AsclError:
             continue
-        rows = [position[paths[item.path]] for item in kept]
-        vectors[rows] = got
+        rows = [position[paths[r["path"]]] for r in done.records]
+        vectors[rows] = done.vectors
         found[rows] = True
     if not found.all():
-        missing = [str(index.metadata.get(int(ids[p]), {}).get("path")) for p in np.flatnonzero(~found)[:3]]
+        missing = [str(held.get(int(ids[p]), {}).get("path")) for p in np.flatnonzero(~found)[:3]]
         raise IndexFileError(
             f"{int((~found).sum())} of the index's {len(ids)} images are no longer at their source, or changed "
             f"(e.g. {', '.join(missing)}), so they cannot be embedded again; run 'ascl dedup IMAGES' on the images "
@@ -449,7 +353,7 @@ def dedup_images(onnx_path: str | Path, images: Any, threshold: float = DEFAULT_
 OnnxSpec = str | Path | Callable[[], Path] | None  # an ONNX file, or a function giving one when it is needed
 
 
-def load_index_vectors(index: GalleryIndex, onnx_path: OnnxSpec, *, batch_size: int = 256,
+def load_index_vectors(index: VectorIndex, onnx_path: OnnxSpec, *, batch_size: int = 256,
                        progress: bool = True) -> tuple[Embedded, str]:
     """The index's vectors and records in id order, and where the vectors came from.
 
@@ -458,13 +362,11 @@ def load_index_vectors(index: GalleryIndex, onnx_path: OnnxSpec, *, batch_size: 
     is called only then, so that a model is exported only when it is used).
     """
     try:
-        vectors, ids = index_vectors(index)
+        vectors, ids = index.reconstruct()
         error = float(np.median(np.abs(np.linalg.norm(vectors, axis=1) - 1.0))) if len(vectors) else 0.0
         why = (f"its codes are lossy (median norm error {error:.3f})" if error > LOSSY_NORM_ERROR else "")
     except IndexFileError as exc:
-        import faiss
-
-        ids, why = faiss.vector_to_array(index.index.id_map).astype(np.int64), exc.message
+        ids, why = np.array(sorted(index.records()), dtype=np.int64), exc.message
     origin = "index"
     if why:
         if onnx_path is None:
@@ -475,17 +377,18 @@ def load_index_vectors(index: GalleryIndex, onnx_path: OnnxSpec, *, batch_size: 
         vectors = _reembed_index(onnx, index, ids, batch_size=batch_size, progress=progress)
         origin = "re-embedded"
     order = np.argsort(ids, kind="stable")  # by id: the order the images were added in
-    records = [{**index.metadata.get(int(i), {}), "id": int(i)} for i in ids[order].tolist()]
+    held = index.records()
+    records = [{**held.get(int(i), {}), "id": int(i)} for i in ids[order].tolist()]
     return Embedded(_unit(vectors[order]), records), origin
 
 
-def dedup_index(index_dir: str | Path, threshold: float = DEFAULT_THRESHOLD, *, onnx_path: OnnxSpec = None, batch_size: int = 256, progress: bool = True) -> DedupResult:
+def dedup_index(index_dir: IndexSpec, threshold: float = DEFAULT_THRESHOLD, *, onnx_path: OnnxSpec = None, batch_size: int = 256, progress: bool = True) -> DedupResult:
     """Near-duplicate groups among the vectors of the index in ``index_dir`` (ids in the records).
 
     ``onnx_path`` (the index's model) is used only when the index cannot give its vectors back.
     """
     threshold = check_threshold(threshold)
-    index = GalleryIndex.load(index_dir)
+    index = open_index(index_dir)
     embedded, origin = load_index_vectors(index, onnx_path, batch_size=batch_size, progress=progress)
     groups = _grouped(embedded.vectors, threshold, progress)
     return DedupResult(groups, embedded.records, threshold, 0, origin)
@@ -530,7 +433,7 @@ class Dropped:
     version: int
 
 
-def drop_duplicates(index_dir: str | Path, result: DedupResult, *,
+def drop_duplicates(index_dir: IndexSpec, result: DedupResult, *,
                     on_wait: Callable[[str], None] | None = None) -> Dropped:
     """Remove every group member but the first from the index, in one new version.
 
@@ -539,12 +442,12 @@ def drop_duplicates(index_dir: str | Path, result: DedupResult, *,
     one meanwhile, nothing is written (IndexConflictError: run dedup again). ``on_wait`` hears
     about a wait for another writer (default: a line on stderr).
     """
-    from ascl.serving.gallery import remove_images
+    from ascl.serving.collections.changes import remove_images
 
     keep = [int(result.records[g.members[0]]["id"]) for g in result.groups]
     drop = [int(result.records[p]["id"]) for g in result.groups for p in g.members[1:]]
     if not drop:
-        return Dropped(0, int(GalleryIndex.load(index_dir).version))
+        return Dropped(0, int(read_info(index_dir)["version"]))
     done = remove_images(index_dir, drop, only_if_present=keep, who="ascl dedup --drop", on_wait=on_wait or _say)
     return Dropped(len(done.results), done.version)
 

@@ -1,7 +1,7 @@
 """Subcommand ``dedup``: groups of near-duplicate images in an image source or an index folder.
 
 Only argparse at import time; FAISS, ONNX Runtime and pyarrow load inside the command. The
-work is ``ascl.serving.dedup``'s (grouping rule and range search per index type: its module doc).
+work is ``ascl.serving.collections.dedup``'s (grouping rule and range search per index type: its module doc).
 """
 
 from __future__ import annotations
@@ -13,21 +13,13 @@ from typing import Any
 from ascl.errors import InputError, user_errors
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
-DEFAULT_THRESHOLD = 0.94  # = ascl.serving.dedup.DEFAULT_THRESHOLD (checked by the tests; not imported: numpy)
+DEFAULT_THRESHOLD = 0.94  # = ascl.serving.collections.dedup.DEFAULT_THRESHOLD (checked by the tests; not imported: numpy)
 # Builtin errors of FAISS, ONNX Runtime, PIL and the file system that mean bad input here.
 USER_ERRORS = (FileNotFoundError, ValueError, RuntimeError, OSError)
 
 
-def _model_of_index(index: str) -> str | None:
-    """The ONNX file an index was built with, when it is still there."""
-    from ascl.serving.index import read_manifest
-
-    onnx = read_manifest(index).get("model", {}).get("onnx")
-    return str(onnx) if onnx and Path(onnx).is_file() else None
-
-
 def cmd_dedup(args: argparse.Namespace) -> int:
-    from ascl.serving import dedup
+    from ascl.serving.collections import dedup
 
     if (args.images is None) == (args.index is None):
         raise InputError("give either IMAGES (an image source to embed) or --index IDX (an index folder), not "
@@ -40,7 +32,10 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     out = dedup.check_output(args.out)
     with user_errors(*USER_ERRORS):
         if args.index is not None:
-            model = args.model or _model_of_index(args.index)  # needed only if the vectors cannot be read back
+            from ascl.serving.collections.index import recorded_onnx
+
+            recorded = recorded_onnx(args.index)
+            model = args.model or (str(recorded) if recorded else None)  # needed only if the vectors cannot be read back
             result = dedup.dedup_index(args.index, threshold, onnx_path=(lambda: _onnx(model)) if model else None,
                                        batch_size=args.batch_size)
         else:
@@ -57,7 +52,7 @@ def cmd_dedup(args: argparse.Namespace) -> int:
 
 
 def _onnx(spec: str) -> Path:
-    from ascl.serving.model_files import resolve_onnx
+    from ascl.serving.collections.model_files import resolve_onnx
 
     return resolve_onnx(spec)
 

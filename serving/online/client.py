@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from ascl import names
-from ascl.serving.filters import Where, where_json
-from ascl.serving.index import Hit
+from ascl.serving.collections.filters import Where, where_json
+from ascl.serving.collections.index import Hit
 
 ImageLike = bytes | str | Path | np.ndarray
 
