@@ -501,34 +501,28 @@ def load_arrays(spec: str | os.PathLike[str] | ImageSpec, size: int, *, split: s
 
 def decoded_tar(tar_path: Path, size: int = NATIVE_TAR_SIZE) -> DecodedImages:
     """Every image of an archive at ``size``, sorted by (label, member name); decoded once and
-    cached (``cached_decode``), the key changing with the archive's path, size and modification time."""
+    cached (``cached_decode``), keyed by the archive's ``source_fingerprint`` and the size."""
     tar_path = tar_path.resolve()
-    stat = tar_path.stat()
-    key = f"{tar_path}|{stat.st_size}|{stat.st_mtime_ns}" + ("" if size == NATIVE_TAR_SIZE else f"|{size}")
+    spec = ImageSpec("tar", str(tar_path), tar_path)
 
     def decode() -> DecodedImages:
-        items = list(iter_images(ImageSpec("tar", str(tar_path), tar_path)))
+        items = list(iter_images(spec))
         if not items:
             raise ImageSourceNotFound(f"{tar_path}: no images inside (expected <label>/<image> members, "
                                       "as train/<class>/<n>.jpg)")
         items.sort(key=lambda item: (item.label or "", item.path))
         return _decode_items(items, size, desc=tar_path.name)
 
-    return cached_decode(key, decode)
+    return cached_decode(f"{source_fingerprint(spec)[1]}|{size}", decode)
 
 
 def decoded_folder(folder: Path, size: int) -> DecodedImages:
     """Every image of a folder at ``size``, in ``iter_images`` order; decoded once and cached
-    (``cached_decode``), the key changing with the folder, the size and every file's path, size
-    and modification time (a photo added, removed or replaced means a new decode)."""
+    (``cached_decode``), keyed by the folder's ``source_fingerprint`` (every file's path, size and
+    modification time: a photo added, removed or replaced means a new decode) and the size."""
     spec = ImageSpec("folder", str(folder), folder)
     items = list(iter_images(spec))
-    digest = hashlib.sha256(f"{folder.resolve()}|{size}".encode())
-    for item in items:
-        assert item.file is not None
-        stat = item.file.stat()
-        digest.update(f"\0{item.path}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    return cached_decode(f"folder|{digest.hexdigest()}", lambda: _decode_items(items, size, desc=folder.name))
+    return cached_decode(f"{source_fingerprint(spec)[1]}|{size}", lambda: _decode_items(items, size, desc=folder.name))
 
 
 def _decode_items(items: list[SourceImage], size: int, *, desc: str) -> DecodedImages:
