@@ -57,7 +57,7 @@ DIGITS = "digits"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 CHECKOUT = Path(__file__).resolve().parents[1]  # the source checkout, when this file is in one
 DECODED_CACHE_FOLDER = "decoded"  # under cache_dir(): archives and folders decoded once, as .npy
-NATIVE_TAR_SIZE = 32  # the CIFAR size; the cache key of an archive decoded at it has no size in it
+NATIVE_TAR_SIZE = 32  # the CIFAR size: what an archive is decoded at unless a size is asked for
 
 
 @dataclass(frozen=True)
