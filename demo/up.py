@@ -204,7 +204,8 @@ def run_up(opts: UpOptions) -> int:
             stack.callback(_stopping, "Triton", server.stop)
             grpc_url = f"127.0.0.1:{opts.ports.grpc}"
             backend = TritonGallery(grpc_url, index_dir)
-            subtitle = (f"Model: {choice.description}. Gallery: {gallery.description}."
+            subtitle = (f"Model: {choice.description}, at {served.facts.image_size}x{served.facts.image_size} px "
+                        f"({served.precision}). Gallery: {gallery.description}."
                         + (f"\n\n**{choice.warning}**" if choice.warning else ""))
             gradio_import.join()
             app = build_app(backend, example_files(index_dir), subtitle=subtitle)
