@@ -233,7 +233,9 @@ def _recorded_knn(facts: CardFacts, rows: list[dict[str, str]]) -> Metric | None
     value = found[1] * 100.0 if found[1] <= 1.0 else found[1]
     val_fraction = _run_data(facts).get("val_fraction")
     split = "the run's val split" + (f" (data.val_fraction={val_fraction})" if val_fraction else "")
-    return Metric(KNN, KNN_NAME, value, facts.training_data or "training data", "imagefolder", split,
+    monitor = (facts.training_config or {}).get("eval")
+    k = int(monitor.get("knn_k", KNN_K)) if isinstance(monitor, dict) else KNN_K  # the vote the monitor used
+    return Metric(KNN, knn_name(k), value, facts.training_data or "training data", "imagefolder", split,
                   "recorded by the training kNN monitor (metrics.csv)")
 
 
