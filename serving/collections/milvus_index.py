@@ -701,6 +701,25 @@ class MilvusCollections:
         return str(spec)
 
 
+def seal(spec: IndexSpec, *, timeout_s: float = 600.0) -> int:
+    """Flush the collection and wait until Milvus has built its vector index over every row; returns
+    the rows indexed. New rows sit in growing segments that Milvus searches exhaustively; its index
+    (HNSW, IVF) covers sealed segments, which it seals by size or time, or here (benchmarks, tests)."""
+    parsed = parse_spec(spec)
+    c = client(parsed)
+    call(parsed, "flush", c.flush, parsed.collection, timeout=WRITE_TIMEOUT_S)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = call(parsed, "describe the index", c.describe_index, parsed.collection, "vector",
+                    timeout=CALL_TIMEOUT_S) or {}
+        indexed, total = int(info.get("indexed_rows", 0)), int(info.get("total_rows", 0))
+        if total and indexed >= total and not int(info.get("pending_index_rows", 0)):
+            return indexed
+        if time.monotonic() > deadline:
+            raise IndexFileError(f"{parsed.text}: Milvus indexed {indexed} of {total} rows in {timeout_s:.0f} s")
+        time.sleep(0.5)
+
+
 def drop_index(spec: IndexSpec) -> bool:
     """Drop the collection of ``spec`` (tests, benchmarks); True when there was one."""
     parsed = parse_spec(spec)
