@@ -54,7 +54,20 @@ class MilvusProcess:
     def start(self) -> MilvusProcess:
         from milvus import MilvusServer, MilvusServerConfig, __version__
 
-        config = MilvusServerConfig(data_dir=str(self.root), **self.ports)
+        class Config(MilvusServerConfig):  # type: ignore[misc]
+            def try_bind_port(self, port: int) -> socket.socket | None:
+                """As the server binds (SO_REUSEADDR): a port in TIME_WAIT after a stop is free again."""
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind(("127.0.0.1", port))
+                    sock.listen()
+                    return sock
+                except OSError:
+                    sock.close()
+                    return None
+
+        config = Config(data_dir=str(self.root), **self.ports)
         self.server = MilvusServer(config, wait_for_started=False)
         self.server.start()
         self.version = __version__
