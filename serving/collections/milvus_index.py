@@ -485,7 +485,7 @@ class MilvusIndex:
         fields = set(self.record.get("fields", ()))
         for i, j in zip(new_ids.tolist(), keep, strict=True):
             record = {k: v for k, v in records[j].items() if k != "id"}
-            self._adds[i] = {"id": i, "vector": vectors[j].tolist(), "sha1": str(record.get("sha1") or ""),
+            self._adds[i] = {"id": i, "vector": vectors[j].copy(), "sha1": str(record.get("sha1") or ""),
                              "path": str(record.get("path") or "")[:VARCHAR_MAX],
                              "label": str(record.get("label") or "")[:VARCHAR_MAX], "record": record,
                              "fields": {**filter_fields(record), "id": str(i)}}
@@ -516,8 +516,8 @@ class MilvusIndex:
         rows = list(self._adds.values())
         per_call = max(1, INSERT_BYTES // (4 * self.dim + 512))
         for start in range(0, len(rows), per_call):
-            call(self.spec, "insert", c.insert, self.spec.collection, rows[start:start + per_call],
-                 timeout=WRITE_TIMEOUT_S)
+            batch = [{**row, "vector": row["vector"].tolist()} for row in rows[start:start + per_call]]
+            call(self.spec, "insert", c.insert, self.spec.collection, batch, timeout=WRITE_TIMEOUT_S)
         removes = sorted(self._removes)
         for start in range(0, len(removes), PAGE):
             call(self.spec, "delete", c.delete, self.spec.collection, ids=removes[start:start + PAGE],
