@@ -18,6 +18,12 @@ import numpy as np
 
 from ascl.errors import FAILURE, AsclError
 
+# `auto` index types by collection size N, for every backend: exact search is cheap below FLAT_MAX; a
+# graph index (HNSW) is fast and exact enough up to HNSW_MAX; beyond that an IVF index keeps memory and
+# build time in check (an HNSW build at 1M x 512 on 2 cores takes too long).
+FLAT_MAX = 50_000
+HNSW_MAX = 300_000
+
 IndexSpec = str | Path  # a folder (FAISS), or a URI such as milvus://HOST:PORT/COLLECTION
 
 

@@ -58,6 +58,8 @@ import numpy as np
 from ascl.errors import AsclError
 from ascl.serving.collections.filters import Parsed, Where, as_text, check_fields, parse_where
 from ascl.serving.collections.index_types import (
+    FLAT_MAX,
+    HNSW_MAX,
     Hit,
     IndexBusyError,
     IndexFileError,
@@ -235,9 +237,7 @@ def filter_fields(record: Mapping[str, Any]) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------- index types
 
 def auto_index_type(n: int) -> str:
-    """The index type ``auto`` picks for ``n`` vectors: the sizes of FAISS's ``auto``."""
-    from ascl.serving.collections.faiss_index import FLAT_MAX, HNSW_MAX
-
+    """The index type ``auto`` picks for ``n`` vectors (the sizes of every backend's ``auto``)."""
     if n < FLAT_MAX:
         return "FLAT"
     if n < HNSW_MAX:
