@@ -41,6 +41,11 @@ def register(sub: Any) -> None:
     up.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
     up.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port (health: /v2/health/ready)")
     up.add_argument("--metrics-port", type=int, default=8002, help="Triton Prometheus metrics port")
+    up.add_argument("--index", default=None,
+                    help="where the gallery index lives: a folder, or milvus://HOST:PORT/COLLECTION (a Milvus "
+                         "server; several 'ascl up'/'ascl serve' replicas can share it) or "
+                         "milvus+lite:///PATH.db#COLLECTION; built from --gallery when it does not exist yet; "
+                         "default: a folder in --cache keyed by model and gallery")
     up.add_argument("--refresh", action="store_true", help="export the model again even when a cached export exists "
                                                            "(use after a hub model changed)")
     add_precision_options(up, "the gallery's own images (those of its index), else the CIFAR-10 copy "
@@ -54,8 +59,8 @@ def register(sub: Any) -> None:
                      "with --in-process it runs the ONNX model and FAISS index itself (no Triton needed)."),
     )
     demo.add_argument("--server", default="localhost:8001", help="Triton gRPC address (HOST:PORT)")
-    demo.add_argument("--index", type=Path, default=None,
-                      help="index folder (from 'ascl index build'); needed for --in-process, and with --server for "
+    demo.add_argument("--index", default=None,
+                      help="index folder (from 'ascl index build') or milvus://HOST:PORT/COLLECTION; needed for --in-process, and with --server for "
                            "clickable examples and for adding images (it must be the folder the server reads)")
     demo.add_argument("--in-process", action="store_true", help="search in this process with ONNX Runtime + FAISS")
     demo.add_argument("--model", default=None,
@@ -81,7 +86,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     opts = UpOptions(model=args.model, gallery=args.gallery, cache=(args.cache or default_cache()).expanduser(),
                      ports=Ports(args.port, args.grpc_port, args.http_port, args.metrics_port),
                      gallery_size=args.gallery_size, refresh=args.refresh, precision=args.precision,
-                     calibration=args.calibration, min_recall=args.min_recall)
+                     calibration=args.calibration, min_recall=args.min_recall, index=args.index)
     with user_errors(ImportError, prefix=MISSING_EXTRAS), user_errors(FileNotFoundError, LookupError, ValueError):
         return run_up(opts)
 
@@ -89,13 +94,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ascl.demo.app import build_app, launch, quiet_gradio
     from ascl.demo.up import default_cache, example_files, gallery_roots, terminate_on_sigterm
-    from ascl.serving.online.gallery import index_exists
+    from ascl.serving.online.gallery import as_spec, index_exists
 
     quiet_gradio()
     cache = (args.cache or default_cache()).expanduser()
-    index: Path | None = args.index
-    if index is not None and not index_exists(index):
-        raise InputError(f"--index {index}: not an index folder (no manifest.json); build one with 'ascl index build'")
+    index = as_spec(args.index) if args.index else None
+    with user_errors(ValueError):
+        if index is not None and not index_exists(index):
+            raise InputError(f"--index {index}: no index there; build one with 'ascl index build'")
     with user_errors(FileNotFoundError, ValueError, RuntimeError):
         backend = _demo_backend(args, cache)
     examples = example_files(index) if index is not None else []

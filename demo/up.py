@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -22,11 +23,14 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ascl.cache import cache_dir
 from ascl.demo.gallery_images import Gallery, resolve_gallery
 from ascl.serving.online.serve import ServedModel, choose_model, served_model
+
+if TYPE_CHECKING:
+    from ascl.serving.online.gallery import IndexSpec
 
 T = TypeVar("T")
 EXAMPLES = 12
@@ -79,7 +83,14 @@ def shout(text: str) -> None:
     print(block, file=sys.stderr, flush=True)
 
 
-def example_files(index_dir: Path, count: int = EXAMPLES) -> list[Path]:
+def index_name(index: IndexSpec) -> str:
+    """A file name for the index ``index``: a folder's name, a URI's last part (its collection)."""
+    if isinstance(index, Path):
+        return index.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(index).rsplit("/", 1)[-1].split("#")[-1])
+
+
+def example_files(index_dir: IndexSpec, count: int = EXAMPLES) -> list[Path]:
     """Gallery images to click: one per label first, from the index's metadata."""
     from ascl.serving.online.gallery import index_records
 
@@ -95,11 +106,11 @@ def example_files(index_dir: Path, count: int = EXAMPLES) -> list[Path]:
     return picked
 
 
-def gallery_roots(index_dir: Path) -> list[Path]:
+def gallery_roots(index_dir: IndexSpec) -> list[Path]:
     """The folders the index's images live in (the page may show files from these only)."""
-    from ascl.serving.online.gallery import source_folders
+    from ascl.serving.online.gallery import files_folder, source_folders
 
-    return sorted(set(source_folders(index_dir)) | {index_dir})
+    return sorted(set(source_folders(index_dir)) | {files_folder(index_dir).parent})
 
 
 @contextmanager
@@ -133,6 +144,7 @@ class UpOptions:
     precision: str = "fp32"  # or int8: the calibrated int8 copy of the model is served
     calibration: str | None = None  # int8 calibration images; default: the gallery's own
     min_recall: float = 0.95  # int8 is refused below this recall@10 vs fp32
+    index: str | None = None  # where the gallery index lives (a folder or milvus://...); default: in the cache
 
 
 class Prepared(NamedTuple):
@@ -141,7 +153,7 @@ class Prepared(NamedTuple):
     served: ServedModel
     onnx: Path  # served.onnx: the fp32 export, or its int8 copy
     gallery: Gallery
-    index_dir: Path
+    index_dir: IndexSpec
 
 
 def prepare(opts: UpOptions, timings: Timings) -> Prepared:
@@ -159,7 +171,9 @@ def prepare(opts: UpOptions, timings: Timings) -> Prepared:
     say(f"gallery: {gallery.description}")
     if gallery.note:
         shout(gallery.note)
-    index_dir = opts.cache / "indexes" / f"{choice.key}-{gallery.key}"
+    from ascl.serving.online.gallery import as_spec
+
+    index_dir = as_spec(opts.index) if opts.index else opts.cache / "indexes" / f"{choice.key}-{gallery.key}"
     built = timings.run("index", lambda: ensure_index(fp32.onnx, gallery, index_dir))
     say(f"index:   {'built' if built else 'cached'} at {index_dir}")
     served = fp32 if opts.precision == "fp32" else timings.run(opts.precision, lambda: served_model(
@@ -169,7 +183,7 @@ def prepare(opts: UpOptions, timings: Timings) -> Prepared:
     return Prepared(served, served.onnx, gallery, index_dir)
 
 
-def ensure_index(onnx_path: Path, gallery: Gallery, index_dir: Path) -> bool:
+def ensure_index(onnx_path: Path, gallery: Gallery, index_dir: IndexSpec) -> bool:
     """Build the gallery index unless it exists; returns True when it was built now."""
     from ascl.serving.online.gallery import build_index, index_exists
 
@@ -198,9 +212,10 @@ def run_up(opts: UpOptions) -> int:
             choice = served.choice
             say("triton:  starting ...")
             workdir = opts.cache / "triton"
+            name = index_name(index_dir)
             server = timings.run("triton", lambda: start_service(
-                served, index_dir, workdir / index_dir.name, grpc_port=opts.ports.grpc, http_port=opts.ports.http,
-                metrics_port=opts.ports.metrics, log_path=workdir / f"{index_dir.name}.log"))
+                served, index_dir, workdir / name, grpc_port=opts.ports.grpc, http_port=opts.ports.http,
+                metrics_port=opts.ports.metrics, log_path=workdir / f"{name}.log"))
             stack.callback(_stopping, "Triton", server.stop)
             grpc_url = f"127.0.0.1:{opts.ports.grpc}"
             backend = TritonGallery(grpc_url, index_dir)

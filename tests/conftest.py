@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -81,3 +83,25 @@ def _one_torch_thread() -> None:
         torch.set_num_threads(1)
     except ImportError:  # pragma: no cover
         pass
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Milvus standalone server (PyPI ``milvus``) on free ports, data under tmp, stopped after the
+    session (``tests/milvus_helpers.py``); a skip with the reason where it cannot start here."""
+    from milvus_helpers import MilvusProcess
+
+    try:
+        import milvus  # noqa: F401
+        import pymilvus  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"the Milvus server or client is not installed ({exc}): pip install 'ascl-hub[dev]'")
+    server = MilvusProcess(tmp_path_factory.mktemp("milvus"))
+    try:
+        server.start()
+    except Exception as exc:
+        server.close()
+        pytest.skip(f"the real Milvus server (PyPI milvus) could not start here ({str(exc)[:300]}); the index "
+                    "contract still runs on Milvus Lite")
+    yield server
+    server.close()

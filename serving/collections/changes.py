@@ -10,6 +10,7 @@ the one removal (``ascl index remove``, ``ascl dedup --drop``, the gallery servi
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ from ascl.images import ImageError
 from ascl.serving.collections.index import (
     Hit,
     IndexConflictError,
-    IndexFileError,
     IndexSpec,
     open_index,
     writing,
@@ -69,11 +69,14 @@ class Added:
 
 
 def files_folder(index: IndexSpec, files: str | Path | None = None) -> Path:
-    """Where the images added to ``index`` are kept: ``files``, else the index folder's ``added/``."""
+    """Where the images added to ``index`` are kept: ``files``, else the index folder's ``added/``; for
+    an index on a server (a URI), ``<cache>/added/<the URI as a name>`` on this machine."""
     if files is not None:
         return Path(files)
     if "://" in str(index):
-        raise IndexFileError(f"{index}: adding images to this index needs a folder for their files")
+        from ascl.cache import cache_dir
+
+        return cache_dir() / ADDED_FOLDER / re.sub(r"[^A-Za-z0-9._-]+", "_", str(index))
     return Path(index) / ADDED_FOLDER
 
 

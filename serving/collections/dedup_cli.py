@@ -71,7 +71,8 @@ def register(sub: Any) -> None:
                     "removed from the index (one new version, under the index's writer lock).")
     p.add_argument("images", nargs="?", default=None, metavar="IMAGES", help=describe_specs())
     p.add_argument("--index", default=None, metavar="IDX",
-                   help="an index folder ('ascl index build') instead of IMAGES: its stored vectors are grouped")
+                   help="an index ('ascl index build': a folder, or milvus://HOST:PORT/COLLECTION) instead of IMAGES: its "
+                        "stored vectors are grouped")
     p.add_argument("--threshold", default=DEFAULT_THRESHOLD, metavar="T",
                    help="cosine similarity in (0, 1] at or above which two images count as near-duplicates; the "
                         "default is the best precision/recall trade-off measured for the shipped default on "

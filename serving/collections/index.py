@@ -1,15 +1,15 @@
 """The index interface: every index user goes through these few functions and ``VectorIndex``.
 
 An index is named by a spec: a folder written by ``ascl index build`` (the FAISS backend,
-``faiss_index``), or a URI whose scheme names another backend (``milvus://HOST:PORT/COLLECTION``
-is the planned one). ``open_index(spec)`` returns a ``VectorIndex`` to search and read;
+``faiss_index``), or a URI whose scheme names another backend in ``BACKENDS``
+(``milvus://HOST:PORT/COLLECTION`` and ``milvus+lite:///PATH.db#COLLECTION``: ``milvus_index``). ``open_index(spec)`` returns a ``VectorIndex`` to search and read;
 ``writing(spec, ...)`` is the one way to change one (a context: the changes of the block become
 one new version, or none when it raises); ``index_exists`` and ``read_info`` answer cheaply
 without opening the vectors. Index building, dedup, the gallery service and the Triton search
 model use nothing else, so another backend fits in ``BACKENDS`` without touching them.
 
-Only numpy and ``ascl`` core at import (faiss when an index is opened): the Triton search model
-vendors this module and the FAISS backend.
+Only numpy and ``ascl`` core at import (faiss or pymilvus when an index is opened): the Triton
+search model vendors this module and the backends.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from ascl.serving.collections import faiss_index
+from ascl.serving.collections import faiss_index, milvus_index
 from ascl.serving.collections.index_types import (
     Hit,
     IndexBackend,
@@ -27,18 +27,20 @@ from ascl.serving.collections.index_types import (
     IndexConflictError,
     IndexFileError,
     IndexSpec,
+    IndexUnavailableError,
     NewIndex,
     VectorIndex,
 )
 
 __all__ = [
-    "BACKENDS", "Hit", "IndexBusyError", "IndexConflictError", "IndexFileError", "IndexSpec", "NewIndex",
+    "BACKENDS", "Hit", "IndexBusyError", "IndexConflictError", "IndexFileError", "IndexSpec", "IndexUnavailableError",
+    "NewIndex",
     "VectorIndex", "as_spec", "backend_of", "copy_index", "ensure_index_model", "index_count", "index_exists", "open_index",
     "read_info", "recorded_onnx", "writing",
 ]
 
 # URI scheme -> backend; a spec without a scheme is a folder (FAISS).
-BACKENDS: dict[str, IndexBackend] = {}
+BACKENDS: dict[str, IndexBackend] = {scheme: milvus_index.BACKEND for scheme in milvus_index.SCHEMES}
 
 
 def as_spec(spec: IndexSpec) -> IndexSpec:

@@ -44,6 +44,7 @@ from ascl.serving.collections.changes import (
     add_images,
     clean_label,
     embed_encoded,
+    files_folder,
     remove_images,
 )
 from ascl.serving.collections.filters import Where
@@ -65,8 +66,9 @@ from ascl.serving.online.server import PortInUseError, ServerError
 __all__ = [
     "ADDED_FOLDER", "MAX_LABEL_CHARS", "Added", "AddNotServedError", "GalleryService", "Hit", "InProcessGallery",
     "IndexFileError", "LabelError", "NoIndexFolderError", "PortInUseError", "Removed", "ServerError",
-    "TritonGallery", "add_image_bytes", "add_images", "build_index", "check_ports_free", "clean_label",
-    "index_count", "index_exists", "index_manifest", "index_records", "remove_images", "source_folders",
+    "IndexSpec", "TritonGallery", "add_image_bytes", "add_images", "as_spec", "build_index", "check_ports_free",
+    "clean_label", "files_folder", "index_count", "index_exists", "index_manifest", "index_records", "remove_images",
+    "source_folders",
 ]
 
 class NoIndexFolderError(AsclError, RuntimeError):

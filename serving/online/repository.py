@@ -29,6 +29,7 @@ VENDORED_MODULES = (
     "ascl.serving", "ascl.serving.collections", "ascl.serving.collections.index",
     "ascl.serving.collections.index_types", "ascl.serving.collections.faiss_index",
     "ascl.serving.collections.faiss_filters", "ascl.serving.collections.filters",
+    "ascl.serving.collections.milvus_index",
     "ascl.serving.online", "ascl.serving.online.request_errors",
     "ascl.export", "ascl.export.runtime",
 )

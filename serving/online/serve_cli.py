@@ -15,7 +15,7 @@ from types import FrameType
 from typing import Any
 
 from ascl.errors import InputError, user_errors
-from ascl.serving.collections.index_cli import add_model_option
+from ascl.serving.collections.index_cli import INDEX_HELP, add_model_option
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 # Builtin errors of FAISS, ONNX Runtime, PIL and the file system that mean bad input here; the
@@ -141,7 +141,9 @@ def register(sub: Any) -> None:
     add_model_option(serve, None, "default: the model the index was built with (when its ONNX file is here), else "
                                   "the shipped default, else your newest run in runs/, else a random encoder "
                                   "(with a warning)")
-    serve.add_argument("--index", required=True, help="index folder from 'ascl index build'")
+    serve.add_argument("--index", required=True,
+                       help="the gallery index from 'ascl index build': " + INDEX_HELP + "; several 'ascl serve' "
+                            "replicas can share one Milvus collection, and all see what a writer adds")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (clients, ascl query)")
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (also /v2/health/ready)")
     serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (/metrics)")

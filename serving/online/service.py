@@ -9,7 +9,9 @@
   server stays up; Triton may start a new one, but requests that were inside the dead one never
   answer. When any check fails it kills Triton and starts a new one on the same repository and index,
   logging why; the front door makes requests that arrive meanwhile wait, so a client sees at
-  most the requests that were inside the dead server fail, with UNAVAILABLE.
+  most the requests that were inside the dead server fail, with UNAVAILABLE. A probe answered with
+  ``INDEX_UNAVAILABLE`` (the index's server, e.g. Milvus, is down) counts as a working Triton: its
+  searches answer UNAVAILABLE until that server is back, without a restart.
 - ``stop()`` drains: the front door refuses new requests (UNAVAILABLE) and lets those in flight
   finish, then Triton gets SIGTERM with nothing left inside it.
 """
@@ -25,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ascl.serving.online.front_door import Backend, FrontDoor, Limits
+from ascl.serving.online.request_errors import INDEX_UNAVAILABLE
 from ascl.serving.online.server import ServerError, ServerUrls, TritonServer, check_ports_free
 
 
@@ -174,6 +177,8 @@ class SearchService(ServerUrls):
             with grpcclient.InferenceServerClient(f"127.0.0.1:{triton.ports['grpc']}") as client:
                 client.infer(names.MODEL_IMAGE_SEARCH, [image, k], client_timeout=self.supervision.probe_timeout_s)
         except Exception as exc:  # any failure of the probe is a finding, reported in the restart reason
+            if INDEX_UNAVAILABLE in str(exc):  # Triton answered: the index's server is down, not Triton
+                return None
             return f"a probe search failed ({str(exc).strip().splitlines()[0][:300]})"
         return None
 
