@@ -209,6 +209,7 @@ def both(built: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> 
     assert processes_mentioning(str(repo)) == []
 
 
+@pytest.mark.triton
 def test_triton_and_in_process_answer_alike(both: Both, digits_folder: Path) -> None:
     images = [f.read_bytes() for f in list_images(digits_folder)[::13]]  # 10 queries, every digit
     for service in (both.triton, both.local):
@@ -223,6 +224,7 @@ def test_triton_and_in_process_answer_alike(both: Both, digits_folder: Path) -> 
     assert "Triton" in both.triton.description
 
 
+@pytest.mark.triton
 def test_triton_add_is_served_at_once_dedupes_and_removes(both: Both) -> None:
     new = png_bytes(21)
     added = both.triton.add(new, name="fresh.png", label="fresh")
