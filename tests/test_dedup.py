@@ -292,6 +292,7 @@ def test_cli_default_threshold_is_the_library_default() -> None:
     assert dedup_cli.DEFAULT_THRESHOLD == dedup.DEFAULT_THRESHOLD
 
 
+@pytest.mark.slow
 def test_benchmark_runs_tiny(cifar_tar: Path, tmp_path: Path) -> None:
     import json
     import subprocess

@@ -117,6 +117,7 @@ def test_parquet_round_trip_equals_the_encoder(models: dict[str, Any], digits_fo
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == stamps
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_loses_and_duplicates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A second writer is refused while the first runs; SIGKILL after the first part is committed; the
     re-run equals an uninterrupted run."""
@@ -396,6 +397,7 @@ def local_ray() -> Iterator[Any]:
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_engine_equals_the_local_engine(local_ray: Any, models: dict[str, Any], digits_folder: Path,
                                             tmp_path: Path) -> None:
     folder = _folder_with_bad_files(tmp_path, digits_folder)

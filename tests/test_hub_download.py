@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hub_endpoint import HubStandIn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # two fresh Python processes, a push and a pull
 
 PRELUDE = """
 import json, sys, torch

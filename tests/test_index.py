@@ -232,6 +232,7 @@ def test_writer_lock_waits_for_the_holder_then_names_it(tmp_path: Path) -> None:
     thread.join()
 
 
+@pytest.mark.slow
 def test_add_racing_remove_loses_neither(digits_folder: Path, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """``ascl index add`` embedding a large batch while ``ascl index remove`` finishes: the

@@ -178,6 +178,7 @@ def test_int8_below_min_recall_is_refused_and_nothing_starts(served: Served, set
     assert not list((tmp_path / "fresh-cache" / "models").glob("*/int8-*"))  # nothing written
 
 
+@pytest.mark.slow
 def test_calibration_default_and_its_error(setup: Setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
@@ -202,6 +203,7 @@ def test_calibration_default_and_its_error(setup: Setup, tmp_path: Path, monkeyp
         default_calibration(tmp_path / "idx")
 
 
+@pytest.mark.slow
 def test_up_serves_the_int8_copy_calibrated_on_its_gallery(setup: Setup, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """``ascl up --precision int8`` up to the server start: the index is fp32-built, the file to serve is

@@ -26,13 +26,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import free_port
 from PIL import Image
-from serving_helpers import export_random_encoder, processes_mentioning, wait_until
+from serving_helpers import processes_mentioning, wait_until
 from tritonclient.utils import InferenceServerException
 
 from ascl import names
 from ascl.images import list_images
 from ascl.serving import Client
-from ascl.serving.build import build_index
 from ascl.serving.front_door import Limits
 from ascl.serving.repository import write_repository
 from ascl.serving.server import ADMIN_KEY_HEADER
@@ -43,11 +42,12 @@ MAX_REQUEST = 8 * 2**20  # small, so that the over-limit test sends little
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[SearchService]:
+def service(tmp_path_factory: pytest.TempPathFactory, random_onnx: Path,
+            digits_index: Path) -> Iterator[SearchService]:
+    """A service of its own (small request limit, a probe every second; one test kills a stub) over the
+    session's digits index, which it only reads."""
     root = tmp_path_factory.mktemp("hardened")
-    onnx_path = export_random_encoder(root / "encoder.onnx")
-    build_index(onnx_path, str(digits_folder), root / "idx", progress=False)
-    repo = write_repository(root / "models", onnx_path, root / "idx", max_request_bytes=MAX_REQUEST)
+    repo = write_repository(root / "models", random_onnx, digits_index, max_request_bytes=MAX_REQUEST)
     events: list[str] = []
     svc = SearchService(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                         limits=Limits(max_request_bytes=MAX_REQUEST),

@@ -222,6 +222,7 @@ def test_byol_value_is_the_symmetrised_loss(mode: str) -> None:
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_gives_the_uninterrupted_losses(tmp_path: Path) -> None:
     """``ascl train`` stopped by SIGTERM mid-run saves, exits 130, and ``--resume`` continues so
     that every logged loss equals the uninterrupted run's (fast CPU path, the recipe's path). The
