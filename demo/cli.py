@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
                          "scikit-learn's digits")
     up.add_argument("--gallery-size", type=int, default=DEFAULT_SUBSET,
                     help="images taken from CIFAR-10 for the default gallery (balanced over classes); more images "
-                         "take longer to embed on the first start (about 150 images/s on 2 CPU cores)")
+                         "take longer to embed on the first start (once: the index is cached)")
     _add_port_args(up)
     up.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
     up.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port (health: /v2/health/ready)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import fresh_cache
 
 from ascl.encoder import Encoder
 from ascl.model_cards.publish import save_encoder
@@ -31,13 +32,15 @@ def narrow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_benchmark(script: str, *args: str, cache: Path) -> subprocess.CompletedProcess[str]:
     import os
 
-    env = {**os.environ, "ASCL_CACHE": str(cache)}
+    env = {**os.environ, "ASCL_CACHE": str(fresh_cache(cache))}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
+@pytest.mark.triton
+@pytest.mark.slow
 def test_serve_load_compares_two_models_in_one_run(narrow_model: Path, cifar_tar: Path, tmp_path: Path) -> None:
     out = tmp_path / "serve_load.json"
     run_benchmark("serve_load.py", "--model", str(narrow_model), "--compare", "random-resnet18-w64", "--no-baseline",
@@ -58,6 +61,8 @@ def test_serve_load_compares_two_models_in_one_run(narrow_model: Path, cifar_tar
         assert record["summary"]["served_over_engine"][name] > 0
 
 
+@pytest.mark.triton
+@pytest.mark.slow
 def test_serve_load_int8_row_and_engine_parts(cifar_tar: Path, tmp_path: Path) -> None:
     """The --precision int8 service of the shipped default in the same run, and the pure parts."""
     import importlib.util
@@ -91,6 +96,8 @@ def test_serve_load_int8_row_and_engine_parts(cifar_tar: Path, tmp_path: Path) -
         "zero_errors", "fp32_served_over_engine", "int8_qps_ratio"}
 
 
+@pytest.mark.triton
+@pytest.mark.slow
 def test_soak_counts_good_and_bad_requests(narrow_model: Path, cifar_tar: Path, tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     run_benchmark("soak.py", "--model", str(narrow_model), "--duration", "5", "--concurrency", "3", "--gallery", "60",
@@ -104,13 +111,18 @@ def test_soak_counts_good_and_bad_requests(narrow_model: Path, cifar_tar: Path, 
     assert record["memory_mib"]["peak"] > 0 and "trend_second_half_mib_per_min" in record["shm_mib"]
 
 
+@pytest.mark.slow
 def test_default_model_quality_record(narrow_model: Path, cifar_tar: Path, tmp_path: Path) -> None:
+    """The shipped default against a random network in one run: far above it on held-out photos of
+    its own domain, and its int8 copy within a small margin of its fp32 graph."""
     out = tmp_path / "default_model.json"
-    run_benchmark("default_model.py", "--model", str(narrow_model), "--compare", "", "--queries-per-class", "3",
-                  "--out", str(out), cache=tmp_path / "cache")
+    run_benchmark("default_model.py", "--model", "default", "--compare", str(narrow_model), "--queries-per-class",
+                  "5", "--out", str(out), cache=tmp_path / "cache")
     record = json.loads(out.read_text())
-    (row,) = record["models"]
-    assert row["width"] == 8 and row["embedding_dim"] == 64
-    for key in ("precision_at_10_fp32", "precision_at_10_int8", "int8_recall_at_10_vs_fp32"):
-        assert 0.0 <= row[key] <= 1.0
-    assert record["gallery_images"] == 2000 and "30 images of the held-out val split" in record["queries"]
+    default, random_w8 = record["models"]
+    assert (default["width"], default["embedding_dim"]) == (16, 128) and random_w8["width"] == 8
+    assert record["gallery_images"] == 2000 and "50 images of the held-out val split" in record["queries"]
+    # README, Status: 48.5% against 20.7% for random weights (1,000 queries); 50 queries here
+    assert default["precision_at_10_fp32"] >= random_w8["precision_at_10_fp32"] + 0.15, record["models"]
+    assert abs(default["precision_at_10_int8"] - default["precision_at_10_fp32"]) <= 0.05, default
+    assert default["int8_recall_at_10_vs_fp32"] >= 0.9 and default["int8_min_cosine"] > 0.9, default

@@ -238,6 +238,7 @@ def test_demo_command_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFix
     assert "not an index folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_command_serves_in_process_and_stops_on_sigterm(onnx_path: Path, digits_index: Path,
                                                              tmp_path: Path) -> None:
     import signal

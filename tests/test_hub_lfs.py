@@ -114,6 +114,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.slow
 def test_push_sends_every_safetensors_through_lfs(pushed: tuple[HubStandIn, dict[str, Any], Path]) -> None:
     hub, got, out = pushed
     assert got["push_rc"] == 0
@@ -142,6 +143,7 @@ def test_push_sends_every_safetensors_through_lfs(pushed: tuple[HubStandIn, dict
     assert b"*.safetensors filter=lfs" in stored[".gitattributes"]
 
 
+@pytest.mark.slow
 def test_pushed_model_pulls_back_through_lfs_downloads(pushed: tuple[HubStandIn, dict[str, Any], Path]) -> None:
     hub, got, out = pushed
     assert got["equal_outputs"] is True and got["equal_state"] is True
@@ -162,6 +164,7 @@ def test_pushed_model_pulls_back_through_lfs_downloads(pushed: tuple[HubStandIn,
         ".gitattributes": _sha256(hub.files("org/lfs")[".gitattributes"])}
 
 
+@pytest.mark.slow
 def test_object_already_stored_is_not_uploaded_again(pushed: tuple[HubStandIn, dict[str, Any], Path]) -> None:
     hub, got, out = pushed
     copy = next(r for r in hub.commit_log("org/lfs") if r.summary == "copy")
@@ -171,6 +174,7 @@ def test_object_already_stored_is_not_uploaded_again(pushed: tuple[HubStandIn, d
     assert hub.lfs_paths("org/lfs")[got["copy_path"]] == oid
 
 
+@pytest.mark.slow
 def test_commit_naming_an_object_never_uploaded_is_refused(pushed: tuple[HubStandIn, dict[str, Any], Path]) -> None:
     hub, got, _ = pushed
     message = str(got["ghost"])

@@ -26,27 +26,28 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import free_port
 from PIL import Image
-from serving_helpers import export_random_encoder, processes_mentioning
+from serving_helpers import processes_mentioning, wait_until
 from tritonclient.utils import InferenceServerException
 
 from ascl import names
 from ascl.images import list_images
 from ascl.serving import Client
-from ascl.serving.collections.build import build_index
 from ascl.serving.online.front_door import Limits
 from ascl.serving.online.repository import write_repository
 from ascl.serving.online.server import ADMIN_KEY_HEADER
 from ascl.serving.online.service import SearchService, Supervision
 
+pytestmark = pytest.mark.triton
 MAX_REQUEST = 8 * 2**20  # small, so that the over-limit test sends little
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[SearchService]:
+def service(tmp_path_factory: pytest.TempPathFactory, random_onnx: Path,
+            digits_index: Path) -> Iterator[SearchService]:
+    """A service of its own (small request limit, a probe every second; one test kills a stub) over the
+    session's digits index, which it only reads."""
     root = tmp_path_factory.mktemp("hardened")
-    onnx_path = export_random_encoder(root / "encoder.onnx")
-    build_index(onnx_path, str(digits_folder), root / "idx", progress=False)
-    repo = write_repository(root / "models", onnx_path, root / "idx", max_request_bytes=MAX_REQUEST)
+    repo = write_repository(root / "models", random_onnx, digits_index, max_request_bytes=MAX_REQUEST)
     events: list[str] = []
     svc = SearchService(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
                         limits=Limits(max_request_bytes=MAX_REQUEST),
@@ -117,7 +118,8 @@ def test_uploaded_model_code_is_refused_everywhere_and_never_runs(service: Searc
     keyed = {**json_type, ADMIN_KEY_HEADER: str(service.admin_key)}
     status, text = http(service, "POST", "/v2/repository/models/evil/load", body, keyed, base=private_http(service))
     assert status >= 400 and "not allowed" in text.lower(), (status, text)
-    time.sleep(1.0)
+    status, text = http(service, "POST", "/v2/repository/index", b"{}", keyed, base=private_http(service))
+    assert status == 200 and names.MODEL_IMAGE_SEARCH in text and "evil" not in text, text  # never loaded
     assert not marker.exists()
 
 
@@ -236,11 +238,13 @@ def test_empty_requests_mixed_into_load_fail_no_good_request(service: SearchServ
                                                                         for _ in range(3)]
     for w in workers:
         w.start()
-    time.sleep(8)
-    stop.set()
-    for w in workers:
-        w.join(60)
-    assert failures == [] and served[0] > 20
+    try:  # until both kinds of request have been sent many times, side by side
+        wait_until(lambda: served[0] > 40 and len(empty_errors) > 20 or bool(failures), 120, "mixed load")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(60)
+    assert failures == [] and served[0] > 40
     assert empty_errors and set(empty_errors) == {"StatusCode.INVALID_ARGUMENT"}
 
 
@@ -276,7 +280,7 @@ def test_a_killed_stub_is_restarted_and_only_in_flight_requests_fail(service: Se
     for w in workers:
         w.start()
     try:
-        time.sleep(2)
+        wait_until(lambda: outcomes.count("ok") >= 8, 60, "searches before the kill")
         stubs = processes_mentioning(f"{service.repository}/{names.MODEL_PREPROCESS}")
         assert stubs, "no preprocess stub found"
         restarts_before = service.events.restarts
@@ -293,7 +297,8 @@ def test_a_killed_stub_is_restarted_and_only_in_flight_requests_fail(service: Se
         print(f"answering again {recovered:.1f} s after the kill; supervisor restarts: {service.events.restarts} "
               f"({service.events.reasons})")
         assert service.events.restarts > restarts_before, "a dead stub must get a fresh server"
-        time.sleep(2)
+        answered = len(outcomes)
+        wait_until(lambda: outcomes[answered:].count("ok") >= 8, 60, "searches after the recovery")
     finally:
         stop.set()
         for w in workers:
@@ -305,10 +310,14 @@ def test_a_killed_stub_is_restarted_and_only_in_flight_requests_fail(service: Se
 
 
 def test_grpc_errors_of_the_front_door_are_real_statuses(service: SearchService) -> None:
-    channel = grpc.insecure_channel(service.grpc_url)
-    call = channel.unary_unary("/inference.GRPCInferenceService/ModelStreamInfer")
-    with pytest.raises(grpc.RpcError) as err:
-        call(b"", timeout=10)
-    assert err.value.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED,
-                                grpc.StatusCode.INTERNAL)
-    channel.close()
+    """Streaming inference and methods the door does not forward are refused with PERMISSION_DENIED,
+    not failed with INTERNAL or left UNIMPLEMENTED."""
+    with grpc.insecure_channel(service.grpc_url) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream(iter([b""]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
+        for method in ("/inference.GRPCInferenceService/RepositoryModelLoad", "/inference.Unknown/Call"):
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary(method)(b"", timeout=10)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, (method, err.value)

@@ -24,8 +24,8 @@ ONNX_TO_TRITON = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: 
 def model_and_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("repo")
     onnx_path = export_random_encoder(root / "encoder.onnx", image_size=40)
-    index = GalleryIndex.create(512, "Flat")
-    vectors = np.eye(4, 512, dtype=np.float32)
+    index = GalleryIndex.create(128, "Flat")
+    vectors = np.eye(4, 128, dtype=np.float32)
     index.add(vectors, [{"path": f"{i}.png"} for i in range(4)])
     index.save(root / "idx")
     return onnx_path, root / "idx"
@@ -66,13 +66,13 @@ def test_configs_match_onnx_graph(model_and_index: tuple[Path, Path], tmp_path: 
     assert (inp.name, dtype(inp.data_type)) == (names.IMAGES, io[names.IMAGES][0])
     assert list(inp.dims) == io[names.IMAGES][1][1:] == [40, 40, 3]  # batch axis is Triton's
     assert isinstance(io[names.IMAGES][1][0], str)  # dynamic batch in the graph
-    assert (out.name, dtype(out.data_type), list(out.dims)) == (names.EMBEDDINGS, "TYPE_FP32", [512])
+    assert (out.name, dtype(out.data_type), list(out.dims)) == (names.EMBEDDINGS, "TYPE_FP32", [128])
     graph_dim = io[names.EMBEDDINGS][1][1]
     if isinstance(graph_dim, str):  # the exporter left it symbolic: take what ONNX Runtime produces
         from ascl.export.runtime import OnnxEmbedder
 
         graph_dim = OnnxEmbedder(onnx_path).embed(np.zeros((1, 40, 40, 3), np.uint8)).shape[1]
-    assert graph_dim == 512
+    assert graph_dim == 128
     assert enc.dynamic_batching.max_queue_delay_microseconds > 0 and len(enc.model_warmup) >= 1
     expected = {"python": ("python", ""), "onnxruntime": ("", "onnxruntime_onnx"), "tensorrt": ("", "tensorrt_plan")}
     assert (enc.backend, enc.platform) == expected[platform]
@@ -85,7 +85,7 @@ def test_configs_match_onnx_graph(model_and_index: tuple[Path, Path], tmp_path: 
     search = configs[names.MODEL_SEARCH]
     assert [(t.name, dtype(t.data_type)) for t in search.output] == [
         (names.IDS, "TYPE_INT64"), (names.SCORES, "TYPE_FP32"), (names.METADATA, "TYPE_STRING")]
-    assert list(search.input[0].dims) == [512]
+    assert list(search.input[0].dims) == [128]
     # the metadata filter: an optional BYTES row on `search` and on the `image_search` ensemble,
     # which maps it into its search step (a request without it leaves it out there too)
     for model in (search, configs[names.MODEL_IMAGE_SEARCH]):
@@ -149,6 +149,6 @@ def test_mismatched_index_dim_is_refused(model_and_index: tuple[Path, Path], tmp
     small = GalleryIndex.create(16, "Flat")
     small.add(np.eye(2, 16, dtype=np.float32), [{}, {}])
     small.save(tmp_path / "idx16")
-    with pytest.raises(ValueError, match="does not match the model's embedding dim 512"):
+    with pytest.raises(ValueError, match="does not match the model's embedding dim 128"):
         write_repository(tmp_path / "models", onnx_path, tmp_path / "idx16")
     assert not (tmp_path / "models").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, fresh_cache
 from PIL import Image
 from serving_helpers import serve_until_ready, stop
 
@@ -113,10 +113,16 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def running(workdir: Path, digits_folder: Path) -> Iterator[Up]:
-    up = start_up(workdir, digits_folder, workdir / "cache")
-    yield up
-    if up.process.poll() is None:
-        stop_up(up)
+    """One ``ascl up`` for the module, stopped with SIGTERM in teardown, leaving nothing running."""
+    up = start_up(workdir, digits_folder, fresh_cache(workdir / "cache"))
+    try:
+        yield up
+    finally:
+        assert stop_up(up) == 0, up.output()[-3000:]
+    deadline = time.monotonic() + 10
+    while alive(up.seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive(up.seen) == set(), f"left running: {alive(up.seen)}"
 
 
 def png_bytes(seed: int) -> bytes:
@@ -139,6 +145,7 @@ def test_port_in_use_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
     assert not (tmp_path / "models").exists()  # failed before any slow step
 
 
+@pytest.mark.triton
 def test_screen_tells_what_runs(running: Up) -> None:
     from ascl.registry import DEFAULT_MODEL
 
@@ -150,6 +157,7 @@ def test_screen_tells_what_runs(running: Up) -> None:
     assert any("tritonserver" in Path(f"/proc/{pid}/cmdline").read_text() for pid, _ in alive(running.seen))
 
 
+@pytest.mark.triton
 def test_search_through_grpc_client(running: Up, digits_folder: Path) -> None:
     from ascl.serving import Client
 
@@ -159,6 +167,7 @@ def test_search_through_grpc_client(running: Up, digits_folder: Path) -> None:
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
+@pytest.mark.triton
 def test_demo_search_returns_k_ordered_results(running: Up, digits_folder: Path) -> None:
     from gradio_client import Client, handle_file
 
@@ -171,6 +180,7 @@ def test_demo_search_returns_k_ordered_results(running: Up, digits_folder: Path)
     assert gallery[0]["caption"].startswith("1.000 · ")
 
 
+@pytest.mark.triton
 def test_demo_add_then_search_finds_it_first(running: Up, tmp_path: Path) -> None:
     from gradio_client import Client, handle_file
 
@@ -183,6 +193,7 @@ def test_demo_add_then_search_finds_it_first(running: Up, tmp_path: Path) -> Non
     assert raw[0]["id"] == added[0]["id"] and raw[0]["label"] == "my-noise"
 
 
+@pytest.mark.triton
 def test_demo_bad_image_keeps_working(running: Up, tmp_path: Path, digits_folder: Path) -> None:
     from gradio_client import Client, handle_file
 
@@ -201,6 +212,7 @@ def repository_files(root: Path) -> dict[str, bytes]:
             if p.is_file() and "__pycache__" not in p.parts}
 
 
+@pytest.mark.triton
 def test_serve_writes_the_same_model_repository_as_up(running: Up, tmp_path: Path) -> None:
     """``ascl serve`` over the index ``ascl up`` built, same model and precision: one serve path, one repository."""
     index = Path(next(line.split(" at ", 1)[1] for line in running.output().splitlines()
@@ -221,17 +233,20 @@ def test_serve_writes_the_same_model_repository_as_up(running: Up, tmp_path: Pat
         stop(proc)
 
 
-def test_sigterm_stops_everything_and_warm_start_is_cached(running: Up, workdir: Path, digits_folder: Path) -> None:
-    assert len(alive(running.seen)) >= 2  # tritonserver and at least one stub
-    assert stop_up(running) == 0
-    assert "stopped" in running.output()
-    time.sleep(0.5)
-    assert alive(running.seen) == set(), f"left running: {alive(running.seen)}"
-
+@pytest.mark.triton
+def test_warm_start_is_cached_and_sigterm_stops_everything(running: Up, workdir: Path, digits_folder: Path) -> None:
+    """A second ``ascl up`` on the first one's cache (beside it, on other ports) finds the export and the
+    index there; SIGTERM then stops its whole process tree (the shared one is stopped in teardown)."""
     warm = start_up(workdir, digits_folder, running.cache)
     try:
         text = warm.output()
         assert "index:   cached" in text and "ONNX cached" in text
+        assert len(alive(warm.seen)) >= 2  # tritonserver and at least one stub
     finally:
         assert stop_up(warm) == 0
-    assert alive(warm.seen) == set()
+    assert "stopped" in warm.output()
+    deadline = time.monotonic() + 10
+    while alive(warm.seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive(warm.seen) == set(), f"left running: {alive(warm.seen)}"
+    assert running.process.poll() is None  # the other one is still up

@@ -28,7 +28,7 @@ __all__ = ["MIN_RECALL_HELP", "PRECISIONS", "PRECISION_HELP", "add_precision_opt
 
 PRECISION_HELP = ("encoder precision: fp32 (the export as it is) or int8 (calibrated static int8, quantized once "
                   "and cached, verified against fp32 by recall@10 of neighbour lists and refused below "
-                  "--min-recall; the encoder alone ran 1.6x faster on a 2-core AVX2 CPU, more with VNNI/AMX)")
+                  "--min-recall; faster than fp32 on most CPUs, most with VNNI or AMX: see the README's limits)")
 MIN_RECALL_HELP = ("int8 is refused (exit 2, nothing served) when it keeps less than this share of each "
                    "verification image's 10 nearest fp32 neighbours")
 
