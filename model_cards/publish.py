@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from ascl.encoder import Encoder
 
 CURVE_PNG = "training_curve.png"
+WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json")  # what save_encoder writes
 RUN_CURVES_PNG = "curves.png"  # drawn by ascl train in the run folder
 PROJECTION_PNG = "embeddings_pca.png"
 
@@ -348,5 +349,8 @@ def upload(folder: Path, repo_id: str, *, private: bool = False, revision: str |
             folder_path=folder,
             revision=revision,
             commit_message=f"Upload {repo.repo_id} with ascl push",
+            # weights of an earlier push that this one does not replace (other shards, an old index)
+            # would mix with the new ones on download: the commit deletes them
+            delete_patterns=list(WEIGHT_FILE_PATTERNS),
         )
     return str(info.commit_url)
