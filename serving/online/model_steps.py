@@ -80,6 +80,8 @@ def one_where(values: np.ndarray | None) -> str | None:
 
 
 def _split(rows: np.ndarray, sizes: Sequence[int]) -> list[np.ndarray]:
+    if len(sizes) == 1:
+        return [rows]
     bounds = np.cumsum([0, *sizes])
     return [rows[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
 
@@ -90,7 +92,7 @@ def embed_batches(embed: Callable[[np.ndarray], np.ndarray], batches: Sequence[n
     if not batches:
         return []
     try:
-        rows = embed(batches[0] if len(batches) == 1 else np.concatenate(batches))  # [sum B_i, D]
+        rows = embed(_concat(list(batches)))  # [sum B_i, D]
         return _split(rows, [len(b) for b in batches])
     except Exception:  # find the request that broke the batch: one call each
         outcomes: list[Outcome] = []
@@ -121,20 +123,47 @@ class Found:
     metadata: np.ndarray
 
 
-def search_batches(index: VectorIndex, queries: Sequence[Query]) -> list[Outcome]:
+class IndexVersion:
+    """One version of the index as the models search it, with the JSON text of each record it has
+    returned (encoded once per version, not once per hit: at most ``MAX_ENCODED`` kept)."""
+
+    MAX_ENCODED = 1 << 16
+
+    def __init__(self, index: VectorIndex) -> None:
+        self.index = index
+        self._encoded: dict[int, bytes] = {}
+
+    def metadata_json(self, ids: np.ndarray) -> np.ndarray:
+        """ids [B, k] -> the records of those ids as JSON bytes [B, k] (``{}`` for an id it does not hold)."""
+        keys = ids.reshape(-1).tolist()
+        missing = set(keys).difference(self._encoded)
+        if missing:
+            if len(self._encoded) + len(missing) > self.MAX_ENCODED:
+                self._encoded.clear()
+                missing = set(keys)
+            records = self.index.records(missing)
+            for i in missing:
+                self._encoded[i] = json.dumps(records.get(i, {}), sort_keys=True).encode()
+        meta = np.empty(len(keys), dtype=np.object_)
+        meta[:] = [self._encoded[i] for i in keys]
+        return meta.reshape(ids.shape)
+
+
+def search_batches(version: IndexVersion, queries: Sequence[Query]) -> list[Outcome]:
     """``Found`` for each query: one index search per distinct (k, filter) among them.
 
     A search that raises ValueError (k < 1, a bad filter) fails every query of its group with
     that error (they share k and filter); anything else is retried one query at a time, so the
     query that broke it fails alone.
     """
+    index = version.index
     outcomes: list[Outcome] = [None] * len(queries)
     groups: dict[tuple[int, str | None], list[int]] = {}
     for i, query in enumerate(queries):
         groups.setdefault((query.k, query.where or None), []).append(i)
     for (k, where), members in groups.items():
         try:
-            scores, ids = index.search(np.concatenate([queries[i].embeddings for i in members]), k, where=where)
+            scores, ids = index.search(_concat([queries[i].embeddings for i in members]), k, where=where)
         except ValueError as exc:  # the request's own k or filter: the same answer for each of them
             for i in members:
                 outcomes[i] = exc
@@ -149,9 +178,11 @@ def search_batches(index: VectorIndex, queries: Sequence[Query]) -> list[Outcome
         sizes = [len(queries[i].embeddings) for i in members]
         for i, s, d in zip(members, _split(scores, sizes), _split(ids, sizes), strict=True):
             outcomes[i] = (s, d)
-    searched = [o for o in outcomes if isinstance(o, tuple)]
-    records = index.records(np.concatenate([d.reshape(-1) for _, d in searched]).tolist()) if searched else {}
-    return [Found(o[1], o[0], metadata_json(o[1], records)) if isinstance(o, tuple) else o for o in outcomes]
+    return [Found(o[1], o[0], version.metadata_json(o[1])) if isinstance(o, tuple) else o for o in outcomes]
+
+
+def _concat(rows: list[np.ndarray]) -> np.ndarray:
+    return rows[0] if len(rows) == 1 else np.concatenate(rows)
 
 
 def found_response(pb_utils: Any, found: Found) -> Any:
@@ -160,14 +191,6 @@ def found_response(pb_utils: Any, found: Found) -> Any:
 
     return pb_utils.InferenceResponse([pb_utils.Tensor(IDS, found.ids), pb_utils.Tensor(SCORES, found.scores),
                                        pb_utils.Tensor(METADATA, found.metadata)])
-
-
-def metadata_json(ids: np.ndarray, records: dict[int, dict[str, Any]]) -> np.ndarray:
-    """ids [B, k] -> the records of those ids as JSON bytes [B, k] (object array)."""
-    meta = np.empty(ids.shape, dtype=np.object_)
-    for pos, i in np.ndenumerate(ids):
-        meta[pos] = json.dumps(records.get(int(i), {}), sort_keys=True).encode()
-    return meta
 
 
 def model_index_spec(value: str, version_folder: Path) -> IndexSpec:
@@ -180,15 +203,16 @@ class LiveIndex:
     """The index a serving process searches: opened and warmed at start; a watcher thread takes
     each new version (``ascl index add``), warms it and swaps it in.
 
-    Read ``current`` once per batch, so in-flight requests finish on the version they started
-    with. A bad new version is logged and skipped; the current one keeps serving.
+    Read ``current`` (an ``IndexVersion``) once per batch, so in-flight requests finish on the
+    version they started with. A bad new version is logged and skipped; the current one keeps serving.
     """
 
     def __init__(self, spec: IndexSpec, *, poll_s: float = 0.5, log_info: Callable[[str], None] = print,
                  log_warn: Callable[[str], None] = print) -> None:
         limit_search_threads(1)  # small query batches: extra search threads only steal CPU from the encoder
-        self.current: VectorIndex = open_index(spec)
-        self.current.warm()  # once per version, not per request
+        index = open_index(spec)
+        index.warm()  # once per version, not per request
+        self.current = IndexVersion(index)
         self._log_info, self._log_warn = log_info, log_warn
         self._poll_s = poll_s
         self._stop = threading.Event()
@@ -197,14 +221,15 @@ class LiveIndex:
 
     def _watch(self) -> None:
         while not self._stop.wait(self._poll_s):
+            index = self.current.index
             try:
-                fresh = self.current.refreshed()
-                if fresh is not self.current:
+                fresh = index.refreshed()
+                if fresh is not index:
                     fresh.warm()
-                    self.current = fresh  # one reference swap: readers see the old or the new index
+                    self.current = IndexVersion(fresh)  # one reference swap: readers see the old or the new
                     self._log_info(f"loaded index version {fresh.version} ({fresh.count()} vectors)")
             except Exception as exc:  # a bad new version must not stop serving the current one
-                self._log_warn(f"keeping index version {self.current.version}: {exc}")
+                self._log_warn(f"keeping index version {index.version}: {exc}")
 
     def close(self) -> None:
         self._stop.set()
