@@ -583,23 +583,24 @@ def prepare_model(model: str, args: argparse.Namespace, tmp: Path) -> tuple[Path
     """Export ``model``, index the gallery with it, write its repository: (onnx, index, repository, described)."""
     from ascl.export.onnx_export import export_onnx
     from ascl.serving.collections.build import build_index
-    from ascl.serving.online.repository import write_repository
+    from ascl.serving.online.repository import Batching, write_repository
 
     encoder = load_benchmark_encoder(model)
     folder = tmp / f"{len(list(tmp.iterdir()))}"
     folder.mkdir()
     onnx_path = export_onnx(encoder, folder / "encoder.onnx")
     build_index(onnx_path, "cifar10-offline", folder / "idx", limit=args.gallery, progress=False)
-    repo = write_repository(folder / "models", onnx_path, folder / "idx")
+    repo = write_repository(folder / "models", onnx_path, folder / "idx", batching=Batching(instances=args.instances))
     described = f"{encoder.arch} width {encoder.width} ({encoder.embedding_dim}-d), {model}"
     return onnx_path, folder / "idx", repo, described
 
 
-def prepare_int8(onnx_path: Path, index_dir: Path, tmp: Path) -> tuple[Path | None, Path | None, str]:
+def prepare_int8(onnx_path: Path, index_dir: Path, tmp: Path, instances: int = 0
+                 ) -> tuple[Path | None, Path | None, str]:
     """`ascl serve --precision int8` for the same fp32 file and index: (int8 onnx, repository, what
     happened); (None, None, why) when the int8 export is refused."""
     from ascl.errors import AsclError
-    from ascl.serving.online.repository import write_repository
+    from ascl.serving.online.repository import Batching, write_repository
     from ascl.serving.online.serve import choose_model, served_model
 
     try:
@@ -607,7 +608,7 @@ def prepare_int8(onnx_path: Path, index_dir: Path, tmp: Path) -> tuple[Path | No
                               cache=tmp / "int8-cache")
     except AsclError as exc:
         return None, None, f"refused: {exc}"
-    repo = write_repository(onnx_path.parent / "models-int8", served.onnx, index_dir)
+    repo = write_repository(onnx_path.parent / "models-int8", served.onnx, index_dir, batching=Batching(instances=instances))
     return served.onnx, repo, served.description
 
 
@@ -718,6 +719,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ab-delay-us", type=int, default=500,
                         help="the A/B row's queue delay: every model's batcher holds requests this long to fill a "
                              "batch (the served default is 0)")
+    parser.add_argument("--instances", type=int, default=0,
+                        help="instances of the served image_search (ascl serve --instances; 0: one per core, at most 4)")
     parser.add_argument("--latency-requests", type=int, default=300,
                         help="sequential one-image searches for the concurrency-1 medians (served, lean, floor); 0: none")
     parser.add_argument("--gallery", type=int, default=5000, help="CIFAR-10 images in the served index")
@@ -761,11 +764,11 @@ def main(argv: list[str] | None = None) -> int:
         latency["triton"] = runs["triton"].latency
         if not args.no_ab:  # A/B in the same run: the same service with every batcher holding requests
             delayed = write_repository(repo.parent / "models-delayed", onnx_path, index_dir,
-                                       batching=Batching(queue_delay_us=args.ab_delay_us))
+                                       batching=Batching(queue_delay_us=args.ab_delay_us, instances=args.instances))
             runs["delayed"] = serve_repository(delayed, f"{args.model} delayed", queries, levels, args)
         int8_onnx = int8_repo = None
         if not args.no_int8:
-            int8_onnx, int8_repo, int8_note = prepare_int8(onnx_path, index_dir, tmp)
+            int8_onnx, int8_repo, int8_note = prepare_int8(onnx_path, index_dir, tmp, args.instances)
             print(f"int8: {int8_note}", flush=True)
             if int8_repo is not None:
                 runs["int8"] = serve_repository(int8_repo, f"{args.model} int8", queries, levels, args)
