@@ -171,3 +171,61 @@ def test_live_index_takes_each_new_version(tmp_path: Path) -> None:
         assert live.current.index.count() == 8 and any("loaded index version" in line for line in logs)
     finally:
         live.close()
+
+
+class Flaky:
+    """An index backend whose server can be down (``ConnectionError``, as a remote backend's
+    unavailable error is), serving an in-memory FAISS index when up."""
+
+    def __init__(self, index: GalleryIndex) -> None:
+        self.index, self.up, self.searches = index, False, 0
+
+    def open(self, spec: Any) -> Any:
+        if not self.up:
+            raise ConnectionError("index server at flaky://here cannot be reached")
+        backend = self
+
+        class Remote:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(backend.index, name)
+
+            def refreshed(self) -> Any:
+                if not backend.up:
+                    raise ConnectionError("index server at flaky://here cannot be reached")
+                return self
+
+            def search(self, queries: np.ndarray, k: int, where: Any = None) -> Any:
+                backend.searches += 1
+                if not backend.up:
+                    raise ConnectionError("index server at flaky://here cannot be reached")
+                return backend.index.search(queries, k, where=where)
+
+        return Remote()
+
+
+def test_an_unreachable_index_fails_searches_until_it_is_back(index: GalleryIndex,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from ascl.serving.collections import index as interface
+
+    flaky = Flaky(index)
+    monkeypatch.setitem(interface.BACKENDS, "flaky", flaky)  # type: ignore[arg-type]
+    logs: list[str] = []
+    live = LiveIndex("flaky://here", poll_s=0.05, log_info=logs.append, log_warn=logs.append)
+    try:
+        with pytest.raises(ConnectionError, match="cannot be reached"):
+            live.searchable()  # down at start: each batch is told so, no work done
+        time.sleep(0.3)
+        assert sum("UNAVAILABLE until it is back" in line for line in logs) == 1  # once per outage
+        flaky.up = True
+        deadline = time.monotonic() + 10
+        while live.current is None:
+            assert time.monotonic() < deadline, "the index was never opened once it was back"
+            time.sleep(0.05)
+        query = [Query(unit(np.random.default_rng(5), 1), 3), Query(unit(np.random.default_rng(6), 2), 3)]
+        assert all(not isinstance(o, Exception) for o in search_batches(live.searchable(), query))
+        assert "the index is reachable again" in logs
+        flaky.up, before = False, flaky.searches  # gone mid-way: the group fails with it, no retry per query
+        outcomes = search_batches(live.searchable(), query)
+        assert all(isinstance(o, ConnectionError) for o in outcomes) and flaky.searches == before + 1
+    finally:
+        live.close()

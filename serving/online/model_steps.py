@@ -152,9 +152,9 @@ class IndexVersion:
 def search_batches(version: IndexVersion, queries: Sequence[Query]) -> list[Outcome]:
     """``Found`` for each query: one index search per distinct (k, filter) among them.
 
-    A search that raises ValueError (k < 1, a bad filter) fails every query of its group with
-    that error (they share k and filter); anything else is retried one query at a time, so the
-    query that broke it fails alone.
+    A search that raises ValueError (k < 1, a bad filter) or ConnectionError (a remote index that
+    cannot be reached) fails every query of its group with that error (they share k and filter);
+    anything else is retried one query at a time, so the query that broke it fails alone.
     """
     index = version.index
     outcomes: list[Outcome] = [None] * len(queries)
@@ -164,8 +164,8 @@ def search_batches(version: IndexVersion, queries: Sequence[Query]) -> list[Outc
     for (k, where), members in groups.items():
         try:
             scores, ids = index.search(_concat([queries[i].embeddings for i in members]), k, where=where)
-        except ValueError as exc:  # the request's own k or filter: the same answer for each of them
-            for i in members:
+        except (ValueError, ConnectionError) as exc:  # their own k or filter, or the index is unreachable:
+            for i in members:  # the same answer for each of them
                 outcomes[i] = exc
             continue
         except Exception:
@@ -203,33 +203,70 @@ class LiveIndex:
     """The index a serving process searches: opened and warmed at start; a watcher thread takes
     each new version (``ascl index add``), warms it and swaps it in.
 
-    Read ``current`` (an ``IndexVersion``) once per batch, so in-flight requests finish on the
-    version they started with. A bad new version is logged and skipped; the current one keeps serving.
+    Take ``searchable()`` once per batch, so in-flight requests finish on the version they started
+    with. A bad new version is logged and skipped; the current one keeps serving. An index whose
+    server cannot be reached (a ``ConnectionError``: a remote backend's unavailable error) is
+    reported by ``searchable()`` until the watcher has opened it; one that goes away later fails
+    the searches themselves, as the backend reports it.
     """
 
     def __init__(self, spec: IndexSpec, *, poll_s: float = 0.5, log_info: Callable[[str], None] = print,
                  log_warn: Callable[[str], None] = print) -> None:
         limit_search_threads(1)  # small query batches: extra search threads only steal CPU from the encoder
-        index = open_index(spec)
-        index.warm()  # once per version, not per request
-        self.current = IndexVersion(index)
+        self._spec = spec
         self._log_info, self._log_warn = log_info, log_warn
+        self.current: IndexVersion | None = None
+        self._down: str | None = None  # why the index's server cannot be reached, logged once per outage
+        self._open()
         self._poll_s = poll_s
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="index-watcher", daemon=True)
         self._watcher.start()
 
+    def searchable(self) -> IndexVersion:
+        """The version to search now; ConnectionError while the index has never been reachable."""
+        current = self.current
+        if current is None:
+            raise ConnectionError(self._down or "the index has not been opened yet")
+        return current
+
+    def _open(self) -> None:
+        try:
+            index = open_index(self._spec)
+            index.warm()  # once per version, not per request
+        except ConnectionError as exc:
+            self._unreachable(exc)
+            return
+        self._reachable()
+        self.current = IndexVersion(index)
+
+    def _unreachable(self, exc: Exception) -> None:
+        if self._down is None:
+            self._log_warn(f"{exc}; answering UNAVAILABLE until it is back")
+        self._down = str(exc)
+
+    def _reachable(self) -> None:
+        if self._down is not None:
+            self._log_info("the index is reachable again")
+            self._down = None
+
     def _watch(self) -> None:
         while not self._stop.wait(self._poll_s):
-            index = self.current.index
+            current = self.current
+            if current is None:
+                self._open()
+                continue
             try:
-                fresh = index.refreshed()
-                if fresh is not index:
+                fresh = current.index.refreshed()
+                self._reachable()
+                if fresh is not current.index:
                     fresh.warm()
                     self.current = IndexVersion(fresh)  # one reference swap: readers see the old or the new
                     self._log_info(f"loaded index version {fresh.version} ({fresh.count()} vectors)")
+            except ConnectionError as exc:
+                self._unreachable(exc)
             except Exception as exc:  # a bad new version must not stop serving the current one
-                self._log_warn(f"keeping index version {index.version}: {exc}")
+                self._log_warn(f"keeping index version {current.index.version}: {exc}")
 
     def close(self) -> None:
         self._stop.set()

@@ -9,7 +9,9 @@ optional where -> ids, scores, metadata) or ``embed`` (`embed`: image bytes -> e
 It answers exactly what the chain answers, because it runs the same steps
 (``ascl.serving.online.model_steps``) on the same ONNX file and index: each request is decoded
 on its own (a bad request fails alone, with the same message), the good ones are embedded as one
-batch (one call per request if that fails) and searched once per distinct (k, where).
+batch (one call per request if that fails) and searched once per distinct (k, where). It reaches
+the index only through the index interface (``LiveIndex``), so any backend serves it; one whose
+server cannot be reached fails each request with that (a ``ConnectionError``) until it can.
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ class TritonPythonModel:
         return pixels, k, one_where(None if where is None else where.as_numpy())
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        version = None
+        if self.index is not None:
+            try:
+                version = self.index.searchable()
+            except ConnectionError as exc:  # the index's server has not been reachable yet: no work, each fails
+                return [error_response(pb_utils, self.name, exc) for _ in requests]
         responses: list[Any] = [None] * len(requests)
         good: list[tuple[int, tuple[np.ndarray, int, str | None]]] = []
         for i, request in enumerate(requests):
@@ -99,8 +107,8 @@ class TritonPythonModel:
                 embedded.append((i, Query(outcome, k, where)))
             else:
                 responses[i] = pb_utils.InferenceResponse([pb_utils.Tensor(EMBEDDINGS, outcome)])
-        if embedded and self.index is not None:
-            outcomes = search_batches(self.index.current, [q for _, q in embedded])
+        if embedded and version is not None:
+            outcomes = search_batches(version, [q for _, q in embedded])
             for (i, _), found in zip(embedded, outcomes, strict=True):
                 responses[i] = (error_response(pb_utils, self.name, found) if isinstance(found, Exception)
                                 else found_response(pb_utils, found))

@@ -11,6 +11,8 @@ The index (``ascl.serving.collections.index``: a folder, or a URI of another bac
 ``model_steps.LiveIndex``: opened in ``initialize``, each new version (``ascl index add``)
 swapped in by a watcher thread. ``execute`` takes one reference to the current index per batch
 (``model_steps.search_batches``), so in-flight requests finish on the version they started with.
+An index whose server cannot be reached (a ``ConnectionError``) fails each request with it until
+it can (one that is down at start is opened by the watcher once it is up).
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ class TritonPythonModel:
         return Query(embeddings, k, one_where(None if where is None else where.as_numpy()))
 
     def execute(self, requests: list[Any]) -> list[Any]:
+        try:
+            version = self.index.searchable()
+        except ConnectionError as exc:  # the index's server has not been reachable yet: UNAVAILABLE, each
+            return [error_response(pb_utils, "search", exc) for _ in requests]
         responses: list[Any] = [None] * len(requests)
         queries: list[tuple[int, Query]] = []
         for i, request in enumerate(requests):
@@ -57,7 +63,7 @@ class TritonPythonModel:
                 queries.append((i, self._query(request)))
             except Exception as exc:  # this request alone fails; the rest of the batch is answered
                 responses[i] = error_response(pb_utils, "search", exc)
-        outcomes = search_batches(self.index.current, [q for _, q in queries])
+        outcomes = search_batches(version, [q for _, q in queries])
         for (i, _), outcome in zip(queries, outcomes, strict=True):
             responses[i] = (error_response(pb_utils, "search", outcome) if isinstance(outcome, Exception)
                             else found_response(pb_utils, outcome))
