@@ -1,9 +1,10 @@
 """The fused hot path (`image_search` and `embed` as one Python model each) answers exactly what the
 chain of separate models (`preprocess` -> `encoder` -> `search`) answers, on the real ``tritonserver``.
 
-One server for the module, its batchers holding requests for 200 ms (``Batching``) so that
-requests sent together land in one dynamic batch; Triton's own statistics (private port, admin
-key) show that they did. The chain is called model by model on the same server.
+One server for the module, `image_search`'s batcher holding requests for a second
+(``repository.dynamic_batching``) so that requests sent together land in one dynamic batch even
+on a busy machine; Triton's own statistics (private port, admin key) show that they did. The
+chain is called model by model on the same server (its batchers hold nothing).
 """
 
 from __future__ import annotations
@@ -22,18 +23,20 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import free_port
+from google.protobuf import text_format
 from PIL import Image
 from serving_helpers import export_random_encoder, processes_mentioning
+from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
 
 from ascl import names
 from ascl.images import list_images
 from ascl.serving import TritonServer
 from ascl.serving.collections.build import build_index
-from ascl.serving.online.repository import Batching, write_repository
+from ascl.serving.online.repository import Batching, dynamic_batching, write_config, write_repository
 from ascl.serving.online.server import ADMIN_KEY_HEADER
 
-HOLD_US = 200_000  # long enough that requests sent together meet in one batch on a busy 2-core machine
+HOLD_US = 1_000_000  # long enough that requests sent together meet in one batch on a busy 2-core machine
 
 
 @dataclass
@@ -47,7 +50,11 @@ def served(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Ite
     root = tmp_path_factory.mktemp("fused")
     onnx_path = export_random_encoder(root / "encoder.onnx")
     build_index(onnx_path, str(digits_folder), root / "idx", progress=False)
-    repo = write_repository(root / "models", onnx_path, root / "idx", batching=Batching(queue_delay_us=HOLD_US))
+    repo = write_repository(root / "models", onnx_path, root / "idx")
+    fused_config = repo / names.MODEL_IMAGE_SEARCH / "config.pbtxt"
+    config = text_format.Parse(fused_config.read_text(), model_config_pb2.ModelConfig())
+    dynamic_batching(config, Batching(queue_delay_us=HOLD_US))
+    write_config(fused_config.parent, config)
     server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     try:
         server.start()
@@ -99,15 +106,15 @@ def fused(served: Served, asks: list[Ask]) -> list[Answer]:
     """All ``asks`` sent to `image_search` at once (async), so that they meet in one dynamic batch."""
     answers: list[Answer | None] = [None] * len(asks)
     done = threading.Semaphore(0)
+    inputs = [[image_input(ask.images), *search_inputs(ask.images, ask.k, ask.where)] for ask in asks]  # first
+    outputs = [grpcclient.InferRequestedOutput(n) for n in SEARCH_OUT]
     with grpcclient.InferenceServerClient(served.server.grpc_url) as client:
-        for i, ask in enumerate(asks):
+        for i, request in enumerate(inputs):
             def callback(result: Any, error: Any, i: int = i) -> None:
                 answers[i] = error if error is not None else _unpack(result)
                 done.release()
 
-            client.async_infer(names.MODEL_IMAGE_SEARCH, [image_input(ask.images), *search_inputs(ask.images, ask.k,
-                                                                                                 ask.where)],
-                               callback, outputs=[grpcclient.InferRequestedOutput(n) for n in SEARCH_OUT])
+            client.async_infer(names.MODEL_IMAGE_SEARCH, request, callback, outputs=outputs)
         for _ in asks:
             assert done.acquire(timeout=120), "a request never answered"
     return [a for a in answers if a is not None]
