@@ -41,7 +41,7 @@ def test_colour_twist_composes_torchvision_ops_in_their_order() -> None:
                 ref = ops[op](ref, float(jitter[b, op]))
         if gray[b]:
             ref = TF.rgb_to_grayscale(ref, num_output_channels=3)
-        assert 0 < float(ref.min()) and float(ref.max()) < 1  # no clamp was involved
+        assert float(ref.min()) > 0 and float(ref.max()) < 1  # no clamp was involved
         torch.testing.assert_close(got[b], ref, rtol=0, atol=1e-9)
 
 
