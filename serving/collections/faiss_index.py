@@ -113,6 +113,13 @@ def apply_search_params(index: Any) -> None:
         inner.k_factor = float(REFINE_K_FACTOR)
 
 
+def limit_search_threads(threads: int) -> None:
+    """FAISS's OpenMP threads in this process (its idle threads spin-wait, stealing CPU)."""
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(threads)))
+
+
 def not_an_index(folder: str | Path) -> IndexFileError:
     return IndexFileError(f"{folder}: not an index folder (no {MANIFEST}); create one with 'ascl index build'")
 

@@ -34,9 +34,8 @@ from ascl.serving.collections.index_types import (
 
 __all__ = [
     "BACKENDS", "Hit", "IndexBusyError", "IndexConflictError", "IndexFileError", "IndexSpec", "IndexUnavailableError",
-    "NewIndex",
-    "VectorIndex", "as_spec", "backend_of", "copy_index", "ensure_index_model", "index_count", "index_exists", "open_index",
-    "read_info", "recorded_onnx", "writing",
+    "NewIndex", "VectorIndex", "as_spec", "backend_of", "copy_index", "ensure_index_model", "index_count",
+    "index_exists", "limit_search_threads", "open_index", "read_info", "recorded_onnx", "writing",
 ]
 
 # URI scheme -> backend; a spec without a scheme is a folder (FAISS).
@@ -65,6 +64,12 @@ def backend_of(spec: IndexSpec) -> IndexBackend:
 def open_index(spec: IndexSpec) -> VectorIndex:
     """The current version of the index ``spec``, to search and read (IndexFileError when there is none)."""
     return backend_of(spec).open(spec)
+
+
+def limit_search_threads(threads: int) -> None:
+    """At most ``threads`` threads per search in this process, for the backends that search here
+    (FAISS's OpenMP pool); a server searching small batches beside its encoder wants 1."""
+    faiss_index.limit_search_threads(threads)
 
 
 def index_exists(spec: IndexSpec) -> bool:

@@ -34,6 +34,7 @@ from ascl.serving.online.ports import check_ports_free
 if TYPE_CHECKING:
     from ascl.export.runtime import OnnxFacts
     from ascl.serving.collections.index import IndexSpec
+    from ascl.serving.online.repository import Batching
     from ascl.serving.online.service import SearchService
 
 __all__ = ["ModelChoice", "ServedModel", "check_ports_free", "choose_model", "ensure_onnx", "newest_run",
@@ -169,10 +170,11 @@ def served_model(choice: ModelChoice, precision: str = "fp32", *, index: IndexSp
 def start_service(served: ServedModel, index: IndexSpec, repository: str | Path, *, grpc_port: int,
                   http_port: int, metrics_port: int, host: str = "127.0.0.1", max_request_bytes: int | None = None,
                   log_path: str | Path | None = None, verbose: bool = False,
-                  start_timeout_s: float = 180.0) -> SearchService:
+                  start_timeout_s: float = 180.0, batching: Batching | None = None) -> SearchService:
     """Write the embedded model repository to ``repository`` and start the search service on the ports.
 
-    Returns once Triton reports every model ready. The service is Triton behind the front door
+    Returns once Triton reports every model ready. ``batching``: the models' queue delays and
+    instances (``repository.Batching``; default: no delay, one instance per core). The service is Triton behind the front door
     (inference, health and metadata only; requests bounded by ``max_request_bytes``), restarted
     by its supervisor if it or a stub dies. The search model reads ``index`` in place, so images
     added to it are served without a restart. Raises ServerError when it does not start.
@@ -187,7 +189,7 @@ def start_service(served: ServedModel, index: IndexSpec, repository: str | Path,
     if served.index != index:
         ensure_index_model(index, served.onnx)
     limit = max_request_bytes or MAX_REQUEST_BYTES
-    write_repository(repository, served.onnx, index, max_request_bytes=limit, facts=served.facts)
+    write_repository(repository, served.onnx, index, max_request_bytes=limit, facts=served.facts, batching=batching)
     service = SearchService(repository, host=host, grpc_port=grpc_port, http_port=http_port,
                             metrics_port=metrics_port, limits=Limits(max_request_bytes=limit), log_path=log_path,
                             verbose=verbose, start_timeout_s=start_timeout_s)

@@ -45,12 +45,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import sys
 
     from ascl.serving.collections.index import read_info
-    from ascl.serving.online.repository import docker_command, write_repository
+    from ascl.serving.online.repository import Batching, docker_command, write_repository
     from ascl.serving.online.serve import check_ports_free, choose_model, served_model, start_service
     from ascl.serving.online.server import ADMIN_KEY_HEADER, ServerError
 
     max_request = int(args.max_request_mb * 2**20)
     with user_errors(*USER_ERRORS):
+        batching = Batching(queue_delay_us=args.queue_delay_us, instances=args.instances)
         read_info(args.index)  # IndexFileError (what to do) when it is no index
         if not args.repository_only:
             check_ports_free({"--grpc-port": args.grpc_port, "--http-port": args.http_port,
@@ -65,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.repository_only:
             repo = write_repository(args.repository_only, served.onnx, args.index, platform=args.platform,
                                     copy_index=True, plan_path=args.plan, max_request_bytes=max_request,
-                                    facts=served.facts)
+                                    facts=served.facts, batching=batching)
             print(f"wrote the production model repository {repo}")
             if args.platform == "tensorrt" and not args.plan:
                 print(f"build its engine on the serving GPU first: ascl export tensorrt {served.onnx} "
@@ -82,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             service = start_service(served, args.index, repo_dir, grpc_port=args.grpc_port,
                                     http_port=args.http_port, metrics_port=args.metrics_port, host=args.host,
                                     max_request_bytes=max_request, verbose=args.verbose,
-                                    start_timeout_s=args.start_timeout)
+                                    start_timeout_s=args.start_timeout, batching=batching)
         print(f"ready: gRPC {service.grpc_url}  HTTP {service.http_url}  metrics {service.metrics_url}\n"
               f"  health: {service.http_url}/v2/health/ready   (inference, health and metadata only)\n"
               f"  try: ascl query IMAGE -k 10 --server {service.grpc_url}   (Ctrl-C stops)", flush=True)
@@ -154,6 +155,13 @@ def register(sub: Any) -> None:
     serve.add_argument("--max-request-mb", type=float, default=64.0,
                        help="largest request (all its images, encoded) the ports accept; larger ones are refused "
                             "before they are read (gRPC RESOURCE_EXHAUSTED, HTTP 413)")
+    serve.add_argument("--queue-delay-us", type=int, default=0,
+                       help="microseconds each model's dynamic batcher may hold a request to fill a bigger batch; "
+                            "a lone request waits all of it. 0 still batches the requests that queue while every "
+                            "instance is busy; raise it for a GPU encoder, and measure (benchmarks/serve_load.py)")
+    serve.add_argument("--instances", type=int, default=0,
+                       help="instances of the image_search, embed and encoder models (one ONNX Runtime thread "
+                            "each; each image_search instance holds the index in memory); 0: one per core, at most 4")
     serve.add_argument("--print-admin-key", action="store_true",
                        help="print the key of Triton's restricted APIs (model repository, config, statistics, trace, "
                             "logging, shared memory) on its private ports; the public ports never serve them")
