@@ -101,7 +101,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     index = as_spec(args.index) if args.index else None
     with user_errors(ValueError):
         if index is not None and not index_exists(index):
-            raise InputError(f"--index {index}: no index there; build one with 'ascl index build'")
+            raise InputError(f"--index {index}: not an index folder or collection; build one with 'ascl index build'")
     with user_errors(FileNotFoundError, ValueError, RuntimeError):
         backend = _demo_backend(args, cache)
     examples = example_files(index) if index is not None else []

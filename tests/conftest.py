@@ -294,7 +294,7 @@ def digits_index(random_onnx: Path, digits_folder: Path, tmp_path_factory: pytes
     """The 120 digits indexed with ``random_onnx``, built once. Tests only read it (copy it to change
     it); the session fails at the end if one wrote to it."""
     from ascl.serving.collections.build import build_index
-    from ascl.serving.collections.index import manifest_version
+    from ascl.serving.collections.faiss_index import manifest_version
 
     folder = tmp_path_factory.mktemp("digits-index") / "idx"
     build_index(random_onnx, str(digits_folder), folder, progress=False)

@@ -36,6 +36,8 @@ from ascl.serving.collections.build import build_index
 from ascl.serving.online.repository import Batching, dynamic_batching, write_config, write_repository
 from ascl.serving.online.server import ADMIN_KEY_HEADER
 
+pytestmark = pytest.mark.triton
+
 HOLD_US = 1_000_000  # long enough that requests sent together meet in one batch on a busy 2-core machine
 
 
@@ -231,7 +233,7 @@ def test_embed_matches_preprocess_then_encoder(served: Served) -> None:
         pixels = client.infer(names.MODEL_PREPROCESS, [image_input(images)]).as_numpy(names.IMAGES)
         expected = client.infer(names.MODEL_ENCODER, [tensor(names.IMAGES, pixels, "UINT8")]).as_numpy(names.EMBEDDINGS)
         got = client.infer(names.MODEL_EMBED, [image_input(images)]).as_numpy(names.EMBEDDINGS)
-    assert got.shape == expected.shape == (10, 512) and got.dtype == np.float32
+    assert got.shape == expected.shape == (10, 128) and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -283,6 +285,6 @@ def test_the_fused_models_keep_the_public_contract(served: Served) -> None:
         (names.WHERE, "TYPE_STRING", [1], True)]
     assert [(t["name"], t["data_type"], t["dims"]) for t in search["output"]] == [
         (names.IDS, "TYPE_INT64", [-1]), (names.SCORES, "TYPE_FP32", [-1]), (names.METADATA, "TYPE_STRING", [-1])]
-    assert [(t["name"], t["data_type"], t["dims"]) for t in embed["output"]] == [(names.EMBEDDINGS, "TYPE_FP32", [512])]
+    assert [(t["name"], t["data_type"], t["dims"]) for t in embed["output"]] == [(names.EMBEDDINGS, "TYPE_FP32", [128])]  # width 16: 128-d
     assert search["max_batch_size"] == embed["max_batch_size"] == 64
     assert search["dynamic_batching"]["max_queue_delay_microseconds"] == HOLD_US
