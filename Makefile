@@ -9,6 +9,9 @@ TYPECHECK_TREE := build/typecheck
 # The Triton Python stub that nvidia-pytriton ships needs NumPy < 2 (see serving/online/server.py):
 # prepare its small side environment at install time, not at the first server start.
 STUB_ENV = $(BIN)/python -c "from ascl.serving.online.server import prepared_stub_env; prepared_stub_env()"
+# setuptools notes every editable install of a package-dir layout ("Editable installation ... folders in
+# your working directory"); informational only, so the install stays quiet. Real warnings still show.
+QUIET_EDITABLE = PYTHONWARNINGS="ignore:Editable installation"
 
 .PHONY: up test lint typecheck pytest install-dev install-run browser clean
 
@@ -43,12 +46,12 @@ $(VENV)/bin/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(QUIET_EDITABLE) $(BIN)/python -m pip install -q -e '.[dev]'
 	$(STUB_ENV)
 	touch $@
 
 $(VENV)/.installed-run: pyproject.toml | $(VENV)/bin/python
-	$(BIN)/python -m pip install -q -e '.[train,export,serve,demo]'
+	$(QUIET_EDITABLE) $(BIN)/python -m pip install -q -e '.[train,export,serve,demo]'
 	$(STUB_ENV)
 	touch $@
 

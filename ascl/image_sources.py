@@ -7,7 +7,9 @@ A spec is one of (``describe_specs()`` is the help text every command shows):
   PATH                     a text file listing one image path per line (relative to the file's
                            folder; blank lines and ``#`` comments skipped); no labels
   PATH.tar[.gz] | .tgz     an archive of ``.../<label>/<image>`` members (the CIFAR-10 JPEG copy)
-  cifar10-offline[:PATH]   that archive; without PATH the one ``default_cifar_tar()`` finds
+  cifar10-offline[:PATH]   the CIFAR-10 JPEG archive (32 px); without PATH the one
+                           ``default_offline_tar()`` finds beside the checkout
+  imagenette-offline[:PATH]  the Imagenette photo archive (160 px, 10 classes), found the same way
   cifar10 | cifar100 | stl10   torchvision's sets, downloaded when online (a clear error offline)
   digits                   scikit-learn's 1,797 handwritten digits (bundled, offline), rendered by
                            ``render_digits``
@@ -19,7 +21,8 @@ Every source yields ``SourceImage`` records in a stable order (folders: sorted p
 files: their order; archives: archive order, read as a stream; the array sets: their own
 order, numbered per class as ``<label>/<nnnn>.png``), with the encoded bytes read lazily where
 the source allows. On top of that: ``load_arrays`` (decoded uint8 arrays at one size, for
-training and calibration; archives decoded once and cached under ``ascl.cache.cache_dir()``)
+training and calibration; archives and folders decoded once per size and cached under
+``ascl.cache.cache_dir()``)
 and ``per_class_subset`` (the first images of every label, for a demo gallery).
 
 Only the standard library is imported here at module level, so that command-line help can
@@ -48,16 +51,40 @@ if TYPE_CHECKING:
     import numpy as np
 
 OFFLINE_PREFIX = "cifar10-offline"
+IMAGENETTE_PREFIX = "imagenette-offline"
 TORCHVISION = ("cifar10", "cifar100", "stl10")
 DIGITS = "digits"
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-CIFAR_TAR_ENV = "ASCL_CIFAR10_TAR"
-# The offline CIFAR-10 JPEG copy, relative to the folder that holds a source checkout (see
-# ../shared/data/cifar10/README.md). The only place this path is written in library code.
-SHARED_CIFAR_TAR = Path("shared") / "data" / "cifar10" / "train.tar.gz"
 CHECKOUT = Path(__file__).resolve().parents[1]  # the source checkout, when this file is in one
-TAR_CACHE_FOLDER = "cifar10-offline"  # under cache_dir(): archives decoded once, as .npy
-NATIVE_TAR_SIZE = 32  # the CIFAR size; the cache key of an archive decoded at it has no size in it
+DECODED_CACHE_FOLDER = "decoded"  # under cache_dir(): archives and folders decoded once, as .npy
+NATIVE_TAR_SIZE = 32  # the CIFAR size: what an archive is decoded at unless a size is asked for
+
+
+@dataclass(frozen=True)
+class OfflineSet:
+    """A labelled photo archive that ships beside the checkout (``../shared/data/...``) for offline use.
+
+    ``prefix[:PATH]`` names it as an image source; without PATH the archive is found by
+    ``default_offline_tar``: ``$env`` first, then ``shared`` beside the source checkout, then
+    ``../shared`` from the working folder. The only place these paths are written in library code.
+    """
+
+    prefix: str  # the spec name, e.g. cifar10-offline
+    env: str  # the environment variable that names the archive
+    shared: Path  # the archive relative to the folder holding a source checkout
+    what: str  # for messages: what the archive is
+    size: int  # the side its photos are stored at
+
+
+CIFAR10_OFFLINE = OfflineSet(OFFLINE_PREFIX, "ASCL_CIFAR10_TAR", Path("shared") / "data" / "cifar10" / "train.tar.gz",
+                             "the CIFAR-10 JPEG tar", 32)
+IMAGENETTE_OFFLINE = OfflineSet(IMAGENETTE_PREFIX, "ASCL_IMAGENETTE_TAR",
+                                Path("shared") / "data" / "imagenette" / "train.tar.gz",
+                                "the Imagenette photo tar (160 px)", 160)
+OFFLINE_SETS = {s.prefix: s for s in (CIFAR10_OFFLINE, IMAGENETTE_OFFLINE)}
+# kept for callers that name the CIFAR copy's pieces
+CIFAR_TAR_ENV = CIFAR10_OFFLINE.env
+SHARED_CIFAR_TAR = CIFAR10_OFFLINE.shared
 
 
 class ImageSourceError(AsclError, ValueError):
@@ -70,58 +97,79 @@ class ImageSourceNotFound(ImageSourceError, FileNotFoundError):
 
 def describe_specs() -> str:
     """The one help text of an image-source argument (``--data``, ``--images``, ``--calibration``, ``--gallery``)."""
+    offline = "; ".join(
+        f"'{s.prefix}[:PATH]' for {s.what} (default PATH: ${s.env}, else ../{s.shared.as_posix()} beside the source "
+        "checkout or the working folder)" for s in OFFLINE_SETS.values()
+    )
     return (
         "a folder of images (searched recursively; first-level sub-folders are labels, as in ImageFolder), "
         "a text file listing one image path per line, a .tar/.tar.gz of <label>/<image> files, "
-        f"'{OFFLINE_PREFIX}[:PATH]' for the CIFAR-10 JPEG tar (default PATH: ${CIFAR_TAR_ENV}, else "
-        f"../{SHARED_CIFAR_TAR.as_posix()} beside the source checkout or the working folder), "
-        f"{', '.join(TORCHVISION)} (torchvision; downloaded when online) or '{DIGITS}' "
+        f"{offline}; {', '.join(TORCHVISION)} (torchvision; downloaded when online) or '{DIGITS}' "
         "(scikit-learn's 1,797 handwritten digits, offline)"
     )
 
 
-# ----------------------------------------------------------------------------- the default archive
+# ----------------------------------------------------------------------------- the offline archives
 
 
-def cifar_tar_candidates() -> list[Path]:
-    """Where ``cifar10-offline`` without a path looks, in order: ``$ASCL_CIFAR10_TAR``, the copy
-    beside this source checkout, then ``../shared/...`` relative to the working folder."""
+def offline_tar_candidates(name: str = OFFLINE_PREFIX) -> list[Path]:
+    """Where ``name`` (an ``OFFLINE_SETS`` prefix) without a path looks, in order: its environment
+    variable, the copy beside this source checkout, then ``../shared/...`` from the working folder."""
+    known = OFFLINE_SETS[name]
     found: list[Path] = []
-    env = os.environ.get(CIFAR_TAR_ENV)
+    env = os.environ.get(known.env)
     if env:
         found.append(Path(env).expanduser())
     if (CHECKOUT / "pyproject.toml").is_file():  # an installed package has no checkout beside it
-        found.append(CHECKOUT.parent / SHARED_CIFAR_TAR)
-    found.append(Path.cwd().parent / SHARED_CIFAR_TAR)
+        found.append(CHECKOUT.parent / known.shared)
+    found.append(Path.cwd().parent / known.shared)
     return found
 
 
-def default_cifar_tar() -> Path | None:
-    """The CIFAR-10 JPEG tar that ``cifar10-offline`` means, or None when there is none.
+def default_offline_tar(name: str = OFFLINE_PREFIX) -> Path | None:
+    """The archive that ``name`` means, or None when there is none.
 
-    ``$ASCL_CIFAR10_TAR`` comes first; when it is set it must name a file (ImageSourceNotFound
+    Its environment variable comes first; when it is set it must name a file (ImageSourceNotFound
     otherwise: a wrong setting is reported, not skipped).
     """
-    env = os.environ.get(CIFAR_TAR_ENV)
+    known = OFFLINE_SETS[name]
+    env = os.environ.get(known.env)
     if env and not Path(env).expanduser().is_file():
-        raise ImageSourceNotFound(f"${CIFAR_TAR_ENV}={env}: no such file; set it to the CIFAR-10 JPEG tar "
+        raise ImageSourceNotFound(f"${known.env}={env}: no such file; set it to {known.what} "
                                   f"(train.tar.gz) or unset it")
-    for path in cifar_tar_candidates():
+    for path in offline_tar_candidates(name):
         if path.is_file():
             return path.resolve()
     return None
 
 
-def require_cifar_tar() -> Path:
-    """``default_cifar_tar()``, or ImageSourceNotFound saying where it looked and what to do."""
-    found = default_cifar_tar()
+def require_offline_tar(name: str = OFFLINE_PREFIX) -> Path:
+    """``default_offline_tar(name)``, or ImageSourceNotFound saying where it looked and what to do."""
+    found = default_offline_tar(name)
     if found is None:
-        looked = ", ".join(str(p) for p in cifar_tar_candidates())
+        known = OFFLINE_SETS[name]
+        looked = ", ".join(str(p) for p in offline_tar_candidates(name))
+        extra = "; or use cifar10 (torchvision, downloads when online)" if name == OFFLINE_PREFIX else ""
         raise ImageSourceNotFound(
-            f"no CIFAR-10 JPEG tar found (looked at {looked}): set ${CIFAR_TAR_ENV} to its path or pass "
-            f"{OFFLINE_PREFIX}:PATH/train.tar.gz; or use cifar10 (torchvision, downloads when online)"
+            f"no {known.what} found (looked at {looked}): set ${known.env} to its path or pass "
+            f"{name}:PATH/train.tar.gz{extra}"
         )
     return found
+
+
+def default_cifar_tar() -> Path | None:
+    """The CIFAR-10 JPEG tar that ``cifar10-offline`` means, or None (``default_offline_tar``)."""
+    return default_offline_tar(OFFLINE_PREFIX)
+
+
+def default_imagenette_tar() -> Path | None:
+    """The Imagenette photo tar that ``imagenette-offline`` means, or None (``default_offline_tar``)."""
+    return default_offline_tar(IMAGENETTE_PREFIX)
+
+
+def require_cifar_tar() -> Path:
+    """``require_offline_tar`` for the CIFAR-10 copy."""
+    return require_offline_tar(OFFLINE_PREFIX)
 
 
 # ----------------------------------------------------------------------------- the grammar
@@ -161,15 +209,16 @@ def parse_spec(spec: str | os.PathLike[str] | ImageSpec) -> ImageSpec:
         return ImageSpec("digits", text, name=DIGITS)
     if text in TORCHVISION:
         return ImageSpec("torchvision", text, name=text)
-    if text == OFFLINE_PREFIX:
-        return ImageSpec("tar", text, require_cifar_tar())
-    if text.startswith(OFFLINE_PREFIX + ":"):
-        given = text[len(OFFLINE_PREFIX) + 1 :]
-        path = Path(given).expanduser()
-        if not given or not path.is_file():
-            raise ImageSourceNotFound(f"{given or '(empty)'}: no such file; pass {OFFLINE_PREFIX}:PATH with the "
-                                      f"CIFAR-10 JPEG tar (train.tar.gz), or {OFFLINE_PREFIX} alone for the default")
-        return ImageSpec("tar", text, path)
+    for prefix, known in OFFLINE_SETS.items():
+        if text == prefix:
+            return ImageSpec("tar", text, require_offline_tar(prefix))
+        if text.startswith(prefix + ":"):
+            given = text[len(prefix) + 1 :]
+            path = Path(given).expanduser()
+            if not given or not path.is_file():
+                raise ImageSourceNotFound(f"{given or '(empty)'}: no such file; pass {prefix}:PATH with "
+                                          f"{known.what} (train.tar.gz), or {prefix} alone for the default")
+            return ImageSpec("tar", text, path)
     return _path_spec(Path(text).expanduser(), text, IMAGE_SUFFIXES)
 
 
@@ -237,6 +286,25 @@ def iter_images(
     else:
         items = iter_decoded(load_torchvision(parsed.name, split, root=torchvision_root), f"{parsed.name}:{split}")
     return items if limit is None else _take(items, limit)
+
+
+def source_fingerprint(spec: str | os.PathLike[str] | ImageSpec) -> tuple[str, str]:
+    """(the source as index metadata records it, a fingerprint that changes with its images), cheaply:
+    names, sizes and modification times for folders and list files, size and time for archives.
+
+    The one content key of an image source: the export cache's calibration key and the demo's
+    gallery and index keys are built on it.
+    """
+    parsed = parse_spec(spec)
+    digest = hashlib.sha256(f"{parsed.kind}\0{parsed.source}\n".encode())
+    if parsed.kind == "tar":
+        stat = parsed.path.stat()  # type: ignore[union-attr]
+        digest.update(f"{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    elif parsed.kind in ("folder", "list"):
+        for item in iter_images(parsed):
+            stat = item.file.stat()  # type: ignore[union-attr]
+            digest.update(f"{item.path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return parsed.source, digest.hexdigest()
 
 
 def _take(items: Iterator[SourceImage], limit: int) -> Iterator[SourceImage]:
@@ -378,10 +446,18 @@ def resize_all(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack([to_rgb_square(Image.fromarray(im), size) for im in images])
 
 
-def decode_all(items: Iterable[SourceImage], size: int) -> list[np.ndarray]:
-    """``item.decode(size)`` for every item, in order, on a few threads (PIL decodes without the GIL)."""
+def decode_all(items: Iterable[SourceImage], size: int,
+               progress: Callable[[int], object] | None = None) -> list[np.ndarray]:
+    """``item.decode(size)`` for every item, in order, on a few threads (PIL decodes without the GIL);
+    ``progress(1)`` after each image."""
+    def one(item: SourceImage) -> np.ndarray:
+        image = item.decode(size)
+        if progress is not None:
+            progress(1)
+        return image
+
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda item: item.decode(size), items))
+        return list(pool.map(one, items))
 
 
 def _labelled(items: list[SourceImage]) -> tuple[np.ndarray, list[str]]:
@@ -399,8 +475,9 @@ def load_arrays(spec: str | os.PathLike[str] | ImageSpec, size: int, *, split: s
                 torchvision_root: Path | None = None) -> DecodedImages:
     """Every image of ``spec`` decoded at ``size`` (uint8 [N, size, size, 3]) with labels.
 
-    Order: folders and list files as ``iter_images``; archives by (label, member name), decoded
-    once and cached (``decoded_tar``); digits and torchvision sets in their own order.
+    Order: folders and list files as ``iter_images``; archives by (label, member name).
+    Archives and folders are decoded once per size and cached (``decoded_tar``,
+    ``decoded_folder``); digits and torchvision sets come in their own order.
     Labels follow the folder rule: labelled when every image has a label, else all -1.
     """
     import numpy as np
@@ -414,34 +491,69 @@ def load_arrays(spec: str | os.PathLike[str] | ImageSpec, size: int, *, split: s
     if parsed.kind == "tar":
         assert parsed.path is not None
         return decoded_tar(parsed.path, size)
+    if parsed.kind == "folder":
+        assert parsed.path is not None
+        return decoded_folder(parsed.path, size)
     items = list(iter_images(parsed))
     labels, classes = _labelled(items)
     return DecodedImages(np.stack(decode_all(items, size)), labels, classes)
 
 
 def decoded_tar(tar_path: Path, size: int = NATIVE_TAR_SIZE) -> DecodedImages:
-    """Every image of an archive at ``size``, sorted by (label, member name); decoded once and cached
-    as .npy (read back without pickle) under ``cache_dir()/cifar10-offline/<key>``, the key changing
-    with the archive's path, size and modification time."""
+    """Every image of an archive at ``size``, sorted by (label, member name); decoded once and
+    cached (``cached_decode``), keyed by the archive's ``source_fingerprint`` and the size."""
+    tar_path = tar_path.resolve()
+    spec = ImageSpec("tar", str(tar_path), tar_path)
+
+    def decode() -> DecodedImages:
+        items = list(iter_images(spec))
+        if not items:
+            raise ImageSourceNotFound(f"{tar_path}: no images inside (expected <label>/<image> members, "
+                                      "as train/<class>/<n>.jpg)")
+        items.sort(key=lambda item: (item.label or "", item.path))
+        return _decode_items(items, size, desc=tar_path.name)
+
+    return cached_decode(f"{source_fingerprint(spec)[1]}|{size}", decode)
+
+
+def decoded_folder(folder: Path, size: int) -> DecodedImages:
+    """Every image of a folder at ``size``, in ``iter_images`` order; decoded once and cached
+    (``cached_decode``), keyed by the folder's ``source_fingerprint`` (every file's path, size and
+    modification time: a photo added, removed or replaced means a new decode) and the size."""
+    spec = ImageSpec("folder", str(folder), folder)
+    items = list(iter_images(spec))
+    return cached_decode(f"{source_fingerprint(spec)[1]}|{size}", lambda: _decode_items(items, size, desc=folder.name))
+
+
+def _decode_items(items: list[SourceImage], size: int, *, desc: str) -> DecodedImages:
+    """Decode ``items`` at ``size`` with a progress bar (thousands of photos take a minute)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    labels, classes = _labelled(items)
+    with tqdm(total=len(items), desc=f"decoding {desc} at {size} px", unit="img", leave=False,
+              disable=len(items) < 2000) as bar:
+        arrays = decode_all(items, size, progress=bar.update)
+    return DecodedImages(np.stack(arrays), labels, classes)
+
+
+def cached_decode(key: str, decode: Callable[[], DecodedImages]) -> DecodedImages:
+    """``decode()`` once per ``key``: kept as .npy (read back without pickle) under
+    ``cache_dir()/decoded/<sha256(key)[:16]>``, each file written atomically."""
     import numpy as np
 
-    tar_path = tar_path.resolve()
-    stat = tar_path.stat()
-    text = f"{tar_path}|{stat.st_size}|{stat.st_mtime_ns}" + ("" if size == NATIVE_TAR_SIZE else f"|{size}")
-    folder = cache_dir() / TAR_CACHE_FOLDER / hashlib.sha256(text.encode()).hexdigest()[:16]
+    folder = cache_dir() / DECODED_CACHE_FOLDER / hashlib.sha256(key.encode()).hexdigest()[:16]
     paths = {name: folder / f"{name}.npy" for name in ("images", "labels")}
     classes_file = folder / "classes.txt"
     if all(p.is_file() for p in paths.values()) and classes_file.is_file():
-        images = np.load(paths["images"], allow_pickle=False)
-        labels = np.load(paths["labels"], allow_pickle=False)
-        return DecodedImages(images, labels, classes_file.read_text().splitlines())
-    items = list(iter_images(ImageSpec("tar", str(tar_path), tar_path)))
-    if not items:
-        raise ImageSourceNotFound(f"{tar_path}: no images inside (expected <label>/<image> members, "
-                                  "as train/<class>/<n>.jpg)")
-    items.sort(key=lambda item: (item.label or "", item.path))
-    labels, classes = _labelled(items)
-    full = DecodedImages(np.stack(decode_all(items, size)), labels, classes)
+        try:
+            images = np.load(paths["images"], allow_pickle=False)
+            labels = np.load(paths["labels"], allow_pickle=False)
+            if images.ndim == 4 and len(images) == len(labels):
+                return DecodedImages(images, labels, classes_file.read_text().splitlines())
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is decoded again
+    full = decode()
     for name, arr in (("images", full.images), ("labels", full.labels)):
         with atomic_path(paths[name]) as tmp, open(tmp, "wb") as fh:
             np.save(fh, arr, allow_pickle=False)

@@ -31,7 +31,8 @@ def device_name(device: Any) -> str:
 # Vector-instruction flags that decide CPU inference speed: AVX2/FMA for fp32, and for int8 the
 # dot-product extensions (VNNI, AMX), without which int8 convolutions run at only about twice
 # the fp32 rate.
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # bf16 dot products in hardware
 
 
 def cpu_simd_flags() -> list[str]:
@@ -45,3 +46,9 @@ def cpu_simd_flags() -> list[str]:
     except OSError:
         pass
     return []
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 dot products in hardware (AVX512-BF16 or AMX), where bf16
+    autocast makes a training step faster instead of slower."""
+    return any(flag in NATIVE_BF16_FLAGS for flag in cpu_simd_flags())

@@ -40,6 +40,7 @@ class ShippedModel:
     name: str
     repo_id: str
     summary: str
+    use: str = ""  # what it is for, in a few words (``ascl models`` shows it)
 
     def folder(self, root: Path | None = None) -> Path:
         """Where its shipped hub folder lives (it may be absent: see ``is_shipped``)."""
@@ -60,11 +61,13 @@ MODELS: dict[str, ShippedModel] = {
             repo_id=f"{HUB_ORG}/ascl-resnet18w16-cifar10-cpu",
             summary="ASCL ResNet-18 at base width 16 (CIFAR stem, 32x32) trained on CIFAR-10 without labels "
             "on a 2-core CPU; 128-d embeddings.",
+            use="small thumbnails (CIFAR-like, 32 px)",
         ),
         ShippedModel(
             name="ascl-resnet18-cifar10",
             repo_id=f"{HUB_ORG}/ascl-resnet18-cifar10",
             summary="ASCL ResNet-18 (CIFAR stem, 32x32) pretrained on CIFAR-10 without labels; 512-d embeddings.",
+            use="small thumbnails (CIFAR-like, 32 px)",
         ),
     )
 }

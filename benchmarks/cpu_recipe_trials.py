@@ -1,19 +1,24 @@
-"""Short training trials that choose the CPU recipe (``training/configs/cifar10_cpu.yaml``).
+"""Short training trials that choose a CPU recipe: ``--recipe cifar`` for
+``training/configs/cifar10_cpu.yaml``, ``--recipe photo`` for ``imagenette_cpu.yaml``.
 
-Each trial is one ``ascl train --config cifar10_cpu`` run with its own overrides (width, batch,
-lr, epochs, queue), a complete warm-up + cosine schedule over its few epochs, and the kNN
-monitor after every epoch (k=200, t=0.1; a 10,000-image bank from the training split, all
-5,000 validation images). The record keeps, per trial, kNN top-1 against training minutes
-(``elapsed_s`` of ``metrics.csv``: training wall time, kNN excluded), so trials of different
-widths are compared at equal time. Trials run one after another in fresh processes; a
-finished trial is read back instead of rerun, so the script can be stopped and started again.
-Run it on a quiet machine: nothing else should share the cores.
+Each trial is one ``ascl train --config <recipe's config>`` run with its own overrides (width,
+image size, batch, lr, epochs, queue, bf16), a complete warm-up + cosine schedule over its few
+epochs, and the kNN monitor during it (CIFAR: k=200, t=0.1, a 10,000-image bank from the
+training split, all 5,000 validation images; photos: k=20, t=0.1, the whole training split as
+bank, the held-out 10% of each class as queries). The record keeps, per trial, kNN top-1
+against training minutes (``elapsed_s`` of ``metrics.csv``: training wall time, kNN excluded),
+so trials of different widths and sizes are compared at equal time. Trials run one after
+another in fresh processes; a finished trial is read back instead of rerun, so the script can
+be stopped and started again. Run it on a quiet machine (or pinned to a core nothing else
+uses: ``taskset -c 0``): nothing else should share its cores.
 
-  python benchmarks/cpu_recipe_trials.py                         # the trials listed in TRIALS
+  python benchmarks/cpu_recipe_trials.py                         # the CIFAR trials
+  python benchmarks/cpu_recipe_trials.py --recipe photo          # the photo trials
   python benchmarks/cpu_recipe_trials.py --only w16-b256-lr06     # one of them
   python benchmarks/cpu_recipe_trials.py --trial mine:model.width=20,epochs=3   # your own
 
-Writes ``benchmarks/results/cpu_recipe_trials.json`` and ``cpu_recipe_trials.png``.
+Writes ``benchmarks/results/cpu_recipe_trials.json`` / ``.png`` (CIFAR) or
+``photo_recipe_trials.json`` / ``.png``.
 """
 
 from __future__ import annotations
@@ -31,9 +36,8 @@ from typing import Any
 from ascl import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["eval.knn_every=1", "eval.knn_train_subset=10000", "optim.warmup_epochs=0.5", "checkpoint_every=100"]
-# name -> overrides of the shipped cifar10_cpu config; each schedule spans ~10-15 minutes here
-TRIALS: dict[str, list[str]] = {
+# name -> overrides of the recipe's shipped config; each schedule spans ~10-15 minutes here
+CIFAR_TRIALS: dict[str, list[str]] = {
     "w16-b256-lr06": ["model.width=16", "batch_size=256", "optim.lr_per_256=0.06", "epochs=4"],
     "w32-b256-lr06": ["model.width=32", "batch_size=256", "optim.lr_per_256=0.06", "epochs=2"],
     "w24-b256-lr06": ["model.width=24", "batch_size=256", "optim.lr_per_256=0.06", "epochs=3"],
@@ -42,10 +46,32 @@ TRIALS: dict[str, list[str]] = {
     "w16-b256-lr06-q16k": ["model.width=16", "batch_size=256", "optim.lr_per_256=0.06", "epochs=4",
                            "moco.queue_size=16384"],
 }
+# one core (taskset -c 0, one thread), ~8 minutes each; every trial keeps 160-px photos and crops of them
+PHOTO_TRIALS: dict[str, list[str]] = {
+    "w16-128-bf16": ["amp=bf16", "epochs=10"],
+    "w16-128-fp32": ["amp=off", "epochs=7"],
+    "w16-96-bf16": ["amp=bf16", "data.image_size=96", "epochs=18"],
+    "w24-128-bf16": ["amp=bf16", "model.width=24", "epochs=5"],
+    "w16-128-bf16-b256": ["amp=bf16", "batch_size=256", "epochs=10"],
+    "w16-128-bf16-q8k": ["amp=bf16", "moco.queue_size=8192", "epochs=10"],
+}
+RECIPES: dict[str, dict[str, Any]] = {
+    "cifar": {"config": "cifar10_cpu", "trials": CIFAR_TRIALS, "out": "cpu_recipe_trials.json",
+              "common": ["eval.knn_every=1", "eval.knn_train_subset=10000", "optim.warmup_epochs=0.5",
+                         "checkpoint_every=100"],
+              "knn": "k=200, t=0.1, bank: 10,000 images of the train split, queries: val split",
+              "title": "CPU recipe trials: MoCo-v2 + ASCL on CIFAR-10"},
+    "photo": {"config": "imagenette_cpu", "trials": PHOTO_TRIALS, "out": "photo_recipe_trials.json",
+              "common": ["eval.knn_every=2", "optim.warmup_epochs=0.5", "checkpoint_every=100"],
+              "knn": "k=20, t=0.1, bank: the train split (90% of each class), queries: the held-out 10%",
+              "title": "Photo recipe trials: MoCo-v2 + ASCL on Imagenette (one core)"},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="cifar", choices=sorted(RECIPES),
+                   help="which recipe's trials: cifar (cifar10_cpu) or photo (imagenette_cpu) (default: cifar)")
     p.add_argument("--only", action="append", default=[], help="run only these trial names (repeatable)")
     p.add_argument("--trial", action="append", default=[], metavar="NAME:KEY=V,KEY=V",
                    help="an extra trial: its name and config overrides")
@@ -53,12 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="", help="dataset spec (default: the config's, the offline CIFAR-10 copy)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an override applied to every trial (e.g. for a smoke test)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_recipe_trials.json"))
-    return p.parse_args(argv)
+    p.add_argument("--out", default="", help="results JSON (default: benchmarks/results/<recipe's file>)")
+    args = p.parse_args(argv)
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / RECIPES[args.recipe]["out"])
+    return args
 
 
 def trial_list(args: argparse.Namespace) -> dict[str, list[str]]:
-    trials = dict(TRIALS)
+    trials = dict(RECIPES[args.recipe]["trials"])
     for text in args.trial:
         name, _, sets = text.partition(":")
         if not name or not sets:
@@ -86,8 +114,9 @@ def summarise(run_dir: Path) -> dict[str, Any]:
 
 def run_trial(name: str, overrides: list[str], args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(args.runs) / name
-    sets = [*COMMON, *overrides, *args.set]
-    cmd = [sys.executable, "-m", "ascl", "train", "--config", "cifar10_cpu", "--out", str(run_dir), "--no-progress"]
+    recipe = RECIPES[args.recipe]
+    sets = [*recipe["common"], *overrides, *args.set]
+    cmd = [sys.executable, "-m", "ascl", "train", "--config", recipe["config"], "--out", str(run_dir), "--no-progress"]
     if args.data:
         cmd += ["--data", args.data]
     for s in sets:
@@ -104,7 +133,7 @@ def run_trial(name: str, overrides: list[str], args: argparse.Namespace) -> dict
     return result
 
 
-def plot(record: dict[str, Any], path: Path) -> None:
+def plot(record: dict[str, Any], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,9 +145,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
     for trial in record["trials"]:
         pts = trial["knn"]
         ax.plot([p["minutes"] for p in pts], [100 * p["knn_top1"] for p in pts], marker="o", label=trial["name"])
-    ax.set_xlabel("training minutes (2-core CPU)")
+    ax.set_xlabel(f"training minutes ({record.get('cores', '2-core CPU')})")
     ax.set_ylabel("kNN top-1 on the val split (%)")
-    ax.set_title("CPU recipe trials: MoCo-v2 + ASCL on CIFAR-10")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -132,11 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     load_before = os.getloadavg()
     results = [run_trial(name, sets, args) for name, sets in trial_list(args).items()]
+    recipe = RECIPES[args.recipe]
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
     record = {
         "benchmark": "cpu_recipe_trials", "cpu": machine.cpu_name(), "cpu_simd": machine.cpu_simd_flags(),
         "cpu_count": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()], "wall_s": round(time.time() - started, 1),
-        "common_overrides": COMMON, "knn": "k=200, t=0.1, bank: 10,000 images of the train split, queries: val split",
+        "recipe": args.recipe, "config": recipe["config"], "cores": f"{cores} of {os.cpu_count()} cores",
+        "common_overrides": recipe["common"], "knn": recipe["knn"],
         "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["cpu_recipe_trials.py", *argv]),
         "trials": results,
     }
@@ -145,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = [t for t in previous.get("trials", []) if t["name"] not in {r["name"] for r in results}]
     record["trials"] = kept + results
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
-    plot(record, out.with_suffix(".png"))
+    plot(record, out.with_suffix(".png"), recipe["title"])
     print(f"-> {out}")
     return 0
 

@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow
 
     from ascl.export.cache import cached_onnx
+    from ascl.export.identity import model_identity
     from ascl.image_sources import iter_images
     from ascl.models import resolve_model
-    from ascl.serving.collections.model_identity import model_identity
 
     threads = args.threads or len(os.sched_getaffinity(0))
     load_before = os.getloadavg()

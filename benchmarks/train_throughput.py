@@ -5,9 +5,10 @@ queue 4096), same batch, same initial weights, each measured after its own warm-
 
 - ``reference``: the official recipe: PIL two-view augmentation in DataLoader workers, fp32
   NCHW step (``make_reference_step``), end to end (loading, host-to-device copy, step).
-- ``fast``: uint8 images on the device, batched augmentation there (``GpuTwoViewLoader``, on
-  the GPU or the CPU), channels_last, fused SGD; on a GPU bf16 and compiled networks
-  (``make_fast_step``), end to end.
+- ``fast``: uint8 images decoded once, the two views made as the training loop's fast path
+  makes them (``--views``: OpenCV per image on a CPU, ``CpuTwoViewLoader``; batched tensor ops
+  on a GPU, ``GpuTwoViewLoader``), channels_last, fused SGD; on a GPU bf16 and compiled
+  networks (``make_fast_step``), end to end.
 - ``*_step_only``: the same two steps on one fixed batch already on the device: the ceiling
   each data path could reach. ``fast_share_of_step_only`` says how close the fast path gets.
 - on CPU, ``fast_bf16_step_only`` at the narrowest width: the fast step under bf16 autocast,
@@ -57,7 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="cifar10-offline",
                    help="dataset spec (ascl.image_sources: cifar10-offline[:PATH], a folder, digits, ...) or "
                         "synthetic:N for N random uint8 images (default: the offline CIFAR-10 copy)")
-    p.add_argument("--image-size", type=int, default=32, help="image side (default: 32)")
+    p.add_argument("--image-size", type=int, default=32, help="side of the views and the encoder input (default: 32)")
+    p.add_argument("--decode-size", type=int, default=0,
+                   help="side the images are decoded and kept at, crops taken from it (default: --image-size)")
+    p.add_argument("--stem", default="cifar", choices=("cifar", "imagenet"), help="ResNet stem (default: cifar)")
+    p.add_argument("--views", default="auto", choices=("auto", "tensor", "opencv"),
+                   help="fast path's views: auto (OpenCV per image on CPU, batched tensor ops on GPU) | tensor | opencv")
     p.add_argument("--workers", type=int, default=min(14, max(1, (os.cpu_count() or 2) - 2)),
                    help="DataLoader workers of the reference path (official recipe: 14) (default: cores - 2, max 14)")
     p.add_argument("--no-compile", action="store_true", help="fast path without torch.compile")
@@ -85,17 +91,33 @@ def load_images(spec: str, image_size: int) -> Any:
 
 
 def build_framework(args: argparse.Namespace, width: int) -> Any:
-    """MoCo-v2 + ASCL, ResNet-18 CIFAR stem at base ``width``, the recipe's heads and queue, on the CPU."""
+    """MoCo-v2 + ASCL, ResNet-18 (``--stem``) at base ``width``, the recipe's heads and queue, on the CPU."""
     import torch
 
     from ascl.training.config import config_from_dict
     from ascl.training.frameworks import build_framework as build
 
     cfg = config_from_dict({"batch_size": args.batch_size, "data": {"image_size": args.image_size},
-                            "model": {"bn_splits": args.bn_splits, "width": width},
+                            "model": {"bn_splits": args.bn_splits, "width": width, "stem": args.stem},
                             "moco": {"queue_size": args.queue_size}})
     torch.manual_seed(0)
     return cfg, build(cfg).train()
+
+
+def fast_loader(args: argparse.Namespace, images: Any, batch: int, mean: Any, std: Any, aug: Any, device: Any,
+                seed: int = 0) -> Any:
+    """The training loop's fast-path views: OpenCV per image on a CPU, batched tensor ops elsewhere."""
+    import torch
+
+    from ascl.training.loop import resolve_views
+
+    if resolve_views(args.views, device) == "opencv":
+        from ascl.training.cpu_views import CpuTwoViewLoader
+
+        return CpuTwoViewLoader(images, batch, args.image_size, mean, std, aug, seed=seed)
+    from ascl.training.gpu_data import GpuTwoViewLoader
+
+    return GpuTwoViewLoader(torch.from_numpy(images).to(device), batch, args.image_size, mean, std, aug, seed=seed)
 
 
 def cycle(loader: Any) -> Iterator[tuple[Any, Any]]:
@@ -134,12 +156,12 @@ def timed(step: Callable[[Any, Any], Any], batches: Iterable[tuple[Any, Any]], d
             "warmup_seconds": round(warm_s, 2), "last_loss": round(float(loss), 4) if loss is not None else float("nan")}
 
 
-def bf16_loss_check(template: Any, cfg: Any, images: Any, device: Any, steps: int) -> dict[str, Any]:
+def bf16_loss_check(args: argparse.Namespace, template: Any, cfg: Any, images: Any, device: Any,
+                    steps: int) -> dict[str, Any]:
     """Train an fp32 and a bf16 fast step side by side from the same weights on the same batches."""
     import torch
 
     from ascl.training.fast import make_fast_optimizer, make_fast_step
-    from ascl.training.gpu_data import GpuTwoViewLoader
     from ascl.training.schedule import base_lr
 
     curves: dict[str, list[float]] = {}
@@ -148,8 +170,7 @@ def bf16_loss_check(template: Any, cfg: Any, images: Any, device: Any, steps: in
         opt = make_fast_optimizer(fw.parameters(), base_lr(cfg.optim, cfg.batch_size), cfg.optim.momentum,
                                   cfg.optim.weight_decay)
         step = make_fast_step(fw, opt, amp=amp, compile=False)
-        loader = GpuTwoViewLoader(torch.from_numpy(images).to(device), cfg.batch_size, cfg.data.image_size,
-                                  fw.encoder.mean, fw.encoder.std, cfg.augment, seed=0)
+        loader = fast_loader(args, images, cfg.batch_size, fw.encoder.mean, fw.encoder.std, cfg.augment, device)
         torch.manual_seed(1)
         curves[amp] = [float(step(x_q, x_k)) for (x_q, x_k), _ in zip(cycle(loader), range(steps), strict=False)]
     gaps = [abs(b - a) / max(abs(a), 1e-9) for a, b in zip(curves["off"], curves["bf16"], strict=True)]
@@ -159,10 +180,8 @@ def bf16_loss_check(template: Any, cfg: Any, images: Any, device: Any, steps: in
 
 def measure_width(args: argparse.Namespace, width: int, images: Any, device: Any) -> dict[str, Any]:
     """Every variant at one base width, in this process; returns its results."""
-    import torch
 
     from ascl.training.fast import make_fast_optimizer, make_fast_step, resolve_amp
-    from ascl.training.gpu_data import GpuTwoViewLoader
     from ascl.training.loaders import ReferenceTwoViewLoader
     from ascl.training.schedule import base_lr, build_optimizer
     from ascl.training.step import make_reference_step
@@ -192,10 +211,9 @@ def measure_width(args: argparse.Namespace, width: int, images: Any, device: Any
     optimizer = make_fast_optimizer(fast.parameters(), lr, cfg.optim.momentum, cfg.optim.weight_decay)
     amp = "bf16" if resolve_amp(args.amp, device) is not None else "off"
     fast_step = make_fast_step(fast, optimizer, amp=amp, compile=not args.no_compile, compile_mode=args.compile_mode)
-    gpu_images = torch.from_numpy(images).to(device)
-    gpu_loader = GpuTwoViewLoader(gpu_images, args.batch_size, args.image_size, mean, std, aug, seed=0)
-    results["fast"] = timed(fast_step, cycle(gpu_loader), device, args.warmup, args.steps)
-    fixed_fast = next(iter(gpu_loader))
+    views = fast_loader(args, images, args.batch_size, mean, std, aug, device)
+    results["fast"] = timed(fast_step, cycle(views), device, args.warmup, args.steps)
+    fixed_fast = next(iter(views))
     results["fast_step_only"] = timed(fast_step, itertools.repeat(fixed_fast), device, args.warmup // 2, args.steps)
     results["fast"]["compiled"] = bool(getattr(fast_step, "compiled", False))
     results["fast_share_of_step_only"] = round(results["fast"]["pairs_per_s"] / results["fast_step_only"]["pairs_per_s"], 3)
@@ -209,7 +227,7 @@ def measure_width(args: argparse.Namespace, width: int, images: Any, device: Any
                                                max(2, args.steps // 3))
         results["bf16_over_fp32_step"] = round(results["fast_bf16_step_only"]["pairs_per_s"]
                                                / results["fast_step_only"]["pairs_per_s"], 3)
-        results["bf16_loss_check"] = bf16_loss_check(template, cfg, images, device, max(2, args.steps // 2))
+        results["bf16_loss_check"] = bf16_loss_check(args, template, cfg, images, device, max(2, args.steps // 2))
     return results
 
 
@@ -229,7 +247,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     widths = [int(w) for w in (args.widths or ("64,32" if cpu else "64")).split(",")]
     threads = set_cpu_threads(device)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # both paths: fixed shapes, fastest conv kernels
-    images = load_images(args.data, args.image_size)
+    images = load_images(args.data, args.decode_size or args.image_size)
     load_before = os.getloadavg()
     by_width: dict[str, Any] = {}
     for width in widths:
@@ -249,7 +267,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "data": args.data, "images": int(images.shape[0]), "workers": args.workers,
         "compile": not args.no_compile, "compile_mode": args.compile_mode, "amp": amp,
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark), "widths": widths,
-        "model": f"MoCo-v2 + ASCL, ResNet-18 CIFAR stem, split BN x{args.bn_splits}, queue {args.queue_size}",
+        "model": f"MoCo-v2 + ASCL, ResNet-18 {args.stem} stem, split BN x{args.bn_splits}, queue {args.queue_size}",
+        "decode_size": args.decode_size or args.image_size, "views": args.views,
         "results": {k: v for k, v in first.items() if isinstance(v, dict) and "pairs_per_s" in v},
         "by_width": by_width,
     }

@@ -18,6 +18,8 @@ MISSING_EXTRAS = "install the serving and demo extras (pip install 'ascl-hub[ser
 
 def register(sub: Any) -> None:
     """Add ``ascl demo`` and ``ascl up``."""
+    from ascl.serving.online.precision import add_precision_options  # only argparse and help texts
+
     up = sub.add_parser(
         "up", formatter_class=Formatter,
         help="one command to a running image search: model, index, Triton and the demo page",
@@ -35,14 +37,20 @@ def register(sub: Any) -> None:
                          "scikit-learn's digits")
     up.add_argument("--gallery-size", type=int, default=DEFAULT_SUBSET,
                     help="images taken from CIFAR-10 for the default gallery (balanced over classes); more images "
-                         "take longer to embed on the first start (about 150 images/s on 2 CPU cores)")
+                         "take longer to embed on the first start (once: the index is cached)")
     _add_port_args(up)
     up.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
     up.add_argument("--http-port", type=int, default=8000, help="Triton HTTP port (health: /v2/health/ready)")
     up.add_argument("--metrics-port", type=int, default=8002, help="Triton Prometheus metrics port")
+    up.add_argument("--index", default=None,
+                    help="where the gallery index lives: a folder, or milvus://HOST:PORT/COLLECTION (a Milvus "
+                         "server; several 'ascl up'/'ascl serve' replicas can share it) or "
+                         "milvus+lite:///PATH.db#COLLECTION; built from --gallery when it does not exist yet; "
+                         "default: a folder in --cache keyed by model and gallery")
     up.add_argument("--refresh", action="store_true", help="export the model again even when a cached export exists "
                                                            "(use after a hub model changed)")
-    _add_precision_args(up)
+    add_precision_options(up, "the gallery's own images (those of its index), else the CIFAR-10 copy "
+                              "(cifar10-offline) when one is found")
     up.set_defaults(func=cmd_up)
 
     demo = sub.add_parser(
@@ -52,13 +60,14 @@ def register(sub: Any) -> None:
                      "with --in-process it runs the ONNX model and FAISS index itself (no Triton needed)."),
     )
     demo.add_argument("--server", default="localhost:8001", help="Triton gRPC address (HOST:PORT)")
-    demo.add_argument("--index", type=Path, default=None,
-                      help="index folder (from 'ascl index build'); needed for --in-process, and with --server for "
+    demo.add_argument("--index", default=None,
+                      help="index folder (from 'ascl index build') or milvus://HOST:PORT/COLLECTION; needed for --in-process, and with --server for "
                            "clickable examples and for adding images (it must be the folder the server reads)")
     demo.add_argument("--in-process", action="store_true", help="search in this process with ONNX Runtime + FAISS")
     demo.add_argument("--model", default=None,
                       help="with --in-process: an exported .onnx file, or any model 'ascl up --model' accepts "
-                           "(exported into --cache on first use)")
+                           "(exported into --cache on first use); default: the model the index was built with, "
+                           "else as 'ascl up'")
     _add_port_args(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -75,16 +84,6 @@ def _add_port_args(parser: argparse.ArgumentParser) -> None:
                              "~/.cache/ascl")
 
 
-def _add_precision_args(p: argparse.ArgumentParser) -> None:
-    from ascl.serving.online.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS  # help texts only
-
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    p.add_argument("--calibration", default=None, metavar="IMAGES",
-                   help=f"int8 calibration and verification images: {describe_specs()}; default: the gallery's own "
-                        "images")
-    p.add_argument("--min-recall", type=float, default=0.95, help=MIN_RECALL_HELP)
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     from ascl.demo.up import Ports, UpOptions, default_cache, run_up
 
@@ -93,7 +92,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     opts = UpOptions(model=args.model, gallery=args.gallery, cache=(args.cache or default_cache()).expanduser(),
                      ports=Ports(args.port, args.grpc_port, args.http_port, args.metrics_port),
                      gallery_size=args.gallery_size, refresh=args.refresh, precision=args.precision,
-                     calibration=args.calibration, min_recall=args.min_recall,
+                     calibration=args.calibration, min_recall=args.min_recall, index=args.index,
                      max_adds=args.max_adds, max_adds_per_client=args.max_adds_per_client)
     with user_errors(ImportError, prefix=MISSING_EXTRAS), user_errors(FileNotFoundError, LookupError, ValueError):
         return run_up(opts)
@@ -103,13 +102,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ascl.demo.app import build_app, close, launch, quiet_gradio
     from ascl.demo.page_limits import AddQuota
     from ascl.demo.up import default_cache, example_files, gallery_roots, terminate_on_sigterm
-    from ascl.serving.online.gallery import index_exists
+    from ascl.serving.online.gallery import as_spec, index_exists
 
     quiet_gradio()
     cache = (args.cache or default_cache()).expanduser()
-    index: Path | None = args.index
-    if index is not None and not index_exists(index):
-        raise InputError(f"--index {index}: not an index folder (no manifest.json); build one with 'ascl index build'")
+    index = as_spec(args.index) if args.index else None
+    with user_errors(ValueError):
+        if index is not None and not index_exists(index):
+            raise InputError(f"--index {index}: not an index folder or collection; build one with 'ascl index build'")
     with user_errors(FileNotFoundError, ValueError, RuntimeError):
         backend = _demo_backend(args, cache)
     examples = example_files(index) if index is not None else []
@@ -130,12 +130,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_backend(args: argparse.Namespace, cache: Path) -> Any:
-    from ascl.demo.model import choose_model, ensure_onnx
     from ascl.serving.online.gallery import InProcessGallery, TritonGallery
+    from ascl.serving.online.serve import choose_model, served_model
 
     if not args.in_process:
         return TritonGallery(args.server, args.index)
     if args.index is None:
         raise InputError("--in-process needs --index IDX (an index folder from 'ascl index build' or 'ascl up')")
-    onnx_path, _ = ensure_onnx(choose_model(args.model), cache)  # an .onnx --model is used as it is
-    return InProcessGallery(onnx_path, args.index)
+    served = served_model(choose_model(args.model, index=args.index), index=args.index, cache=cache)
+    return InProcessGallery(served.onnx, args.index)

@@ -23,7 +23,8 @@ from ascl.serving.online.gallery import GalleryService, Hit, public_metadata
 
 MAX_K = 50
 ANY_LABEL = "any"  # the label filter's choice that filters nothing
-THUMBNAIL_SIDE = 256
+THUMBNAIL_SIDE = 256  # result images are shrunk to at most this side ...
+MIN_THUMBNAIL_SIDE = 128  # ... and small ones (32-px thumbnails) enlarged to at least this, to be seen
 
 
 class UserError(AsclError):
@@ -164,8 +165,9 @@ def caption(result: Hit) -> str:
 
 
 def thumbnail(result: Hit, folder: Path | None = None) -> str:
-    """A small PNG file to show for ``result``: the gallery image shrunk to at most 256 px, or a grey
-    tile when the image is not on this machine; in the page's upload folder (removed when it stops).
+    """A PNG file to show for ``result``: the gallery image shrunk to at most 256 px (enlarged to at
+    least 128 px when it is smaller, so a 32-px thumbnail can be seen), or a grey tile when the image
+    is not on this machine; in the page's upload folder (removed when it stops).
 
     Files, not in-memory images: Gradio copies a file into its cache atomically, while it rewrites
     an in-memory image's cache file on every response, so two quick searches returning the same
@@ -192,6 +194,10 @@ def thumbnail(result: Hit, folder: Path | None = None) -> str:
             with Image.open(source) as img:
                 image = img.convert("RGB")
             image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+            if max(image.size) < MIN_THUMBNAIL_SIDE:
+                scale = MIN_THUMBNAIL_SIDE / max(image.size)
+                image = image.resize((round(image.width * scale), round(image.height * scale)),
+                                     Image.Resampling.LANCZOS)
         except (OSError, ValueError, Image.DecompressionBombError):
             pass
     with atomic_path(out) as tmp:

@@ -1,17 +1,20 @@
 """``ascl up``: from nothing to a running image search in one command, and back to nothing.
 
 Steps, each cached under ``--cache`` by the content it depends on, so a second start only
-starts processes: choose the model (``ascl.demo.model``), export it to ONNX, pick the gallery
-(``ascl.demo.gallery_images``), build its FAISS index, start Triton with the model repository, start
-the Gradio page on top of it. Everything from serving comes through its gallery seam,
-``ascl.serving.online.gallery``. Ctrl-C or SIGTERM stops the page, then Triton (which stops its
-Python-backend stubs), and the command exits with no process left.
+starts processes: choose the model and export it (the one serve path of
+``ascl.serving.online.serve``, which ``ascl serve`` takes too), pick the gallery
+(``ascl.demo.gallery_images``), build its index, get the encoder at ``--precision``, start
+Triton with the model repository, start the Gradio page on top of it. Everything from serving
+comes through its gallery seam, ``ascl.serving.online.gallery``. Ctrl-C or SIGTERM stops the
+page, then Triton (which stops its Python-backend stubs), and the command exits with no process
+left.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -20,12 +23,15 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ascl.cache import cache_dir
 from ascl.demo.gallery_images import Gallery, resolve_gallery
-from ascl.demo.model import ModelChoice, choose_model, ensure_onnx
 from ascl.demo.page_limits import ADDS_PER_CLIENT, MAX_ADDS, AddQuota
+from ascl.serving.online.serve import ServedModel, choose_model, served_model
+
+if TYPE_CHECKING:
+    from ascl.serving.online.gallery import IndexSpec
 
 T = TypeVar("T")
 EXAMPLES = 12
@@ -40,12 +46,9 @@ class Ports:
     http: int = 8000
     metrics: int = 8002
 
-    def check_free(self, host: str = "127.0.0.1") -> None:
-        """Fail fast, before any slow step, when a port is taken (PortInUseError, a ServerError)."""
-        from ascl.serving.online.gallery import check_ports_free
-
-        check_ports_free({"--port": self.demo, "--grpc-port": self.grpc, "--http-port": self.http,
-                          "--metrics-port": self.metrics}, host)
+    def by_flag(self) -> dict[str, int]:
+        """Each port under the command-line flag that sets it."""
+        return {"--port": self.demo, "--grpc-port": self.grpc, "--http-port": self.http, "--metrics-port": self.metrics}
 
 
 @dataclass
@@ -81,7 +84,14 @@ def shout(text: str) -> None:
     print(block, file=sys.stderr, flush=True)
 
 
-def example_files(index_dir: Path, count: int = EXAMPLES) -> list[Path]:
+def index_name(index: IndexSpec) -> str:
+    """A file name for the index ``index``: a folder's name, a URI's last part (its collection)."""
+    if isinstance(index, Path):
+        return index.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(index).rsplit("/", 1)[-1].split("#")[-1])
+
+
+def example_files(index_dir: IndexSpec, count: int = EXAMPLES) -> list[Path]:
     """Gallery images to click: one per label first, from the index's metadata."""
     from ascl.serving.online.gallery import index_records
 
@@ -97,11 +107,11 @@ def example_files(index_dir: Path, count: int = EXAMPLES) -> list[Path]:
     return picked
 
 
-def gallery_roots(index_dir: Path) -> list[Path]:
+def gallery_roots(index_dir: IndexSpec) -> list[Path]:
     """The folders the index's images live in (the page may show files from these only)."""
-    from ascl.serving.online.gallery import source_folders
+    from ascl.serving.online.gallery import files_folder, source_folders
 
-    return sorted(set(source_folders(index_dir)) | {index_dir})
+    return sorted(set(source_folders(index_dir)) | {files_folder(index_dir).parent})
 
 
 @contextmanager
@@ -137,37 +147,46 @@ class UpOptions:
     min_recall: float = 0.95  # int8 is refused below this recall@10 vs fp32
     max_adds: int = MAX_ADDS  # images the page may add in one run, all visitors together
     max_adds_per_client: int = ADDS_PER_CLIENT  # per visitor (client address) and hour
+    index: str | None = None  # where the gallery index lives (a folder or milvus://...); default: in the cache
 
 
-def prepare(opts: UpOptions, timings: Timings) -> tuple[ModelChoice, Path, Gallery, Path]:
-    """Model, ONNX export, gallery and index: cached steps, each announced on screen. The ONNX
-    file returned is the one to serve: the fp32 export, or with ``--precision int8`` its
-    calibrated int8 copy (the index is always built with the fp32 file)."""
-    from ascl.serving.online.gallery import describe_precision
+class Prepared(NamedTuple):
+    """What ``prepare`` made ready: the encoder to serve (and its file), the gallery and its index."""
 
+    served: ServedModel
+    onnx: Path  # served.onnx: the fp32 export, or its int8 copy
+    gallery: Gallery
+    index_dir: IndexSpec
+
+
+def prepare(opts: UpOptions, timings: Timings) -> Prepared:
+    """Model, ONNX export, gallery, index and the encoder to serve: cached steps, each announced on
+    screen. The index is always built with the fp32 export; the encoder served is the fp32 file or,
+    with ``--precision int8``, its calibrated int8 copy (calibrated on the index's own images
+    unless ``--calibration`` says otherwise: the one default rule)."""
     choice = choose_model(opts.model)
     say(f"model:   {choice.description}")
     if choice.warning:
         shout(choice.warning)
-    onnx_path, exported = timings.run("model", lambda: ensure_onnx(choice, opts.cache, refresh=opts.refresh))
-    say(f"         ONNX {'exported to' if exported else 'cached at'} {onnx_path}")
+    fp32 = timings.run("model", lambda: served_model(choice, cache=opts.cache, refresh=opts.refresh))
+    say(f"         ONNX {'exported to' if fp32.made_now else 'cached at'} {fp32.onnx}")
     gallery = timings.run("gallery", lambda: resolve_gallery(opts.gallery, opts.cache, subset=opts.gallery_size))
     say(f"gallery: {gallery.description}")
     if gallery.note:
         shout(gallery.note)
-    index_dir = opts.cache / "indexes" / f"{choice.key}-{gallery.key}"
-    built = timings.run("index", lambda: ensure_index(onnx_path, gallery, index_dir))
+    from ascl.serving.online.gallery import as_spec
+
+    index_dir = as_spec(opts.index) if opts.index else opts.cache / "indexes" / f"{choice.key}-{gallery.key}"
+    built = timings.run("index", lambda: ensure_index(fp32.onnx, gallery, index_dir))
     say(f"index:   {'built' if built else 'cached'} at {index_dir}")
-    made = False
-    if opts.precision != "fp32":  # the index stays fp32-built: int8 embeddings of the same weights match it
-        onnx_path, made = timings.run(opts.precision, lambda: ensure_onnx(
-            choice, opts.cache, refresh=opts.refresh, precision=opts.precision,
-            calibration=opts.calibration or str(gallery.root), min_recall=opts.min_recall))
-    say(f"encoder: {describe_precision(onnx_path, made, opts.min_recall)}")
-    return choice, onnx_path, gallery, index_dir
+    served = fp32 if opts.precision == "fp32" else timings.run(opts.precision, lambda: served_model(
+        choice, opts.precision, index=index_dir, calibration=opts.calibration, min_recall=opts.min_recall,
+        cache=opts.cache, refresh=opts.refresh))
+    say(f"encoder: {served.description}")
+    return Prepared(served, served.onnx, gallery, index_dir)
 
 
-def ensure_index(onnx_path: Path, gallery: Gallery, index_dir: Path) -> bool:
+def ensure_index(onnx_path: Path, gallery: Gallery, index_dir: IndexSpec) -> bool:
     """Build the gallery index unless it exists; returns True when it was built now."""
     from ascl.serving.online.gallery import build_index, index_exists
 
@@ -180,26 +199,31 @@ def ensure_index(onnx_path: Path, gallery: Gallery, index_dir: Path) -> bool:
 def run_up(opts: UpOptions) -> int:
     """The whole of ``ascl up``; returns the exit code."""
     from ascl.demo.app import build_app, close, launch, quiet_gradio
-    from ascl.serving.online.gallery import ServerError, TritonGallery, start_service
+    from ascl.serving.online.gallery import ServerError, TritonGallery
+    from ascl.serving.online.serve import check_ports_free, start_service
 
     quiet_gradio()
     timings = Timings()
-    opts.ports.check_free()
+    check_ports_free(opts.ports.by_flag())  # once, before any slow step
     os.environ["ASCL_CACHE"] = str(opts.cache)  # serving's own caches (Triton backends) go there too
     # importing gradio takes seconds: do it while the main thread prepares and starts Triton
     gradio_import = threading.Thread(target=importlib.import_module, args=("gradio",), daemon=True)
     gradio_import.start()
     with terminate_on_sigterm(), ExitStack() as stack:
         try:
-            choice, onnx_path, gallery, index_dir = prepare(opts, timings)
+            served, _, gallery, index_dir = prepare(opts, timings)
+            choice = served.choice
             say("triton:  starting ...")
+            workdir = opts.cache / "triton"
+            name = index_name(index_dir)
             server = timings.run("triton", lambda: start_service(
-                onnx_path, index_dir, opts.cache / "triton", grpc_port=opts.ports.grpc, http_port=opts.ports.http,
-                metrics_port=opts.ports.metrics))
+                served, index_dir, workdir / name, grpc_port=opts.ports.grpc, http_port=opts.ports.http,
+                metrics_port=opts.ports.metrics, log_path=workdir / f"{name}.log"))
             stack.callback(_stopping, "Triton", server.stop)
             grpc_url = f"127.0.0.1:{opts.ports.grpc}"
             backend = TritonGallery(grpc_url, index_dir)
-            subtitle = (f"Model: {choice.description}. Gallery: {gallery.description}."
+            subtitle = (f"Model: {choice.description}, at {served.facts.image_size}x{served.facts.image_size} px "
+                        f"({served.precision}). Gallery: {gallery.description}."
                         + (f"\n\n**{choice.warning}**" if choice.warning else ""))
             gradio_import.join()
             app = build_app(backend, example_files(index_dir), subtitle=subtitle,

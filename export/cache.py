@@ -4,8 +4,13 @@
 ``.onnx`` spec as it is; anything else exported once into
 ``<cache>/models/<content key>/encoder.onnx``. The key is a hash of the weight bytes, so a
 retrained checkpoint is exported again and an unchanged one never is, wherever it lives. The
-export is written atomically: an interrupted start leaves no half file that a later start
-would trust. ``ascl serve``, ``ascl index`` and ``ascl up`` share it.
+export is ``ascl export onnx``'s (``ascl.export.pipeline.export_model``): built in a hidden
+folder, checked against eager PyTorch on real images (``VERIFY_IMAGES`` of the CIFAR-10 copy when
+one is found, else synthetic ones) and only then moved in, so an interrupted or failed export
+leaves no file that a later start would trust (ParityError, exit 1). ``model.json`` records the
+parity report; a file cached before exports were checked is checked before its first use (and
+exported again if it fails). ``ascl serve``, ``ascl index``, ``ascl embed``, ``ascl dedup`` and
+``ascl up`` share it.
 
 ``cached_onnx(ref, precision="int8", calibration=IMAGES)`` gives the calibrated int8 graph of
 the same model: quantized from the fp32 file above (``ascl.export.int8.int8_from_onnx``: the
@@ -32,12 +37,14 @@ from ascl.atomic import atomic_dir, atomic_write_text
 from ascl.cache import cache_dir
 from ascl.digest import file_digest
 from ascl.errors import AsclError
+from ascl.export.runtime import onnx_facts
 from ascl.models import ModelRef
 from ascl.names import PRECISIONS
 
 ONNX_NAME = "encoder.onnx"
 RECORD_NAME = "model.json"
 CALIBRATION_IMAGES = 256  # what `ascl export onnx --int8` calibrates on by default
+VERIFY_IMAGES = 256  # what `ascl export onnx` verifies an fp32 export on by default
 VERIFICATION_IMAGES = 500  # recall@10 vs fp32 is measured on these (disjoint from calibration when the source allows)
 MIN_DISJOINT_VERIFICATION = 200  # fewer left after calibration: verify on every image (overlapping)
 
@@ -81,19 +88,33 @@ def cached_onnx(
 
 
 def _cached_fp32(ref: ModelRef, *, cache: str | Path | None, refresh: bool) -> tuple[Path, bool]:
+    """The verified fp32 export of ``ref`` (an ``.onnx`` spec: the file as it is; no weights to check it on)."""
     if ref.onnx_path is not None:
         return ref.onnx_path, False
     folder = export_folder(ref, cache)
     onnx_path = folder / ONNX_NAME
-    if onnx_path.is_file() and not refresh:
+    record = export_record(onnx_path) if onnx_path.is_file() else None
+    if record is not None and not refresh and record.get("parity", {}).get("passed"):
         return onnx_path, False
-    from ascl.export.onnx_export import export_onnx
+    from ascl.export.image_sets import verification_set
+    from ascl.export.pipeline import LoadedModel, export_model, verify_file
 
-    export_onnx(ref.load_encoder(), onnx_path, model_name=ref.name, source_revision=ref.source_revision)
-    record = {"spec": ref.spec, "kind": ref.kind, "name": ref.name, "key": ref.content_key,
-              "description": ref.description}
-    atomic_write_text(folder / RECORD_NAME, json.dumps(record, indent=2) + "\n")
+    loaded = LoadedModel(ref.load_encoder().eval(), ref.name, ref.source_revision)
+    gallery = verification_set(loaded.encoder.image_size, VERIFY_IMAGES)
+    if record is not None and not refresh:  # cached before exports were checked: check it before its first use
+        report = verify_file(onnx_path, loaded.encoder, gallery)
+        if report.passed:
+            _write_fp32_record(folder, ref, report)
+            return onnx_path, False
+    result = export_model(loaded, folder, gallery)  # checked before it lands; ParityError: nothing written
+    _write_fp32_record(folder, ref, result.reports[0])
     return onnx_path, True
+
+
+def _write_fp32_record(folder: Path, ref: ModelRef, report: Any) -> None:
+    record = {"spec": ref.spec, "kind": ref.kind, "name": ref.name, "key": ref.content_key,
+              "description": ref.description, "parity": report.to_dict()}
+    atomic_write_text(folder / RECORD_NAME, json.dumps(record, indent=2) + "\n")
 
 
 def model_key(ref: ModelRef) -> str:
@@ -107,26 +128,11 @@ def model_key(ref: ModelRef) -> str:
     return ref.content_key
 
 
-def source_fingerprint(spec: str | Path) -> tuple[str, str]:
-    """(the source as index metadata records it, a fingerprint that changes with its images), cheaply:
-    names, sizes and modification times for folders and list files, size and time for archives."""
-    from ascl.image_sources import iter_images, parse_spec
-
-    parsed = parse_spec(spec)
-    digest = hashlib.sha256(f"{parsed.kind}\0{parsed.source}\n".encode())
-    if parsed.kind == "tar":
-        stat = parsed.path.stat()  # type: ignore[union-attr]
-        digest.update(f"{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    elif parsed.kind in ("folder", "list"):
-        for item in iter_images(parsed):
-            stat = item.file.stat()  # type: ignore[union-attr]
-            digest.update(f"{item.path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return parsed.source, digest.hexdigest()
-
-
 def calibration_key(spec: str | Path, *, images: int = CALIBRATION_IMAGES, verify: int = VERIFICATION_IMAGES,
                     method: str = "minmax") -> str:
     """16 hex digits naming one calibration: the source's fingerprint, the sample sizes and the method."""
+    from ascl.image_sources import source_fingerprint
+
     _, fingerprint = source_fingerprint(spec)
     return hashlib.sha256(f"{fingerprint}\0{images}\0{verify}\0{method}".encode()).hexdigest()[:16]
 
@@ -143,7 +149,7 @@ def _cached_int8(ref: ModelRef, fp32: Path, *, cache: str | Path | None, refresh
     threshold = MIN_RECALL_AT_10["int8"] if min_recall is None else float(min_recall)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--min-recall must lie in [0, 1], got {threshold}")
-    if ref.onnx_path is not None and _onnx_precision(fp32) == "int8":
+    if ref.onnx_path is not None and onnx_facts(fp32).precision == "int8":
         return fp32, False  # an int8 graph already; it was verified when it was exported
     if calibration is None:
         raise CalibrationNeededError(
@@ -209,9 +215,8 @@ def describe_int8(path: str | Path, made_now: bool, threshold: float | None = No
 def _samples(calibration: str | Path, fp32: Path) -> tuple[Any, Any, bool]:
     """(calibration ImageSet, verification ImageSet, whether they overlap) from one read of the source."""
     from ascl.export.image_sets import ImageSet, load_image_set
-    from ascl.export.runtime import OnnxEmbedder
 
-    size = OnnxEmbedder(fp32, providers=["CPUExecutionProvider"], threads=1).image_size
+    size = onnx_facts(fp32).image_size
     try:
         sample = load_image_set(calibration, size, count=CALIBRATION_IMAGES + VERIFICATION_IMAGES)
     except ValueError as exc:  # ImageSourceNotFound (an AsclError) passes: it names the missing path
@@ -230,11 +235,3 @@ def _samples(calibration: str | Path, fp32: Path) -> tuple[Any, Any, bool]:
         raise CalibrationNeededError(f"--calibration {calibration}: {n} images; int8 needs at least 11 to calibrate "
                                      "and verify (a few hundred is better)")
     return part(0, min(n, CALIBRATION_IMAGES)), part(0, n), True
-
-
-def _onnx_precision(path: Path) -> str:
-    from ascl.export.runtime import OnnxEmbedder
-
-    return OnnxEmbedder(path, providers=["CPUExecutionProvider"], threads=1).precision
-
-

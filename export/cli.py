@@ -41,17 +41,6 @@ def _images_help(default: str) -> str:
 USER_ERRORS = (FileNotFoundError, PermissionError, ValueError)
 
 
-def _gallery(source: str | None, fallback: str | None, size: int, count: int) -> ImageSet:
-    from ascl.export.image_sets import load_image_set, synthetic_image_set
-    from ascl.image_sources import default_cifar_tar
-
-    chosen = source or fallback or default_cifar_tar()
-    if chosen is None:
-        print("note: no --images given and no CIFAR-10 copy found: verifying on synthetic images", file=sys.stderr)
-        return synthetic_image_set(size, count)
-    return load_image_set(chosen, size, count=count)
-
-
 def _calibration(args: argparse.Namespace, size: int) -> ImageSet | None:
     from ascl.export.image_sets import load_image_set
     from ascl.export.quantize import CalibrationError
@@ -70,6 +59,7 @@ def _calibration(args: argparse.Namespace, size: int) -> ImageSet | None:
 
 
 def cmd_onnx(args: argparse.Namespace) -> int:
+    from ascl.export.image_sets import verification_set
     from ascl.export.model_source import load_model
     from ascl.export.pipeline import ParityError, export_model
 
@@ -78,7 +68,7 @@ def cmd_onnx(args: argparse.Namespace) -> int:
             loaded = load_model(args.model, revision=args.revision)
             size = loaded.encoder.image_size
             calibration = _calibration(args, size)
-            gallery = _gallery(args.images, args.calibration, size, args.verify_size)
+            gallery = verification_set(size, args.verify_size, args.images, args.calibration)
             result = export_model(
                 loaded, args.out, gallery, opset=args.opset, fp16=args.fp16, calibration=calibration,
                 calibration_method=args.calibration_method, force=args.force, batch_sizes=args.batch_sizes,
@@ -99,6 +89,7 @@ def cmd_onnx(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ascl.atomic import atomic_write_text
+    from ascl.export.image_sets import verification_set
     from ascl.export.model_source import load_model
     from ascl.export.pipeline import verify_file
     from ascl.export.runtime import resolve_providers
@@ -107,7 +98,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, revision=args.revision)
         size = loaded.encoder.image_size
         providers = resolve_providers(args.providers, image_size=size)
-        gallery = _gallery(args.images, None, size, args.verify_size)
+        gallery = verification_set(size, args.verify_size, args.images)
         report = verify_file(args.onnx, loaded.encoder, gallery, providers=providers, batch_sizes=args.batch_sizes,
                              min_recall=args.min_recall)
     print(report.summary())
@@ -128,6 +119,7 @@ def cmd_tensorrt(args: argparse.Namespace) -> int:
 
 def cmd_golden(args: argparse.Namespace) -> int:
     from ascl.export.golden import GOLDEN_IMAGES, INIT_KEY, INIT_SEED, init_encoder, model_key, write_golden
+    from ascl.export.image_sets import verification_set
 
     with user_errors(*USER_ERRORS):
         if args.model:
@@ -138,7 +130,7 @@ def cmd_golden(args: argparse.Namespace) -> int:
         else:
             encoder, key = init_encoder(INIT_SEED), INIT_KEY
             source = {"kind": "init", "seed": INIT_SEED}
-        gallery = _gallery(args.images, None, encoder.image_size, GOLDEN_IMAGES)
+        gallery = verification_set(encoder.image_size, GOLDEN_IMAGES, args.images)
         folder = write_golden(encoder, gallery.images, args.out, key=key, source={**source, "images": Path(gallery.source).name})
     print(f"wrote {folder}")
     return 0

@@ -92,3 +92,18 @@ def synthetic_image_set(size: int, count: int, seed: int = 0) -> ImageSet:
     noise = rng.normal(0, 12, size=images.shape)
     return ImageSet(np.clip(images + noise, 0, 255).astype(np.uint8), None, (), "synthetic")
 
+
+
+def verification_set(size: int, count: int, source: str | None = None, fallback: str | None = None) -> ImageSet:
+    """The images an export is checked against PyTorch on: ``source``, else ``fallback``, else the
+    CIFAR-10 copy when one is found, else synthetic images (with a note on stderr: then fp32
+    parity means less)."""
+    import sys
+
+    from ascl.image_sources import default_cifar_tar
+
+    chosen = source or fallback or default_cifar_tar()
+    if chosen is None:
+        print("note: no --images given and no CIFAR-10 copy found: verifying on synthetic images", file=sys.stderr)
+        return synthetic_image_set(size, count)
+    return load_image_set(chosen, size, count=count)

@@ -23,8 +23,7 @@ from ascl.errors import USAGE, AsclError
 from ascl.export.image_sets import ImageSet
 from ascl.export.parity import MIN_RECALL_AT_10, ParityReport, compare, embed_in_batches
 from ascl.export.runtime import OnnxEmbedder
-
-PRECISION_KEY = "ascl.precision"  # the metadata key ascl.export.onnx_export writes (and runtime reads)
+from ascl.names import PRECISION_KEY
 
 
 class PrecisionRefusedError(AsclError, ValueError):
@@ -62,12 +61,13 @@ def int8_from_onnx(
     ``min_recall`` (default ``MIN_RECALL_AT_10["int8"]``, 0.95); PrecisionRefusedError otherwise."""
     import onnx
 
+    from ascl.export.onnx_export import read_metadata
     from ascl.export.quantize import quantize_int8
 
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     fp32 = onnx.load_model(fp32_path)
     model = quantize_int8(fp32, calibration.images, method=calibration_method)
-    props = {**{e.key: e.value for e in fp32.metadata_props}, PRECISION_KEY: "int8"}
+    props = {**read_metadata(fp32), PRECISION_KEY: "int8"}
     del model.metadata_props[:]
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)

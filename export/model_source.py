@@ -7,26 +7,15 @@ records: the model's name (``ascl.model_name``) and the revision of its weights
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from ascl.errors import AsclError
-from ascl.models import SPEC_HELP, ModelRef, resolve_model
+from ascl.export.pipeline import LoadedModel
+from ascl.models import SPEC_HELP, resolve_model
 
-if TYPE_CHECKING:
-    from ascl.encoder import Encoder
+__all__ = ["LoadedModel", "ModelLoadError", "load_model"]
 
 
 class ModelLoadError(AsclError, ValueError):
     """MODEL does not name an encoder we can load; the message says what was tried."""
-
-
-@dataclass
-class LoadedModel:
-    encoder: Encoder
-    name: str  # stored as ascl.model_name
-    revision: str  # stored as ascl.source_revision: hub revision, or a content hash of the weights
-    ref: ModelRef | None = None
 
 
 def load_model(spec: str, *, revision: str | None = None) -> LoadedModel:
@@ -39,4 +28,4 @@ def load_model(spec: str, *, revision: str | None = None) -> LoadedModel:
         encoder = ref.load_encoder()
     except Exception as exc:  # any failure to build the encoder (bad pickle, bad config, ...) is the input's fault
         raise ModelLoadError(f"{spec}: not a loadable encoder ({exc}). MODEL must be {SPEC_HELP}.") from exc
-    return LoadedModel(encoder.eval(), ref.name, ref.source_revision, ref)
+    return LoadedModel(encoder.eval(), ref.name, ref.source_revision)

@@ -24,12 +24,24 @@ from torch import nn
 from ascl import __version__
 from ascl.atomic import atomic_write_bytes
 from ascl.encoder import Encoder
-from ascl.names import EMBEDDINGS, IMAGES
+from ascl.names import (
+    ARCH_KEY,
+    EMBEDDING_DIM_KEY,
+    EMBEDDINGS,
+    IMAGE_SIZE_KEY,
+    IMAGES,
+    MEAN_KEY,
+    MODEL_NAME_KEY,
+    PRECISION_KEY,
+    SOURCE_REVISION_KEY,
+    STD_KEY,
+    STEM_KEY,
+    VERSION_KEY,
+)
 
+__all__ = ["DEFAULT_OPSET", "PRECISION_KEY", "UInt8Encoder", "encoder_to_onnx", "export_onnx", "metadata_props",
+           "read_metadata", "set_metadata"]
 DEFAULT_OPSET = 17
-PRECISION_KEY = "ascl.precision"
-# Metadata that must agree between an ONNX file and the model it claims to be.
-IDENTITY_KEYS = ("ascl.arch", "ascl.stem", "ascl.embedding_dim", "ascl.image_size", "ascl.mean", "ascl.std")
 
 
 class UInt8Encoder(nn.Module):
@@ -50,15 +62,15 @@ class UInt8Encoder(nn.Module):
 def metadata_props(encoder: Encoder, model_name: str, source_revision: str) -> dict[str, str]:
     """The facts a server needs without loading PyTorch, stored as ONNX metadata."""
     return {
-        "ascl.model_name": model_name,
-        "ascl.arch": encoder.arch,
-        "ascl.stem": encoder.stem,
-        "ascl.embedding_dim": str(encoder.embedding_dim),
-        "ascl.image_size": str(encoder.image_size),
-        "ascl.mean": ",".join(f"{m:.6f}" for m in encoder.mean),
-        "ascl.std": ",".join(f"{s:.6f}" for s in encoder.std),
-        "ascl.source_revision": source_revision,
-        "ascl.version": __version__,
+        MODEL_NAME_KEY: model_name,
+        ARCH_KEY: encoder.arch,
+        STEM_KEY: encoder.stem,
+        EMBEDDING_DIM_KEY: str(encoder.embedding_dim),
+        IMAGE_SIZE_KEY: str(encoder.image_size),
+        MEAN_KEY: ",".join(f"{m:.6f}" for m in encoder.mean),
+        STD_KEY: ",".join(f"{s:.6f}" for s in encoder.std),
+        SOURCE_REVISION_KEY: source_revision,
+        VERSION_KEY: __version__,
         PRECISION_KEY: "fp32",
     }
 
@@ -72,7 +84,7 @@ def set_metadata(model: onnx.ModelProto, props: Mapping[str, str]) -> None:
 
 
 def read_metadata(model: onnx.ModelProto) -> dict[str, str]:
-    """The metadata props of ``model`` as a dict."""
+    """The metadata props of an in-memory ``model`` as a dict (a file: ``ascl.export.runtime.onnx_metadata``)."""
     return {entry.key: entry.value for entry in model.metadata_props}
 
 

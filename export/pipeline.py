@@ -24,14 +24,15 @@ from ascl import __version__
 from ascl.atomic import atomic_write_text
 from ascl.digest import file_digest
 from ascl.errors import FAILURE, AsclError
+from ascl.export.identity import ModelMismatchError, differences
 from ascl.export.image_sets import ImageSet
-from ascl.export.onnx_export import IDENTITY_KEYS, PRECISION_KEY, metadata_props
+from ascl.export.onnx_export import metadata_props, read_metadata
 from ascl.export.parity import ParityReport, compare
 from ascl.export.runtime import OnnxEmbedder, ProviderSpec
+from ascl.names import PRECISION_KEY, SOURCE_REVISION_KEY, STRUCTURE_KEYS
 
 if TYPE_CHECKING:
     from ascl.encoder import Encoder
-    from ascl.export.model_source import LoadedModel
 
 FILE_NAMES = {"fp32": "encoder.onnx", "fp16": "encoder_fp16.onnx", "int8": "encoder_int8.onnx"}
 REPORT_NAME = "export.json"
@@ -48,12 +49,17 @@ class ParityError(AsclError, RuntimeError):
         self.reports = list(reports)
 
 
-class ModelMismatchError(AsclError, ValueError):
-    """An ONNX file that was exported from a different model than the one it is checked against."""
-
-
 class OutputError(AsclError, OSError):
     """The output folder cannot be created or written (the user picks another: a usage error)."""
+
+
+@dataclass
+class LoadedModel:
+    """What an export needs of a model: the encoder, and the facts stamped into the graph."""
+
+    encoder: Encoder
+    name: str  # stored as ascl.model_name
+    revision: str  # stored as ascl.source_revision: hub revision, or a content hash of the weights
 
 
 @dataclass
@@ -76,16 +82,13 @@ def reference_embeddings(encoder: Encoder, images: np.ndarray, batch: int = 64) 
     return np.concatenate(chunks)
 
 
-def check_same_model(path: Path, metadata: dict[str, str], encoder: Encoder) -> None:
-    """Raise ModelMismatchError unless the ONNX metadata describes ``encoder`` (arch, dims, size, mean/std)."""
+def check_exported_from(path: str | os.PathLike[str], metadata: dict[str, str], encoder: Encoder) -> None:
+    """ModelMismatchError unless the ONNX metadata describes ``encoder`` (arch, stem, dim, size, mean/std)."""
     if not any(key.startswith("ascl.") for key in metadata):
         raise ModelMismatchError(f"{path}: has no ascl metadata; export it with 'ascl export onnx MODEL --out DIR'")
     expected = metadata_props(encoder, "", "")
-    diffs = [
-        f"{key.removeprefix('ascl.')} {metadata.get(key)!r} in the file vs {expected[key]!r} in the model"
-        for key in IDENTITY_KEYS
-        if metadata.get(key) != expected[key]
-    ]
+    diffs = [f"{key.removeprefix('ascl.')} {metadata.get(key)!r} in the file vs {expected[key]!r} in the model"
+             for key in differences(metadata, expected, STRUCTURE_KEYS)]
     if diffs:
         raise ModelMismatchError(
             f"{path} was exported from a different model: " + "; ".join(diffs)
@@ -110,7 +113,7 @@ def verify_file(
     """
     path = Path(onnx_path)
     embedder = OnnxEmbedder(path, providers=providers or ["CPUExecutionProvider"], threads=threads)
-    check_same_model(path, embedder.metadata, encoder)
+    check_exported_from(path, embedder.metadata, encoder)
     if gallery.images.shape[1] != embedder.image_size:
         raise ValueError(f"gallery images are {gallery.images.shape[1]} px, the model takes {embedder.image_size} px")
     ref = reference_embeddings(encoder, gallery.images) if reference is None else reference
@@ -120,7 +123,7 @@ def verify_file(
     )
     if not report.passed and embedder.precision == "fp32":
         report.problems.append(
-            f"weights differ? file source revision {embedder.metadata.get('ascl.source_revision')!r}; "
+            f"weights differ? file source revision {embedder.metadata.get(SOURCE_REVISION_KEY)!r}; "
             "was this file exported from this MODEL?"
         )
     return report
@@ -164,7 +167,7 @@ def _build(
 
         variants["int8"] = quantize_int8(fp32, int8.images, method=calibration_method)
     for precision, model in variants.items():
-        set_metadata(model, {**{e.key: e.value for e in fp32.metadata_props}, PRECISION_KEY: precision})
+        set_metadata(model, {**read_metadata(fp32), PRECISION_KEY: precision})
         onnx.checker.check_model(model, full_check=True)
         files[precision] = work / FILE_NAMES[precision]
         onnx.save_model(model, files[precision])

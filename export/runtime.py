@@ -1,14 +1,22 @@
-"""Run an exported encoder with ONNX Runtime: the embedding path shared by index, serving, demo."""
+"""Run an exported encoder with ONNX Runtime: the embedding path shared by index, serving, demo.
+
+Also the one reader of an export's ``ascl.*`` metadata (keys: ``ascl.names``): ``onnx_metadata``
+for a file (cached, no session), ``OnnxFacts`` for what serving needs of it (image size,
+embedding dim, precision), read the same way from a file or from a running session.
+"""
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ascl.names import EMBEDDINGS, IMAGES
+from ascl.names import EMBEDDING_DIM_KEY, EMBEDDINGS, IMAGE_SIZE_KEY, IMAGES, PRECISION_KEY
 
 # Short names accepted by --providers, in ONNX Runtime's spelling.
 PROVIDER_NAMES = {
@@ -68,6 +76,65 @@ def resolve_providers(names: Sequence[str], *, image_size: int | None = None) ->
     return out
 
 
+@dataclass(frozen=True)
+class OnnxFacts:
+    """What a server needs to know of an exported encoder: its input size, output dim and precision."""
+
+    image_size: int
+    embedding_dim: int
+    precision: str = "fp32"
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, str], image_size: object, embedding_dim: object) -> OnnxFacts:
+        """The facts from ``ascl.*`` metadata, else from the graph's static shapes (given)."""
+        return cls(int(metadata.get(IMAGE_SIZE_KEY, image_size)),  # type: ignore[call-overload]
+                   int(metadata.get(EMBEDDING_DIM_KEY, embedding_dim)),  # type: ignore[call-overload]
+                   metadata.get(PRECISION_KEY, "fp32"))
+
+
+def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The metadata of an ONNX file (cached per file path, size and modification time; no session)."""
+    return dict(_read(*_stat_key(path))[0])
+
+
+def onnx_facts(path: str | os.PathLike[str]) -> OnnxFacts:
+    """``OnnxFacts`` of an ONNX file, read once per file version (no session is created)."""
+    props, size, dim = _read(*_stat_key(path))
+    return OnnxFacts.from_metadata(dict(props), size, dim)
+
+
+def _stat_key(path: str | os.PathLike[str]) -> tuple[str, int, int]:
+    resolved = Path(path).resolve()
+    if not resolved.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file; create it with 'ascl export onnx MODEL --out DIR'")
+    stat = resolved.stat()
+    return str(resolved), stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=32)
+def _read(path: str, size: int, mtime_ns: int) -> tuple[tuple[tuple[str, str], ...], object, object]:
+    """(metadata, the input's image size, the output's dim) of one file version."""
+    del size, mtime_ns  # part of the cache key only
+    try:
+        import onnx
+
+        model = onnx.load(path, load_external_data=False)
+        props = {entry.key: entry.value for entry in model.metadata_props}
+        in_dims = [d.dim_value or d.dim_param for d in model.graph.input[0].type.tensor_type.shape.dim]
+        out_dims = [d.dim_value or d.dim_param for d in model.graph.output[0].type.tensor_type.shape.dim]
+    except ImportError:  # a serving-only install: ONNX Runtime reads it too
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+        props = dict(session.get_modelmeta().custom_metadata_map)
+        in_dims, out_dims = session.get_inputs()[0].shape, session.get_outputs()[0].shape
+    except Exception as exc:  # onnx raises its own types for a file that is no model
+        raise ValueError(f"{path}: not a loadable ONNX model ({exc})") from exc
+    return tuple(sorted(props.items())), (in_dims[1:2] or [None])[0], (out_dims[1:2] or [None])[0]
+
+
 class OnnxEmbedder:
     """An ONNX Runtime session over an exported encoder, with its metadata.
 
@@ -113,9 +180,10 @@ class OnnxEmbedder:
                 "is this an ascl export?"
             )
         shape = self.session.get_inputs()[0].shape  # ['batch', H, W, 3]
-        self.image_size = int(self.metadata.get("ascl.image_size", shape[1]))
-        self.embedding_dim = int(self.metadata.get("ascl.embedding_dim", self.session.get_outputs()[0].shape[1]))
-        self.precision = self.metadata.get("ascl.precision", "fp32")
+        self.facts = OnnxFacts.from_metadata(self.metadata, shape[1], self.session.get_outputs()[0].shape[1])
+        self.image_size = self.facts.image_size
+        self.embedding_dim = self.facts.embedding_dim
+        self.precision = self.facts.precision
         self.providers: list[str] = list(self.session.get_providers())
 
     def embed(self, images: np.ndarray) -> np.ndarray:

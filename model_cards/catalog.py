@@ -27,6 +27,8 @@ class ModelEntry:
     arch: str
     width: int
     embedding_dim: int
+    image_size: int  # the side its input images are resized to
+    use: str  # what it is for (the registry's words; empty for unregistered models)
     knn_top1: float | None  # percent, from the card; None when the card has none
     size_bytes: int
     is_default: bool
@@ -66,9 +68,11 @@ def read_entry(name: str, source: str, folder: Path) -> ModelEntry | None:
         return None
     width = int(config.get("width", TORCHVISION_WIDTH))
     default = registry.lookup(registry.DEFAULT_ALIAS)
+    known = registry.lookup(name)
     return ModelEntry(
         name=name, source=source, path=folder, arch=str(config["arch"]), width=width,
-        embedding_dim=embedding_dim_of(str(config["arch"]), width), knn_top1=card_knn_top1(folder),
+        embedding_dim=embedding_dim_of(str(config["arch"]), width), image_size=int(config.get("image_size", 0)),
+        use=known.use if known is not None else "", knn_top1=card_knn_top1(folder),
         size_bytes=folder_size(folder), is_default=default is not None and default.name == name,
     )
 
@@ -138,10 +142,11 @@ def format_size(size: int) -> str:
 
 def format_table(entries: list[ModelEntry]) -> str:
     """The ``ascl models`` table: one row per model, the default marked with ``*``."""
-    header = ("", "name", "arch", "width", "dim", "kNN top-1", "size", "source", "path")
+    header = ("", "name", "arch", "width", "dim", "input", "kNN top-1", "size", "source", "for", "path")
     rows = [header] + [
         ("*" if e.is_default else "", e.name, e.arch, str(e.width), str(e.embedding_dim),
-         f"{e.knn_top1:.2f}%" if e.knn_top1 is not None else "-", format_size(e.size_bytes), e.source, str(e.path))
+         f"{e.image_size} px" if e.image_size else "-", f"{e.knn_top1:.2f}%" if e.knn_top1 is not None else "-",
+         format_size(e.size_bytes), e.source, e.use or "-", str(e.path))
         for e in entries
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]

@@ -15,8 +15,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ascl.training.knn import KNN_K
+
 if TYPE_CHECKING:
     from ascl.encoder import Encoder
+
+# The kNN votes a card reports: the protocol's k=200 first (``ascl models`` shows the first),
+# then k=20, the vote of lightly's Imagenette table, for comparison with published figures.
+CARD_KNN_K = (KNN_K, 20)
 
 
 @dataclass
@@ -31,6 +37,7 @@ class Evaluation:
     val_embeddings: np.ndarray  # [Nv, D] unit norm
     val_labels: np.ndarray  # [Nv]
     classes: list[str]
+    knn_by_k: dict[int, float]  # percent, for every k of ``CARD_KNN_K``
 
 
 def describe_split(spec: str, val_fraction: float, n_train: int, n_val: int) -> str:
@@ -56,7 +63,8 @@ def evaluate(
     from ascl.training.evaluate import EvalData
     from ascl.training.evaluate import evaluate as evaluate_both
 
-    ev = evaluate_both(encoder, EvalData(spec, val_fraction, subset, subset, batch_size, device))
+    ev = evaluate_both(encoder, EvalData(spec, val_fraction, subset, subset, batch_size, device),
+                       k=CARD_KNN_K[0], also_k=CARD_KNN_K[1:])
     labels = ev.val_labels.cpu().numpy()  # [Nv]
     keep = labels >= 0
     return Evaluation(
@@ -68,4 +76,5 @@ def evaluate(
         val_embeddings=ev.val_embeddings.cpu().numpy()[keep],
         val_labels=labels[keep],
         classes=ev.classes or [str(c) for c in range(int(labels.max(initial=0)) + 1)],
+        knn_by_k={k: 100.0 * v for k, v in ev.knn_by_k.items()},
     )

@@ -41,9 +41,18 @@ if TYPE_CHECKING:
     from ascl.encoder import Encoder
 
 CURVE_PNG = "training_curve.png"
+WEIGHT_FILE_PATTERNS = ("model*.safetensors", "model.safetensors.index.json")  # what save_encoder writes
 RUN_CURVES_PNG = "curves.png"  # drawn by ascl train in the run folder
 PROJECTION_PNG = "embeddings_pca.png"
-KNN_NAME = f"kNN top-1 (k={KNN_K}, t={KNN_T})"  # the protocol of ascl eval knn
+
+
+def knn_name(k: int) -> str:
+    """The card's name of a kNN top-1 measured with ``k`` neighbours (``KNN_NAME`` for the protocol's k)."""
+    return f"kNN top-1 (k={k}, t={KNN_T})"
+
+
+KNN_NAME = knn_name(KNN_K)  # the protocol of ascl eval knn
+
 LINEAR_NAME = "linear-probe top-1"
 WALL_TIME_COLUMNS = ("wall_time_s", "elapsed_s", "time_s", "elapsed")
 # Keys of a JSON run record (run.json, or the time_to_accuracy benchmark's result), first found wins.
@@ -225,7 +234,9 @@ def _recorded_knn(facts: CardFacts, rows: list[dict[str, str]]) -> Metric | None
     value = found[1] * 100.0 if found[1] <= 1.0 else found[1]
     val_fraction = _run_data(facts).get("val_fraction")
     split = "the run's val split" + (f" (data.val_fraction={val_fraction})" if val_fraction else "")
-    return Metric(KNN, KNN_NAME, value, facts.training_data or "training data", "imagefolder", split,
+    monitor = (facts.training_config or {}).get("eval")
+    k = int(monitor.get("knn_k", KNN_K)) if isinstance(monitor, dict) else KNN_K  # the vote the monitor used
+    return Metric(KNN, knn_name(k), value, facts.training_data or "training data", "imagefolder", split,
                   "recorded by the training kNN monitor (metrics.csv)")
 
 
@@ -276,7 +287,7 @@ def build_facts(
         dataset, dataset_type = _dataset_of({"data": {"spec": str(spec)}}) or (str(spec), "imagefolder")
         how = "measured by ascl push with the ascl eval protocol"
         facts.metrics = [  # measured now: replaces any recorded numbers
-            Metric(KNN, KNN_NAME, ev.knn_top1, dataset, dataset_type, ev.split, how),
+            *(Metric(KNN, knn_name(k), value, dataset, dataset_type, ev.split, how) for k, value in ev.knn_by_k.items()),
             Metric(LINEAR, LINEAR_NAME, ev.linear_top1, dataset, dataset_type, ev.split, how),
         ]
         plot_projection(ev.val_embeddings, ev.val_labels, ev.classes, figures / PROJECTION_PNG,
@@ -338,5 +349,8 @@ def upload(folder: Path, repo_id: str, *, private: bool = False, revision: str |
             folder_path=folder,
             revision=revision,
             commit_message=f"Upload {repo.repo_id} with ascl push",
+            # weights of an earlier push that this one does not replace (other shards, an old index)
+            # would mix with the new ones on download: the commit deletes them
+            delete_patterns=list(WEIGHT_FILE_PATTERNS),
         )
     return str(info.commit_url)

@@ -1,8 +1,9 @@
 """The demo page in a real browser: Debian's chromium driven by Playwright.
 
 The page runs in-process (ONNX Runtime + FAISS) so that this module needs no Triton; the
-Triton-backed page is covered by tests/test_demo_app.py and tests/test_up.py. Screenshots land
-in test-output/ (git-ignored) for a human to look at.
+Triton-backed page is covered by tests/test_up.py (through gradio_client). Screenshots land in
+test-output/ (git-ignored) for a human to look at. Without chromium these tests fail, saying how
+to install it (``make browser``); leave them out with ``-m "not browser"``.
 """
 
 from __future__ import annotations
@@ -19,11 +20,7 @@ OUTPUT = Path(__file__).resolve().parents[1] / "test-output"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync"]
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is absent: install Debian's chromium (apt-get "
-                                                     "install chromium); CI installs it"),
-]
+pytestmark = pytest.mark.browser
 
 RESULTS_RENDERED = """(n) => {
     const imgs = Array.from(document.querySelectorAll('#results img'));
@@ -34,9 +31,9 @@ RESULTS_RENDERED = """(n) => {
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[str]:
     from ascl.demo.app import build_app, launch
-    from ascl.demo.model import choose_model, ensure_onnx
     from ascl.demo.up import example_files, gallery_roots
     from ascl.serving.online.gallery import InProcessGallery, build_index
+    from ascl.serving.online.serve import choose_model, ensure_onnx
 
     cache = tmp_path_factory.mktemp("browser-cache")
     onnx_path, _ = ensure_onnx(choose_model(None, runs_dir=cache / "no-runs"), cache)
@@ -51,6 +48,9 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> I
 def page(demo_url: str) -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is absent: install Debian's chromium (make browser, or apt-get install chromium), "
+                    "or leave the browser tests out with -m 'not browser'", pytrace=False)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 1000})

@@ -10,6 +10,8 @@ import torch.multiprocessing as mp
 from conftest import free_port
 from ddp_helpers import ddp_worker, one_step
 
+pytestmark = pytest.mark.slow  # two processes of torch, one gloo step
+
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -122,7 +123,6 @@ def test_cli_finds_every_planted_copy_and_writes_csv(planted: tuple[Path, dict[s
 
 def test_index_mode_equals_images_mode_and_parquet_reads_back(
         planted: tuple[Path, dict[str, int]], onnx_model: Path, tmp_path: Path) -> None:
-    pq = pytest.importorskip("pyarrow.parquet")  # the serve extra's
     folder, _ = planted
     idx = tmp_path / "idx"
     assert main(["index", "build", "--model", str(onnx_model), "--images", str(folder), "--out", str(idx)]) == 0
@@ -298,6 +298,7 @@ def test_cli_default_threshold_is_the_library_default() -> None:
     assert dedup_cli.DEFAULT_THRESHOLD == dedup.DEFAULT_THRESHOLD
 
 
+@pytest.mark.slow
 def test_benchmark_runs_tiny(cifar_tar: Path, tmp_path: Path) -> None:
     import json
     import subprocess

@@ -13,9 +13,9 @@ from serving_helpers import huge_png, png_bytes
 
 from ascl.demo import search as actions
 from ascl.demo.gallery_images import cifar_subset_from_tar, digits_gallery, folder_key, resolve_gallery
-from ascl.demo.model import choose_model, ensure_onnx
 from ascl.images import MAX_IMAGE_BYTES
 from ascl.serving.online.gallery import InProcessGallery, build_index
+from ascl.serving.online.serve import choose_model, ensure_onnx
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,9 @@ def test_search_ranks_k_results_and_finds_the_query_first(backend: InProcessGall
     assert outcome.results[0].label == query.parent.name and outcome.seconds > 0
     assert actions.caption(outcome.results[0]).startswith("1.000 · ")
     thumb = Path(actions.thumbnail(outcome.results[0], tmp_path))
-    assert thumb.parent == tmp_path and Image.open(thumb).size == Image.open(query).size
+    width, height = Image.open(query).size  # a 32-px digit, shown enlarged to a side a person can see
+    assert thumb.parent == tmp_path and Image.open(thumb).size == (128 * width // max(width, height),
+                                                                   128 * height // max(width, height))
     assert actions.thumbnail(outcome.results[0], tmp_path) == str(thumb)  # reused, not rewritten
 
 
@@ -230,15 +232,41 @@ def test_galleries(tmp_path: Path, digits_folder: Path, cifar_tar: Path) -> None
     subset = cifar_subset_from_tar(cifar_tar, tmp_path, per_class=2)
     files = sorted(subset.root.rglob("*.jpg"))
     assert len(files) == 20 and {f.parent.name for f in files} >= {"cat", "truck"}
-    assert resolve_gallery(None, tmp_path, subset=20, cifar_tar=cifar_tar).root == subset.root
+    no_photos = tmp_path / "no-imagenette.tar.gz"
+    thumbnails = resolve_gallery(None, tmp_path, subset=20, cifar_tar=cifar_tar, photo_tar=no_photos)
+    assert thumbnails.root == subset.root  # no photo copy: CIFAR-10, and the screen says why
+    assert thumbnails.note and "no Imagenette photo copy" in thumbnails.note and "32-px thumbnails" in thumbnails.note
+    photos = _photo_tar(tmp_path / "photos.tar.gz")
+    chosen = resolve_gallery(None, tmp_path, subset=30, cifar_tar=cifar_tar, photo_tar=photos)
+    assert chosen.note is None and chosen.description.startswith("Imagenette photos (160 px), a subset of 6")
+    assert sorted(f.parent.name for f in chosen.root.rglob("*.jpg")) == ["church"] * 3 + ["tench"] * 3
     (tmp_path / "torchvision").write_text("a file where torchvision wants its folder: the download fails at once")
-    fallback = resolve_gallery(None, tmp_path, cifar_tar=tmp_path / "absent.tar.gz")
+    fallback = resolve_gallery(None, tmp_path, cifar_tar=tmp_path / "absent.tar.gz", photo_tar=no_photos)
     assert fallback.note and "using scikit-learn's digits instead" in fallback.note
     assert len(list(fallback.root.rglob("*.png"))) == 1797
     assert fallback.root == digits_gallery(tmp_path).root
     assert resolve_gallery(str(digits_folder), tmp_path).key == f"dir-{folder_key(digits_folder)}"
     with pytest.raises(FileNotFoundError, match="no such folder"):
         resolve_gallery(str(tmp_path / "missing"), tmp_path)
+
+
+def _photo_tar(path: Path) -> Path:
+    """A small archive in the Imagenette copy's layout: imagenette/train/<class>/<n>.jpg, 4 per class."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    with tarfile.open(path, "w:gz") as tar:
+        for label in ("tench", "church"):
+            for i in range(4):
+                buf = io.BytesIO()
+                Image.new("RGB", (160, 160), (40 * i, 90, 200)).save(buf, format="JPEG")
+                info = tarfile.TarInfo(f"imagenette/train/{label}/{i:03d}.jpg")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+    return path
 
 
 def test_demo_command_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -250,6 +278,7 @@ def test_demo_command_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFix
     assert "not an index folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_demo_command_serves_in_process_and_stops_on_sigterm(onnx_path: Path, digits_index: Path,
                                                              tmp_path: Path) -> None:
     import signal

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from serving_helpers import export_random_encoder
 
@@ -24,18 +26,7 @@ from ascl.cli import main
 from ascl.images import list_images, load_image
 from ascl.serving.collections.parquet_set import embeddings_of, read_errors, read_manifest, read_table
 
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """One export cache for the module (the CLI calls in this process and the subprocesses use it)."""
-    folder = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ASCL_CACHE", str(folder))
-        yield folder
 
 
 def _hub_model(root: Path, name: str, seed: int) -> tuple[Path, Any]:
@@ -50,8 +41,9 @@ def _hub_model(root: Path, name: str, seed: int) -> tuple[Path, Any]:
 
 
 @pytest.fixture(scope="module")
-def models(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two small random encoders as hub folders (model-a, model-b: 128-d), exported once into the cache."""
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two small random encoders as hub folders (model-a, model-b: 128-d), exported once into the session's
+    cache (which the CLI calls in this process and the subprocesses share)."""
     from ascl.export.cache import cached_onnx
     from ascl.models import resolve_model
 
@@ -125,14 +117,16 @@ def test_parquet_round_trip_equals_the_encoder(models: dict[str, Any], digits_fo
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")} == stamps
 
 
-def test_resume_after_a_kill_loses_and_duplicates_nothing(cache: Path, tmp_path: Path) -> None:
-    """SIGKILL after the first part is committed; the re-run equals an uninterrupted run."""
+@pytest.mark.slow
+def test_resume_after_a_kill_loses_and_duplicates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A second writer is refused while the first runs; SIGKILL after the first part is committed; the
+    re-run equals an uninterrupted run."""
     from ascl.serving.collections.embed import embed_collection
 
-    onnx = export_random_encoder(tmp_path / "full.onnx")  # full-width ResNet-18: slow enough to be caught
+    onnx = export_random_encoder(tmp_path / "full.onnx", width=64)  # full-width ResNet-18: slow enough to be caught
     args = ["digits", "--model", str(onnx), "--limit", "300", "--max-rows-per-file", "40", "--batch-size", "20"]
     out = tmp_path / "killed"
-    env = {**os.environ, "ASCL_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ascl", "embed", *args, "--out", str(out), "--no-progress",
                              "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
@@ -145,6 +139,11 @@ def test_resume_after_a_kill_loses_and_duplicates_nothing(cache: Path, tmp_path:
                 pass
             time.sleep(0.01)
         assert proc.poll() is None, f"finished before it could be killed: {proc.communicate()[0].decode()[-2000:]}"
+        # a second writer on the same set, while the first one runs: refused at once, naming the first
+        assert main(["embed", *args, "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"pid {proc.pid} (ascl embed)" in err and "is writing this embedding set" in err, err
+        assert proc.poll() is None  # refused while the first still runs: it did not wait for the lock
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
@@ -168,6 +167,98 @@ def test_resume_after_a_kill_loses_and_duplicates_nothing(cache: Path, tmp_path:
         assert got[column] == want[column]
     np.testing.assert_allclose(got["embedding"], want["embedding"], atol=1e-5)
     assert not list(out.glob(".*.tmp"))
+
+
+def _small_source(root: Path, digits_folder: Path, per_class: int = 3) -> Path:
+    """A folder of ``per_class`` digits of each class (30 images), to embed and then change."""
+    folder = root / "source"
+    for label in sorted(p.name for p in digits_folder.iterdir()):
+        (folder / label).mkdir(parents=True)
+        for f in sorted((digits_folder / label).iterdir())[:per_class]:
+            shutil.copy(f, folder / label / f.name)
+    return folder
+
+
+def _snapshot(out: Path) -> dict[str, int]:
+    """Every data file of a set (parts, errors) by modification time: not the manifest, which a refused
+    run rewrites with a new time stamp, nor the writer lock, which every run takes."""
+    return {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name not in ("_manifest.json", ".writer.lock")}
+
+
+@pytest.fixture()
+def half_embedded(models: dict[str, Any], digits_folder: Path, tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """(source, set, arguments): 20 of the source's 30 images embedded in two parts of 10."""
+    source = _small_source(tmp_path, digits_folder)
+    out = tmp_path / "set"
+    args = ["--model", str(models["a"]["onnx"]), "--out", str(out), "--max-rows-per-file", "10", "--batch-size", "8"]
+    assert _embed(str(source), *args, "--limit", "20") == 0
+    manifest = read_manifest(out)
+    assert manifest["count"] == 20 and len(manifest["parts"]) == 2
+    return source, out, args
+
+
+def test_resume_refuses_a_source_that_changed_under_the_set(half_embedded: tuple[Path, Path, list[str]],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    source, out, args = half_embedded
+    before, parts = _snapshot(out), read_manifest(out)["parts"]
+    last = parts[-1]["last_path"]  # position 19
+    (source / "0" / sorted(p.name for p in (source / "0").iterdir())[0]).unlink()  # every later position moves
+    capsys.readouterr()
+    assert _embed(str(source), *args) == 2
+    err = capsys.readouterr().err
+    assert "the source changed since this set was written" in err and f"position 19 was {last!r}" in err
+    assert "embed it into a new --out" in err and "Traceback" not in err
+    assert _snapshot(out) == before and read_manifest(out)["parts"] == parts  # nothing written, nothing lost
+
+
+def test_resume_refuses_a_source_that_shrank_below_the_set(half_embedded: tuple[Path, Path, list[str]],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    source, out, args = half_embedded
+    before, parts = _snapshot(out), read_manifest(out)["parts"]
+    for label in ("6", "7", "8", "9"):
+        shutil.rmtree(source / label)  # 18 images left of the 20 positions the set holds
+    capsys.readouterr()
+    assert _embed(str(source), *args) == 2
+    err = capsys.readouterr().err
+    assert "the source now has 18 images but the set holds 20 positions" in err and "Traceback" not in err
+    assert _snapshot(out) == before and read_manifest(out)["parts"] == parts
+
+
+def test_a_corrupt_manifest_or_part_file_is_a_clear_error(half_embedded: tuple[Path, Path, list[str]],
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ascl.serving.collections.parquet_set import EmbeddingSetError
+
+    source, out, args = half_embedded
+    manifest_text = (out / "_manifest.json").read_text()
+    part = out / "part-000000.parquet"
+    part_bytes = part.read_bytes()
+
+    # a manifest cut short (a disk filled up, an editor): refused by every reader, the parts kept
+    (out / "_manifest.json").write_text(manifest_text[: len(manifest_text) // 2])
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert _embed(str(source), *args) == 2
+    assert "_manifest.json: unreadable manifest" in capsys.readouterr().err
+    assert main(["index", "build", "--from-parquet", str(out), "--out", str(tmp_path / "idx")]) == 2
+    assert "unreadable manifest" in capsys.readouterr().err and not (tmp_path / "idx").exists()
+    assert _snapshot(out) == before and (out / "_manifest.json").read_text() == manifest_text[: len(manifest_text) // 2]
+    (out / "_manifest.json").write_text(manifest_text.replace('"format_version": 1', '"format_version": 7'))
+    with pytest.raises(EmbeddingSetError, match="not an ascl-embedding-set v1 manifest"):
+        read_manifest(out)
+    (out / "_manifest.json").write_text(manifest_text)
+
+    # a part file cut short, or one with other rows than the manifest lists: named, never half read
+    part.write_bytes(part_bytes[: len(part_bytes) // 2])
+    with pytest.raises(EmbeddingSetError, match="part-000000.parquet: unreadable part file"):
+        read_table(out)
+    assert main(["index", "build", "--from-parquet", str(out), "--out", str(tmp_path / "idx")]) == 2
+    assert "part-000000.parquet: unreadable part file" in capsys.readouterr().err
+    assert not (tmp_path / "idx").exists()
+    pq.write_table(pq.read_table(out / "part-000001.parquet").slice(0, 4), part)
+    with pytest.raises(EmbeddingSetError, match="4 rows, the manifest says 10"):
+        read_table(out)
+    part.write_bytes(part_bytes)
+    assert read_table(out).num_rows == 20  # put back: the set reads again
 
 
 def _folder_with_bad_files(root: Path, digits_folder: Path) -> Path:
@@ -242,7 +333,7 @@ def _int8_labelled_copy(onnx: Path, dest: Path) -> Path:
 
 def test_embeddings_never_mix_across_models(models: dict[str, Any], digits_folder: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    from ascl.serving.collections.model_identity import ModelMismatchError
+    from ascl.export.identity import ModelMismatchError
     from ascl.serving.online.gallery import InProcessGallery
 
     a, b = models["a"], models["b"]
@@ -295,8 +386,9 @@ def test_ray_engine_missing_says_what_to_install(models: dict[str, Any], digits_
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[Any]:
     """One local Ray instance for the module's Ray tests, stopped after them."""
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
+    import ray
+    import ray.data  # noqa: F401  (the engine's; a missing one fails here, not later)
+
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     try:
@@ -305,6 +397,7 @@ def local_ray() -> Iterator[Any]:
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_engine_equals_the_local_engine(local_ray: Any, models: dict[str, Any], digits_folder: Path,
                                             tmp_path: Path) -> None:
     folder = _folder_with_bad_files(tmp_path, digits_folder)

@@ -138,8 +138,8 @@ def test_int8_within_tolerance_on_digits(exported: Path, trained_run: Path, digi
     report = json.loads(out.read_text())
     assert report["precision"] == "int8" and report["images"] == 120
     assert report["recall_at_10"] >= 0.9  # 0.957 measured here; the export default for real models is 0.95
-    assert abs(report["knn_top1_candidate"] - report["knn_top1_reference"]) <= 0.1
-    assert report["knn_top1_reference"] > 0.3  # digits have structure the trained model sees (chance 0.1)
+    # int8 within a small margin of fp32: the kNN votes of at most 6 of the 120 images change
+    assert abs(report["knn_top1_candidate"] - report["knn_top1_reference"]) <= 6 / 120, report
 
 
 def test_verify_fp32_passes_and_other_weights_fail(exported: Path, trained_run: Path, init_hub: Path,

@@ -1,16 +1,16 @@
 """Filtered search (``where={"label": "cat"}``): inside FAISS, k results at any selectivity, end to end.
 
 The index tests compare every factory that ``auto`` picks (Flat, HNSW32, IVF + fast-scan PQ with
-SQ8 re-ranking) with a brute-force reference computed in numpy from the same vectors. The
-end-to-end tests start one ``ascl serve`` service for the module (front door + the real
-``tritonserver``) over a small digits gallery.
+SQ8 re-ranking) with a brute-force reference computed in numpy from the same vectors: the exact
+index (Flat) must return the reference itself (recall 1.0), the approximate ones most of it. The
+end-to-end tests use the session's ``ascl serve`` service (front door + the real ``tritonserver``)
+over the small digits gallery (``digits_service`` in conftest.py).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from conftest import free_port
-from serving_helpers import export_random_encoder, processes_mentioning
+from conftest import DigitsService
 from tritonclient.utils import InferenceServerException
 
 from ascl import names
@@ -88,7 +87,18 @@ def index(request: pytest.FixtureRequest, collection: Collection, tmp_path_facto
 
 
 def exact_factory(index: GalleryIndex) -> bool:
-    return not str(index.manifest["factory"]).startswith("IVF")  # the IVF one scores with SQ8 codes
+    """True when the stored vectors are exact (every factory but IVF, which scores with SQ8 codes)."""
+    return not str(index.manifest["factory"]).startswith("IVF")
+
+
+def exact_search(index: GalleryIndex) -> bool:
+    """True for the exhaustive index (Flat): any search of it must return the brute-force answer."""
+    return str(index.manifest["factory"]) == "Flat"
+
+
+def min_recall(index: GalleryIndex, approximate: float) -> float:
+    """1.0 for the exhaustive index, ``approximate`` for the graph and inverted-list ones."""
+    return 1.0 if exact_search(index) else approximate
 
 
 def assert_like_reference(index: GalleryIndex, collection: Collection, allowed: np.ndarray, k: int,
@@ -127,7 +137,7 @@ def test_k_beyond_the_matches_returns_every_match(index: GalleryIndex, collectio
 def test_broad_filter_through_the_approximate_index(index: GalleryIndex, collection: Collection) -> None:
     broad = collection.ids_where(label="broad")
     scores, ids = index.search(collection.queries, 10, where={"label": "broad"})
-    assert_like_reference(index, collection, broad, 10, scores, ids, min_recall=0.9)
+    assert_like_reference(index, collection, broad, 10, scores, ids, min_recall(index, 0.9))
 
 
 def test_rows_are_full_even_when_the_approximate_search_falls_short(
@@ -143,13 +153,13 @@ def test_rows_are_full_even_when_the_approximate_search_falls_short(
     rare = collection.ids_where(label="rare")
     scores, ids = index.search(collection.queries, 10, where={"label": "rare"})
     assert ids.shape == (Q, 10) and np.isin(ids, rare).all()
-    assert_like_reference(index, collection, rare, 10, scores, ids, min_recall=0.8)
+    assert_like_reference(index, collection, rare, 10, scores, ids, min_recall(index, 0.8))
 
 
 def test_and_of_fields_and_lists_of_values(index: GalleryIndex, collection: Collection) -> None:
     both = collection.ids_where(label="broad", colour="red")
     scores, ids = index.search(collection.queries, 10, where={"label": "broad", "colour": "red"})
-    assert_like_reference(index, collection, both, 10, scores, ids, min_recall=0.9)
+    assert_like_reference(index, collection, both, 10, scores, ids, min_recall(index, 0.9))
     either = collection.ids_where(label=["rare", "common"], size=3)
     assert 0 < len(either) < N // 5
     scores, ids = index.search(collection.queries, 10, where={"label": ["rare", "common"], "size": 3})
@@ -249,23 +259,11 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[Served]:
-    from ascl.serving.collections.build import build_index
-    from ascl.serving.online.repository import write_repository
-    from ascl.serving.online.service import SearchService
-
-    root = tmp_path_factory.mktemp("filtered-served")
-    onnx_path = export_random_encoder(root / "encoder.onnx")
-    build_index(onnx_path, str(digits_folder), root / "idx", progress=False)
-    repo = write_repository(root / "models", onnx_path, root / "idx")
-    service = SearchService(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                            log=lambda text: None)
-    try:
-        service.start()
-        yield Served(service.grpc_url, service.http_url, onnx_path, root / "idx", digits_folder)
-    finally:
-        service.stop()
-    assert processes_mentioning(str(repo)) == []
+def served(digits_service: DigitsService) -> Served:
+    """The session's ``ascl serve`` service over the 120 digits (conftest.py); these tests only read."""
+    service = digits_service.service
+    return Served(service.grpc_url, service.http_url, digits_service.onnx, digits_service.index,
+                  digits_service.gallery)
 
 
 def image(served: Served, digit: int, i: int = 0) -> bytes:

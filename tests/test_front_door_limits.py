@@ -35,6 +35,8 @@ from ascl.serving import Client
 from ascl.serving.online.limits import Limits
 from ascl.serving.online.service import SearchService, Supervision
 
+pytestmark = pytest.mark.triton
+
 MAX_REQUEST = 8 * 2**20
 LIMITS = Limits(max_request_bytes=MAX_REQUEST, max_in_flight=16, max_connections=40, idle_timeout_s=3.0,
                 header_timeout_s=2.0, body_timeout_s=3.0)
@@ -391,7 +393,7 @@ def test_more_requests_than_the_in_flight_limit_are_refused_with_a_reason(servic
     began = time.monotonic()
     outcomes = asyncio.run(burst())
     assert time.monotonic() - began < 120
-    assert outcomes["ok"] >= LIMITS.max_in_flight // 2, outcomes
+    assert outcomes["ok"] >= QUEUE, outcomes  # at least what one model queue holds (fused: queue + instances)
     assert outcomes["StatusCode.UNAVAILABLE: capacity"] > 0, outcomes
     # the rest: the HTTP/2 stream limit (REFUSED_STREAM) or a full model queue, UNAVAILABLE each
     stream_limit = "StatusCode.UNAVAILABLE: Stream removed (RST_STREAM (Received RST_STREAM with error code 7))"

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import free_port
-from serving_helpers import export_random_encoder, png_bytes, processes_mentioning
+from serving_helpers import png_bytes, processes_mentioning
 
 from ascl.errors import FAILURE, USAGE, AsclError
 from ascl.images import ImageError, list_images
@@ -31,7 +31,6 @@ from ascl.serving.online.gallery import (
     PortInUseError,
     TritonGallery,
     add_images,
-    build_index,
     check_ports_free,
     index_count,
     index_records,
@@ -42,12 +41,11 @@ PROTOCOL = ("description", "embed", "search", "add", "remove", "count")
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> tuple[Path, Path]:
-    """(ONNX file, index folder) of a small real gallery: 120 digits, a random encoder."""
-    root = tmp_path_factory.mktemp("gallery-service")
-    onnx_path = export_random_encoder(root / "encoder.onnx")
-    assert build_index(onnx_path, digits_folder, root / "idx") == 120
-    return onnx_path, root / "idx"
+def built(random_onnx: Path, digits_index: Path) -> tuple[Path, Path]:
+    """(ONNX file, index folder) of a small real gallery: the session's 120 digits with a random
+    encoder (conftest.py); every test here works on a copy of the index."""
+    assert index_count(digits_index) == 120
+    return random_onnx, digits_index
 
 
 @pytest.fixture()
@@ -160,8 +158,10 @@ def _serving_imports(path: Path) -> list[str]:
 
 
 # demo/cli.py is a CLI module: it sits on top of every layer (README, Architecture) and reads
-# serving's option help texts for --precision; the demo's code talks to the gallery service only.
-CLI_HELP_TEXTS = {"cli.py": {"ascl.serving.online.precision"}}
+# serving's option help texts for --precision; the demo's code talks to the gallery service only,
+# and what starts a service (up.py, cli.py's --in-process) takes the one serve path.
+CLI_HELP_TEXTS = {"cli.py": {"ascl.serving.online.precision", "ascl.serving.online.serve"},
+                  "up.py": {"ascl.serving.online.serve"}}
 
 
 def test_demo_uses_only_the_gallery_seam() -> None:
@@ -209,6 +209,7 @@ def both(built: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> 
     assert processes_mentioning(str(repo)) == []
 
 
+@pytest.mark.triton
 def test_triton_and_in_process_answer_alike(both: Both, digits_folder: Path) -> None:
     images = [f.read_bytes() for f in list_images(digits_folder)[::13]]  # 10 queries, every digit
     for service in (both.triton, both.local):
@@ -223,6 +224,7 @@ def test_triton_and_in_process_answer_alike(both: Both, digits_folder: Path) -> 
     assert "Triton" in both.triton.description
 
 
+@pytest.mark.triton
 def test_triton_add_is_served_at_once_dedupes_and_removes(both: Both) -> None:
     new = png_bytes(21)
     added = both.triton.add(new, name="fresh.png", label="fresh")

@@ -24,12 +24,13 @@ from ascl.model_cards.publish import EvalRequest, Source, build_facts, save_enco
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
     torch.manual_seed(0)
-    return Encoder(image_size=16).eval()
+    return Encoder(image_size=16, width=16).eval()
 
 
 def test_card_metadata_survives_modelcard_load(encoder: Encoder, tmp_path: Path) -> None:
     facts = CardFacts(
-        model_name="ascl-test", encoder_config=dict(encoder.config()), embedding_dim=512, repo_id="org/ascl-test",
+        model_name="ascl-test", encoder_config=dict(encoder.config()), embedding_dim=encoder.embedding_dim,
+        repo_id="org/ascl-test",
         training_data="CIFAR-10", datasets=["cifar10"], training_config={"epochs": 200, "loss": {"t1": 0.1}},
         hardware="1x NVIDIA H200", wall_time_s=583.0,
         metrics=[Metric(KNN, "kNN top-1 (k=200, t=0.1)", 88.31, "CIFAR-10", "cifar10", "validation", "test"),
@@ -122,8 +123,17 @@ def test_push_dry_run_from_training_run(run_folder: Path, tmp_path: Path, capsys
     assert "(embeddings_pca.png)" in card.text and "(training_curve.png)" in card.text
     assert "name: digits_tiny" in card.text and "2 CPU cores" in card.text
     assert card.data.model_name == "digits"
-    assert [r.metric_name for r in card.data.eval_results] == ["kNN top-1 (k=200, t=0.1)", "linear-probe top-1"]
-    assert all(0.0 <= r.metric_value <= 100.0 for r in card.data.eval_results)
+    assert [r.metric_name for r in card.data.eval_results] == ["kNN top-1 (k=200, t=0.1)", "kNN top-1 (k=20, t=0.1)",
+                                                             "linear-probe top-1"]
+    # the card carries what was measured, and what was measured is the pushed encoder's accuracy: the same
+    # evaluation run here on the exported folder agrees to within one val image
+    for result in card.data.eval_results:
+        assert f"{result.metric_name}: {result.metric_value:.2f}% on " in printed
+    from ascl.training.evaluate import EvalData, evaluate_knn
+
+    again = evaluate_knn(exported, EvalData("digits", 0.1, train_subset=200, val_subset=200, device="cpu"))
+    one_image = 100 / again["val_images"]
+    assert card.data.eval_results[0].metric_value == pytest.approx(100 * again["value"], abs=one_image + 1e-6)
     assert "last 10% of every class held out" in card.data.eval_results[0].dataset_split
 
 

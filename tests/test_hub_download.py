@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from hub_endpoint import HubStandIn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # two fresh Python processes, a push and a pull
 
 PRELUDE = """
 import json, sys, torch
@@ -61,9 +62,9 @@ out["missing"] = error_of(lambda: load_encoder("org/missing"))
 out["bad_revision"] = error_of(lambda: load_encoder("org/name", revision="nope"))
 out["registered_online"] = same(load_encoder("hub-model"))
 out["fallback_image_size"] = load_encoder("shipped-model").image_size
-out["push_rc"] = main(["push", args["main"], "--repo-id", "org/pushed", "--max-shard-size", "16MB",
+out["push_rc"] = main(["push", args["main"], "--repo-id", "org/pushed", "--max-shard-size", "1MB",
                        "--out", args["pushed"]])
-out["dry_rc"] = main(["push", args["main"], "--repo-id", "org/pushed", "--max-shard-size", "16MB",
+out["dry_rc"] = main(["push", args["main"], "--repo-id", "org/pushed", "--max-shard-size", "1MB",
                       "--dry-run", "--out", args["dry"]])
 out["branch_rc"] = main(["push", args["v1"], "--repo-id", "org/pushed", "--revision", "dev",
                         "--out", args["pushed"] + "-dev"])
@@ -91,11 +92,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HubStandIn
     tmp = tmp_path_factory.mktemp("hubworld")
     torch.manual_seed(1)
     main_dir = tmp / "main"
-    save_encoder(Encoder(image_size=32).eval(), main_dir, max_shard_size="16MB")
-    v1 = save_encoder(Encoder(image_size=16), tmp / "v1")
+    # width 16 (2.9 MB of weights) with 1 MB shards: three shards go over HTTP, as a large model's would
+    save_encoder(Encoder(image_size=32, width=16).eval(), main_dir, max_shard_size="1MB")
+    v1 = save_encoder(Encoder(image_size=16, width=16), tmp / "v1")
     narrow = save_encoder(Encoder(image_size=16, width=16), tmp / "narrow", max_shard_size="200KB")
     shipped_root = tmp / "shipped"
-    save_encoder(Encoder(image_size=24), shipped_root / "shipped-model")
+    save_encoder(Encoder(image_size=24, width=8), shipped_root / "shipped-model")
     args = {
         "main": str(main_dir), "v1": str(v1), "shipped_root": str(shipped_root), "pushed": str(tmp / "pushed"),
         "dry": str(tmp / "dry"), "hf_home": str(tmp / "hf"),

@@ -84,6 +84,28 @@ except Exception as e:
 print("RESULT " + json.dumps(out))
 """
 
+REPUSH = """
+import json, sys
+from pathlib import Path
+import torch
+from huggingface_hub import snapshot_download
+from ascl.cli import main
+from ascl.encoder import Encoder
+
+args = json.loads(sys.argv[1])
+out = {"first_rc": main(["push", args["src"], "--repo-id", "org/again", "--max-shard-size", "1MB",
+                         "--out", args["out"]])}
+out["first_files"] = sorted(p.name for p in Path(snapshot_download("org/again")).iterdir() if p.is_file())
+# the second push, of another encoder in one file, onto the same repo
+out["second_rc"] = main(["push", args["src2"], "--repo-id", "org/again", "--out", args["out2"]])
+x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    new = Encoder.from_pretrained(args["src2"]).eval()
+    out["equal"] = torch.equal(new(x), Encoder.from_pretrained("org/again", force_download=True).eval()(x))
+out["files"] = sorted(p.name for p in Path(snapshot_download("org/again")).iterdir() if p.is_file())
+print("RESULT " + json.dumps(out))
+"""
+
 
 def _run(script: str, args: dict[str, Any], hub: HubStandIn, hf_home: Path) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
@@ -114,6 +136,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+@pytest.mark.slow
 def test_push_sends_every_safetensors_through_lfs(pushed: tuple[HubStandIn, dict[str, Any], Path]) -> None:
     hub, got, out = pushed
     assert got["push_rc"] == 0
@@ -142,6 +165,7 @@ def test_push_sends_every_safetensors_through_lfs(pushed: tuple[HubStandIn, dict
     assert b"*.safetensors filter=lfs" in stored[".gitattributes"]
 
 
+@pytest.mark.slow
 def test_pushed_model_pulls_back_through_lfs_downloads(pushed: tuple[HubStandIn, dict[str, Any], Path]) -> None:
     hub, got, out = pushed
     assert got["equal_outputs"] is True and got["equal_state"] is True
@@ -162,6 +186,23 @@ def test_pushed_model_pulls_back_through_lfs_downloads(pushed: tuple[HubStandIn,
         ".gitattributes": _sha256(hub.files("org/lfs")[".gitattributes"])}
 
 
+@pytest.mark.slow
+def test_a_second_push_replaces_the_weights_of_the_first(tmp_path: Path) -> None:
+    """Sharded weights, then another encoder in one file, onto one repo: the pull is the second encoder,
+    with no shard or index of the first left to mix in."""
+    torch.manual_seed(5)
+    Encoder(image_size=16, width=16).eval().save_pretrained(tmp_path / "src")
+    Encoder(image_size=16, width=8).eval().save_pretrained(tmp_path / "src2")
+    args = {name: str(tmp_path / name) for name in ("src", "src2", "out", "out2")}
+    with HubStandIn() as hub:
+        got = _run(REPUSH, args, hub, tmp_path / "hf")
+    assert got["first_rc"] == got["second_rc"] == 0
+    assert "model.safetensors.index.json" in got["first_files"]  # the first push was sharded
+    assert [name for name in got["files"] if "safetensors" in name] == ["model.safetensors"], got["files"]
+    assert got["equal"] is True
+
+
+@pytest.mark.slow
 def test_object_already_stored_is_not_uploaded_again(pushed: tuple[HubStandIn, dict[str, Any], Path]) -> None:
     hub, got, out = pushed
     copy = next(r for r in hub.commit_log("org/lfs") if r.summary == "copy")
@@ -171,6 +212,7 @@ def test_object_already_stored_is_not_uploaded_again(pushed: tuple[HubStandIn, d
     assert hub.lfs_paths("org/lfs")[got["copy_path"]] == oid
 
 
+@pytest.mark.slow
 def test_commit_naming_an_object_never_uploaded_is_refused(pushed: tuple[HubStandIn, dict[str, Any], Path]) -> None:
     hub, got, _ = pushed
     message = str(got["ghost"])

@@ -193,8 +193,8 @@ def test_archive_order_decoded_cache(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert arrays.classes == ["cat", "dog"] and arrays.labels.tolist() == [0, 0, 1, 1]  # by (label, name)
     expected = [decode_image(d, 32) for _, d in sorted(members[:4])]
     np.testing.assert_array_equal(arrays.images, np.stack(expected))
-    assert len(list((tmp_path / "cache" / "cifar10-offline").rglob("images.npy"))) == 1
-    monkeypatch.setattr(S, "decode_all", lambda *a: pytest.fail("decoded again instead of read from the cache"))
+    assert len(list((tmp_path / "cache" / S.DECODED_CACHE_FOLDER).rglob("images.npy"))) == 1
+    monkeypatch.setattr(S, "decode_all", lambda *a, **k: pytest.fail("decoded again instead of read from the cache"))
     again = load_arrays(str(archive), 32)
     np.testing.assert_array_equal(again.images, arrays.images)
     assert again.classes == arrays.classes

@@ -99,7 +99,7 @@ def test_cli_build_rerun_add_remove_info(onnx_model: Path, digits_folder: Path, 
     assert main(["index", "build", "--model", str(onnx_model), "--images", str(digits_folder),
                  "--out", str(out), "--batch-size", "32"]) == 0
     manifest = read_manifest(out)
-    assert manifest["count"] == 120 and manifest["factory"] == "Flat" and manifest["dim"] == 512
+    assert manifest["count"] == 120 and manifest["factory"] == "Flat" and manifest["dim"] == 128
     records = [json.loads(line) for line in (out / manifest["metadata"]).read_text().splitlines()]
     assert {r["label"] for r in records} == {str(d) for d in range(10)}
     assert all(r["size"] > 0 and len(r["sha1"]) == 40 and not Path(r["path"]).is_absolute() for r in records)
@@ -232,19 +232,30 @@ def test_writer_lock_waits_for_the_holder_then_names_it(tmp_path: Path) -> None:
     thread.join()
 
 
-def test_add_racing_remove_loses_neither(onnx_model: Path, digits_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_add_racing_remove_loses_neither(digits_folder: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """``ascl index add`` embedding a large batch while ``ascl index remove`` finishes: the
     removed ids stay removed and every added image is there (the add applies its change to
     the version the removal wrote)."""
     import threading
-    import time
 
     from PIL import Image
 
+    from ascl.export.runtime import OnnxEmbedder
     from ascl.serving.collections.build import build_index, remove_from_index
 
+    onnx_model = export_random_encoder(tmp_path / "full.onnx", width=64)  # full width: the add takes a while
     idx = tmp_path / "idx"
     build_index(onnx_model, str(digits_folder), idx, progress=False)
+    embedding = threading.Event()
+    real_embed = OnnxEmbedder.embed
+
+    def embed_and_say(self: OnnxEmbedder, images: np.ndarray) -> np.ndarray:  # the real embed, observed
+        embedding.set()
+        return real_embed(self, images)
+
+    monkeypatch.setattr(OnnxEmbedder, "embed", embed_and_say)
     more = tmp_path / "more"
     for n, src in enumerate(sorted(digits_folder.rglob("*.png")) * 2):
         out = more / src.parent.name / f"{n}.png"
@@ -260,7 +271,7 @@ def test_add_racing_remove_loses_neither(onnx_model: Path, digits_folder: Path, 
 
     adder = threading.Thread(target=add)
     adder.start()
-    time.sleep(0.3)  # the add is embedding its 240 images now
+    assert embedding.wait(60), "the add never started embedding"  # its first batch of 240 images is under way
     removed, _ = remove_from_index(idx, [0, 1, 2], [])
     assert adder.is_alive(), "the add finished before the removal: no race was tested"
     adder.join(120)

@@ -2,19 +2,22 @@
 
 Each test runs once per backend through the interface only (``writing``, ``open_index``,
 ``read_info``, ``index_exists``), so a new backend is admitted by adding its spec maker to
-``SPECS``. FAISS (an index folder) passes here.
+``SPECS``. FAISS (an index folder), Milvus (a collection of the real standalone server that the
+session fixture ``milvus_server`` starts) and Milvus Lite (a local file) pass here.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from milvus_helpers import collection_name, drop
 
 from ascl.errors import AsclError
+from ascl.export.identity import ModelMismatchError
 from ascl.serving.collections.filters import MAX_FILTER_BYTES, FilterError
 from ascl.serving.collections.index import (
     IndexFileError,
@@ -25,22 +28,28 @@ from ascl.serving.collections.index import (
     read_info,
     writing,
 )
-from ascl.serving.collections.model_identity import ModelMismatchError
 
 DIM = 16
 MODEL = {"name": "model-a", "weights": "sha256:" + "a" * 64, "dim": DIM, "precision": "fp32"}
 OTHER = {"name": "model-b", "weights": "sha256:" + "b" * 64, "dim": DIM, "precision": "fp32"}
 LABELS = ("cat", "dog", "bird")
 
-# backend -> a function making the spec of a new, empty index under a temporary folder
-SPECS: dict[str, Callable[[Path], IndexSpec]] = {
-    "faiss": lambda tmp: tmp / "idx",
+# backend -> a function making the spec of a new, empty index (under a temporary folder, or a new collection)
+SPECS: dict[str, Callable[[pytest.FixtureRequest, Path], IndexSpec]] = {
+    "faiss": lambda request, tmp: tmp / "idx",
+    "milvus": lambda request, tmp: request.getfixturevalue("milvus_server").spec(collection_name()),
+    "milvus+lite": lambda request, tmp: f"milvus+lite://{tmp / 'lite.db'}#{collection_name()}",
 }
 
 
 @pytest.fixture(params=sorted(SPECS))
-def spec(request: pytest.FixtureRequest, tmp_path: Path) -> IndexSpec:
-    return SPECS[request.param](tmp_path)
+def spec(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[IndexSpec]:
+    if request.param.startswith("milvus"):
+        pytest.importorskip("pymilvus", reason="the Milvus client is an extra: pip install 'ascl-hub[milvus]'")
+    made = SPECS[request.param](request, tmp_path)
+    yield made
+    if request.param.startswith("milvus"):
+        drop(str(made))
 
 
 def unit(n: int, seed: int = 0) -> np.ndarray:

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ascl.training.byol import BYOLRegressionLoss, InBatchASCLLoss
-from ascl.training.loss import ASCLLoss, confidence, soft_targets
+from ascl.training.loss import ASCLLoss, BYOLRegressionLoss, InBatchASCLLoss, confidence, soft_targets
 
 MODES = ("ascl", "ahcl", "hard", "none")
 

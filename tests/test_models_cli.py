@@ -51,7 +51,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     snapshot = fake_hub_cache(cache, "org/other", cached)
     monkeypatch.setattr(registry, "SHIPPED_ROOT", shipped_root)
     monkeypatch.setattr(registry, "MODELS", {
-        "tiny-w16": registry.ShippedModel("tiny-w16", "org/tiny-w16", "a tiny test model"),
+        "tiny-w16": registry.ShippedModel("tiny-w16", "org/tiny-w16", "a tiny test model", use="tests only"),
         "not-here": registry.ShippedModel("not-here", "org/not-here", "registered, not shipped"),
     })
     monkeypatch.setattr(registry, "DEFAULT_MODEL", "tiny-w16")
@@ -63,9 +63,10 @@ def test_list_shows_shipped_and_cached_with_the_default_marked(world: dict[str, 
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:6] == ["name", "arch", "width", "dim", "kNN", "top-1"]
+    assert lines[0].split()[:7] == ["name", "arch", "width", "dim", "input", "kNN", "top-1"]
     shipped = next(line for line in lines if "tiny-w16" in line)
     assert shipped.startswith("*") and "resnet18" in shipped and " 16 " in shipped and " 128 " in shipped
+    assert " 16 px " in shipped and "tests only" in shipped
     assert "71.25%" in shipped and "shipped" in shipped and str(world["shipped"]) in shipped
     cached = next(line for line in lines if "org/other" in line)
     assert not cached.startswith("*") and " 8 " in cached and " 64 " in cached and "cache" in cached
@@ -74,6 +75,8 @@ def test_list_shows_shipped_and_cached_with_the_default_marked(world: dict[str, 
     rows = json.loads(capsys.readouterr().out)
     by_name = {r["name"]: r for r in rows}
     assert by_name["tiny-w16"]["is_default"] and by_name["tiny-w16"]["knn_top1"] == 71.25
+    assert by_name["tiny-w16"]["image_size"] == 16 and by_name["tiny-w16"]["use"] == "tests only"
+    assert by_name["org/other"]["use"] == ""
     assert by_name["org/other"]["size_bytes"] > 100_000  # weights counted through the blob links
 
 

@@ -24,25 +24,35 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from conftest import free_port
 from PIL import Image
-from serving_helpers import processes_mentioning, supervised_service, under_load
+from serving_helpers import processes_mentioning, under_load, wait_until
 from tritonclient.utils import InferenceServerException
 
 from ascl import names
 from ascl.images import list_images
 from ascl.serving import Client
 from ascl.serving.online.limits import Limits
+from ascl.serving.online.repository import write_repository
 from ascl.serving.online.server import ADMIN_KEY_HEADER
 from ascl.serving.online.service import SearchService, Supervision
 
+pytestmark = pytest.mark.triton
 MAX_REQUEST = 8 * 2**20  # small, so that the over-limit test sends little
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[SearchService]:
-    svc = supervised_service(tmp_path_factory.mktemp("hardened"), digits_folder, max_request_bytes=MAX_REQUEST,
-                             limits=Limits(max_request_bytes=MAX_REQUEST),
-                             supervision=Supervision(probe_every_s=1.0, probe_timeout_s=10.0))
+def service(tmp_path_factory: pytest.TempPathFactory, random_onnx: Path,
+            digits_index: Path) -> Iterator[SearchService]:
+    """A service of its own (small request limit, a probe every second; one test kills a stub) over the
+    session's digits index, which it only reads."""
+    root = tmp_path_factory.mktemp("hardened")
+    repo = write_repository(root / "models", random_onnx, digits_index, max_request_bytes=MAX_REQUEST)
+    events: list[str] = []
+    svc = SearchService(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
+                        limits=Limits(max_request_bytes=MAX_REQUEST),
+                        supervision=Supervision(probe_every_s=1.0, probe_timeout_s=10.0), log=events.append)
+    svc.events_log = events  # type: ignore[attr-defined]
     try:
         svc.start()
         yield svc
@@ -108,7 +118,8 @@ def test_uploaded_model_code_is_refused_everywhere_and_never_runs(service: Searc
     keyed = {**json_type, ADMIN_KEY_HEADER: str(service.admin_key)}
     status, text = http(service, "POST", "/v2/repository/models/evil/load", body, keyed, base=private_http(service))
     assert status >= 400 and "not allowed" in text.lower(), (status, text)
-    time.sleep(1.0)
+    status, text = http(service, "POST", "/v2/repository/index", b"{}", keyed, base=private_http(service))
+    assert status == 200 and names.MODEL_IMAGE_SEARCH in text and "evil" not in text, text  # never loaded
     assert not marker.exists()
 
 
@@ -166,8 +177,9 @@ def test_a_tiny_file_that_decodes_huge_is_refused_quickly_with_bounded_memory(se
     wide = png((3000, 40))  # 75:1: within limits, decoded by cropping before scaling
     with Client(service.grpc_url) as c:
         assert len(c.search([wide], k=2)[0]) == 2
-    peak_kib = max(_peak_rss_kib(pid) for pid in processes_mentioning(f"{service.repository}/{names.MODEL_PREPROCESS}"))
-    assert peak_kib < 600 * 1024, f"preprocess peaked at {peak_kib / 1024:.0f} MiB"
+    decoders = processes_mentioning(f"{service.repository}/{names.MODEL_IMAGE_SEARCH}")  # it decoded the request
+    peak_kib = max(_peak_rss_kib(pid) for pid in decoders)
+    assert peak_kib < 600 * 1024, f"image_search peaked at {peak_kib / 1024:.0f} MiB"
 
 
 def _peak_rss_kib(pid: int) -> int:
@@ -227,11 +239,13 @@ def test_empty_requests_mixed_into_load_fail_no_good_request(service: SearchServ
                                                                         for _ in range(3)]
     for w in workers:
         w.start()
-    time.sleep(8)
-    stop.set()
-    for w in workers:
-        w.join(60)
-    assert failures == [] and served[0] > 20
+    try:  # until both kinds of request have been sent many times, side by side
+        wait_until(lambda: served[0] > 40 and len(empty_errors) > 20 or bool(failures), 120, "mixed load")
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(60)
+    assert failures == [] and served[0] > 40
     assert empty_errors and set(empty_errors) == {"StatusCode.INVALID_ARGUMENT"}
 
 
@@ -249,11 +263,11 @@ def test_bad_input_is_invalid_argument_over_grpc_and_400_over_http(service: Sear
 def test_a_killed_stub_is_restarted_and_only_in_flight_requests_fail(service: SearchService,
                                                                       digits_folder: Path) -> None:
     good = [p.read_bytes() for p in list_images(digits_folder)[:16]]
-    stubs = processes_mentioning(f"{service.repository}/{names.MODEL_PREPROCESS}")
-    assert stubs, "no preprocess stub found"
     restarts_before = service.events.restarts
 
     def kill_stubs() -> None:
+        stubs = processes_mentioning(f"{service.repository}/{names.MODEL_IMAGE_SEARCH}")  # the ones serving the load
+        assert stubs, "no image_search stub found"
         for pid in stubs:
             os.kill(pid, signal.SIGKILL)
 
@@ -266,14 +280,18 @@ def test_a_killed_stub_is_restarted_and_only_in_flight_requests_fail(service: Se
     failed = [o for o in outcomes if o != "ok"]
     assert {f.split(":")[0] for f in failed} <= {"StatusCode.UNAVAILABLE"}, failed[:5]
     assert len(failed) <= 4 * 2, failed  # at most what was in flight (4 clients, a probe in between)
-    assert processes_mentioning(f"{service.repository}/{names.MODEL_PREPROCESS}")  # a live stub again
+    assert processes_mentioning(f"{service.repository}/{names.MODEL_IMAGE_SEARCH}")  # a live stub again
 
 
 def test_grpc_errors_of_the_front_door_are_real_statuses(service: SearchService) -> None:
-    channel = grpc.insecure_channel(service.grpc_url)
-    call = channel.unary_unary("/inference.GRPCInferenceService/ModelStreamInfer")
-    with pytest.raises(grpc.RpcError) as err:
-        call(b"", timeout=10)
-    assert err.value.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED,
-                                grpc.StatusCode.INTERNAL)
-    channel.close()
+    """Streaming inference and methods the door does not forward are refused with PERMISSION_DENIED,
+    not failed with INTERNAL or left UNIMPLEMENTED."""
+    with grpc.insecure_channel(service.grpc_url) as channel:
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream(iter([b""]), timeout=10))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value
+        for method in ("/inference.GRPCInferenceService/RepositoryModelLoad", "/inference.Unknown/Call"):
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary(method)(b"", timeout=10)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, (method, err.value)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, fresh_cache
 from serving_helpers import export_random_encoder, processes_mentioning
 from tritonclient.utils import InferenceServerException
 
@@ -25,7 +25,7 @@ from ascl.serving.collections.build import build_index
 @pytest.fixture(scope="module")
 def model_and_index(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("lifecycle")
-    onnx_path = export_random_encoder(root / "encoder.onnx")
+    onnx_path = export_random_encoder(root / "encoder.onnx", width=64)  # full width: slow enough to be in flight
     build_index(onnx_path, str(digits_folder), root / "idx", progress=False)
     return onnx_path, root / "idx"
 
@@ -48,7 +48,7 @@ def test_missing_model_index_or_busy_port_fail_fast(model_and_index: tuple[Path,
         cases = {
             "no such ONNX file": ["--model", str(tmp_path / "nope.onnx"), "--index", str(index), *ports()],
             "not an index folder": ["--model", str(onnx_path), "--index", str(tmp_path), *ports()],
-            f"127.0.0.1:{busy_port} (http port) is already in use": [
+            f"port {busy_port} (--http-port) is in use": [
                 "--model", str(onnx_path), "--index", str(index), *ports(), "--http-port", busy_port],
         }
         for message, args in cases.items():
@@ -60,6 +60,7 @@ def test_missing_model_index_or_busy_port_fail_fast(model_and_index: tuple[Path,
             assert time.monotonic() - start < 30
 
 
+@pytest.mark.triton
 def test_sigterm_under_load_completes_in_flight(model_and_index: tuple[Path, Path], digits_folder: Path,
                                                 tmp_path: Path) -> None:
     """SIGTERM while requests are in flight (sent, none answered yet): all of them complete,
@@ -122,10 +123,11 @@ def test_sigterm_under_load_completes_in_flight(model_and_index: tuple[Path, Pat
             proc.wait()
 
 
+@pytest.mark.triton
 def test_a_killed_serve_leaves_no_repository_behind(model_and_index: tuple[Path, Path], tmp_path: Path) -> None:
     """kill -9 of ``ascl serve`` cannot clean up; the next ``ascl serve`` removes what it left."""
     onnx_path, index = model_and_index
-    env = {**os.environ, "ASCL_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "ASCL_CACHE": str(fresh_cache(tmp_path / "cache"))}
     grpc_port = free_port()
     args = ["--model", str(onnx_path), "--index", str(index), *ports(), "--grpc-port", str(grpc_port)]
 

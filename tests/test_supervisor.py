@@ -30,6 +30,8 @@ from ascl.serving.collections.build import build_index
 from ascl.serving.online.server import TritonServer
 from ascl.serving.online.service import SearchService, Supervision
 
+pytestmark = pytest.mark.triton
+
 
 @pytest.fixture(scope="module")
 def model_and_index(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> tuple[Path, Path]:

@@ -98,14 +98,23 @@ def test_warmup_then_cosine() -> None:
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)) and lrs[-1] < 0.01
 
 
-def test_short_digits_run_loss_goes_down(tmp_path: Path) -> None:
-    result = train(tiny("epochs=3"), tmp_path, progress=False)
-    curve = losses(tmp_path)
+def test_short_digits_run_loss_goes_down_and_every_weight_moves(tmp_path: Path) -> None:
+    from ascl.training.loop import build_run
+
+    run = tmp_path / "run"
+    result = train(tiny("epochs=3"), run, progress=False)
+    curve = losses(run)
     assert result.step == 12 and len(curve) == 12
     # step 1 sees a random queue; from step 2 the queue holds real keys
     assert sum(curve[-3:]) / 3 < sum(curve[1:4]) / 3 - 0.2, curve
-    assert (tmp_path / "checkpoints" / "last.pt").is_file() and (tmp_path / "curves.png").stat().st_size > 1000
-    assert any((tmp_path / "tensorboard").iterdir())
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "curves.png").stat().st_size > 1000
+    assert any((run / "tensorboard").iterdir())
+    # the loss alone also falls with the optimiser never stepping (the queue fills with real keys): the
+    # encoder's weights against the same network at step 0 show that the loop trained it
+    initial = dict(build_run(tiny("epochs=3"), tmp_path / "step0").encoder.named_parameters())
+    trained = dict(encoder_from_checkpoint(run).named_parameters())
+    unchanged = [name for name, weight in trained.items() if torch.equal(weight, initial[name])]
+    assert unchanged == [], unchanged
 
 
 def test_resume_gives_the_same_next_steps(tmp_path: Path) -> None:
@@ -201,7 +210,7 @@ def test_byol_value_is_the_symmetrised_loss(mode: str) -> None:
     """BYOL's value equals 0.5 (L(p_q, z_k) + L(p_k, z_q)), recomputed from its networks."""
     import copy
 
-    from ascl.training.byol import BYOLRegressionLoss, InBatchASCLLoss
+    from ascl.training.loss import BYOLRegressionLoss, InBatchASCLLoss
     from ascl.training.modules import momentum_update
 
     fw = build_framework(tiny("framework=byol", f"loss.mode={mode}", "batch_size=8")).double().train()
@@ -222,17 +231,22 @@ def test_byol_value_is_the_symmetrised_loss(mode: str) -> None:
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_gives_the_uninterrupted_losses(tmp_path: Path) -> None:
     """``ascl train`` stopped by SIGTERM mid-run saves, exits 130, and ``--resume`` continues so
-    that every logged loss equals the uninterrupted run's (fast CPU path, the recipe's path)."""
+    that every logged loss equals the uninterrupted run's (fast CPU path, the recipe's path). The
+    schedule spans 60 epochs; both runs stop at step 60 (``max_steps`` ends a run, it does not
+    change its schedule)."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
+    steps = 60
     sets = [s for s in TINY if not s.startswith("fast_path")] + ["fast_path=on", "epochs=60", "model.width=8"]
-    full = train(load_config(None, sets), tmp_path / "full", progress=False)
+    full = train(load_config(None, [*sets, f"max_steps={steps}"]), tmp_path / "full", progress=False)
+    assert full.step == steps
     cmd = [sys.executable, "-m", "ascl", "train", "--out", str(tmp_path / "cut"), "--no-progress"]
     for s in sets:
         cmd += ["--set", s]
@@ -248,12 +262,47 @@ def test_sigterm_then_resume_gives_the_uninterrupted_losses(tmp_path: Path) -> N
         proc.kill()
     assert proc.returncode == 130, err[-2000:]
     cut = load_checkpoint(tmp_path / "cut")
-    assert 10 <= cut["step"] < full.step  # stopped mid-run, not at the end
+    assert 10 <= cut["step"] < steps  # stopped mid-run, not at the end
     assert "ascl train --resume" in err
-    rc = subprocess.run([*cmd[:3], "train", "--resume", str(tmp_path / "cut"), "--no-progress"], env=env,
-                        capture_output=True, text=True, timeout=300)
+    rc = subprocess.run([*cmd[:3], "train", "--resume", str(tmp_path / "cut"), "--max-steps", str(steps),
+                         "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
     assert rc.returncode == 0, rc.stderr[-2000:]
     a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
-    assert len(a) == len(b) == full.step
+    assert len(a) == len(b) == steps
     assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
     assert load_checkpoint(tmp_path / "cut")["train_seconds"] > cut["train_seconds"] > 0
+
+
+# A short run on CIFAR-10 at 16 px with a width-16 ResNet-18: random conv features separate CIFAR far
+# less than they separate digits (on digits they are near the ceiling, and short training only moves
+# away from it), so here a few hundred steps of ASCL show up in the kNN top-1.
+CIFAR_SHORT = [
+    "data.spec=cifar10-offline", "data.image_size=16", "data.subset=5000", "data.num_workers=0", "batch_size=64",
+    "model.width=16", "model.bn_splits=4", "moco.queue_size=1024", "optim.lr_per_256=0.24", "optim.warmup_epochs=0",
+    "eval.knn_every=0", "device=cpu", "log_every=50", "epochs=4", "max_steps=150",
+]
+
+
+@pytest.mark.slow
+def test_training_beats_its_own_step_0_by_more_than_random_weights_differ(tmp_path: Path, cifar_tar: Path) -> None:
+    """kNN top-1 (``ascl eval``'s evaluation, on held-out images) of the trained encoder against the same
+    network at step 0 (``build_run``: the run's own seed and data statistics) and against two other
+    random initialisations: training must gain more than 1.5x the largest gap between random networks,
+    so neither a loop that never steps nor one that re-initialises the weights can pass."""
+    from ascl.training.checkpoint import encoder_from_checkpoint
+    from ascl.training.evaluate import EvalData, evaluate_knn
+    from ascl.training.loop import build_run
+
+    data = EvalData("cifar10-offline", train_subset=5000, val_subset=1000, device="cpu")
+
+    def knn(encoder: Encoder) -> float:
+        return float(evaluate_knn(encoder, data)["value"])
+
+    at_step_0 = knn(build_run(load_config(None, CIFAR_SHORT), tmp_path / "step0").encoder)
+    others = [knn(build_run(load_config(None, [*CIFAR_SHORT, f"seed={s}"]), tmp_path / f"seed{s}").encoder)
+              for s in (1, 2)]
+    result = train(load_config(None, CIFAR_SHORT), tmp_path / "run", progress=False)
+    assert result.step == 150
+    trained = knn(encoder_from_checkpoint(tmp_path / "run"))
+    random_gap = max(abs(o - at_step_0) for o in others)
+    assert trained - at_step_0 >= max(0.03, 1.5 * random_gap), (trained, at_step_0, others)

@@ -15,7 +15,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from ascl import names
 from ascl.cli import main
 from ascl.serving.collections.faiss_index import GalleryIndex
-from ascl.serving.online.repository import TRT_MAX_BATCH, write_repository
+from ascl.serving.online.repository import TRT_MAX_BATCH, Batching, write_repository
 
 ONNX_TO_TRITON = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: "TYPE_FP32"}
 
@@ -24,8 +24,8 @@ ONNX_TO_TRITON = {onnx.TensorProto.UINT8: "TYPE_UINT8", onnx.TensorProto.FLOAT: 
 def model_and_index(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("repo")
     onnx_path = export_random_encoder(root / "encoder.onnx", image_size=40)
-    index = GalleryIndex.create(512, "Flat")
-    vectors = np.eye(4, 512, dtype=np.float32)
+    index = GalleryIndex.create(128, "Flat")
+    vectors = np.eye(4, 128, dtype=np.float32)
     index.add(vectors, [{"path": f"{i}.png"} for i in range(4)])
     index.save(root / "idx")
     return onnx_path, root / "idx"
@@ -66,14 +66,14 @@ def test_configs_match_onnx_graph(model_and_index: tuple[Path, Path], tmp_path: 
     assert (inp.name, dtype(inp.data_type)) == (names.IMAGES, io[names.IMAGES][0])
     assert list(inp.dims) == io[names.IMAGES][1][1:] == [40, 40, 3]  # batch axis is Triton's
     assert isinstance(io[names.IMAGES][1][0], str)  # dynamic batch in the graph
-    assert (out.name, dtype(out.data_type), list(out.dims)) == (names.EMBEDDINGS, "TYPE_FP32", [512])
+    assert (out.name, dtype(out.data_type), list(out.dims)) == (names.EMBEDDINGS, "TYPE_FP32", [128])
     graph_dim = io[names.EMBEDDINGS][1][1]
     if isinstance(graph_dim, str):  # the exporter left it symbolic: take what ONNX Runtime produces
         from ascl.export.runtime import OnnxEmbedder
 
         graph_dim = OnnxEmbedder(onnx_path).embed(np.zeros((1, 40, 40, 3), np.uint8)).shape[1]
-    assert graph_dim == 512
-    assert enc.dynamic_batching.max_queue_delay_microseconds > 0 and len(enc.model_warmup) >= 1
+    assert graph_dim == 128
+    assert enc.HasField("dynamic_batching") and len(enc.model_warmup) >= 1
     expected = {"python": ("python", ""), "onnxruntime": ("", "onnxruntime_onnx"), "tensorrt": ("", "tensorrt_plan")}
     assert (enc.backend, enc.platform) == expected[platform]
     if platform != "python":
@@ -85,7 +85,7 @@ def test_configs_match_onnx_graph(model_and_index: tuple[Path, Path], tmp_path: 
     search = configs[names.MODEL_SEARCH]
     assert [(t.name, dtype(t.data_type)) for t in search.output] == [
         (names.IDS, "TYPE_INT64"), (names.SCORES, "TYPE_FP32"), (names.METADATA, "TYPE_STRING")]
-    assert list(search.input[0].dims) == [512]
+    assert list(search.input[0].dims) == [128]
     # the metadata filter: an optional BYTES row on `search` and on the `image_search` ensemble,
     # which maps it into its search step (a request without it leaves it out there too)
     for model in (search, configs[names.MODEL_IMAGE_SEARCH]):
@@ -93,16 +93,23 @@ def test_configs_match_onnx_graph(model_and_index: tuple[Path, Path], tmp_path: 
         assert (dtype(where.data_type), list(where.dims), where.optional) == ("TYPE_STRING", [1], True)
         others = [t.name for t in model.input if t.optional]
         assert others == [names.WHERE]
-    (search_step,) = [s for s in configs[names.MODEL_IMAGE_SEARCH].ensemble_scheduling.step
-                      if s.model_name == names.MODEL_SEARCH]
-    assert search_step.input_map[names.WHERE] == names.WHERE
+    if platform != "python":  # the ensemble maps it into its search step
+        (search_step,) = [s for s in configs[names.MODEL_IMAGE_SEARCH].ensemble_scheduling.step
+                          if s.model_name == names.MODEL_SEARCH]
+        assert search_step.input_map[names.WHERE] == names.WHERE
     index_param = search.parameters["index_dir"].string_value
     assert Path(index_param) == index_dir if platform == "python" else (repo / "search" / "1" / index_param / "manifest.json").is_file()
 
-    # Ensembles: every step names an existing model, maps tensors that model declares, and the
-    # chain's tensors have one producer each with matching dtypes.
+    # Production: `embed` and `image_search` are ensembles around the native encoder. Every step
+    # names an existing model, maps tensors that model declares, and the chain's tensors have one
+    # producer each with matching dtypes. Embedded: one Python model each (templates/fused.py).
     for ens_name in (names.MODEL_EMBED, names.MODEL_IMAGE_SEARCH):
         ens = configs[ens_name]
+        if platform == "python":
+            assert (ens.backend, ens.platform, ens.parameters["task"].string_value) == (
+                "python", "", "search" if ens_name == names.MODEL_IMAGE_SEARCH else "embed")
+            assert ens.instance_group[0].count >= 1 and (repo / ens_name / "1" / "model.onnx").is_file()
+            continue
         assert ens.platform == "ensemble"
         produced = {t.name: dtype(t.data_type) for t in ens.input}
         for step in ens.ensemble_scheduling.step:
@@ -122,9 +129,62 @@ def test_configs_match_onnx_graph(model_and_index: tuple[Path, Path], tmp_path: 
             assert produced[t.name] == dtype(t.data_type)
 
 
+def public_face(config: mc.ModelConfig) -> tuple[object, ...]:
+    """What a client sees of a model: its batch limit and its tensors (name, dtype, dims, optional)."""
+    def tensors(items: object) -> list[tuple[str, str, list[int], bool]]:
+        return [(t.name, dtype(t.data_type), list(t.dims), bool(getattr(t, "optional", False))) for t in items]
+
+    return config.max_batch_size, tensors(config.input), tensors(config.output)
+
+
+def test_embedded_and_production_repositories_serve_the_same_public_models(model_and_index: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    """The fused models of the embedded repository take and give what the production ensembles do."""
+    onnx_path, index_dir = model_and_index
+    embedded = write_repository(tmp_path / "embedded", onnx_path, index_dir)
+    production = write_repository(tmp_path / "production", onnx_path, index_dir, platform="onnxruntime",
+                                  copy_index=True)
+    for name in (names.MODEL_EMBED, names.MODEL_IMAGE_SEARCH):
+        fused, ensemble = parse(embedded / name / "config.pbtxt"), parse(production / name / "config.pbtxt")
+        assert (fused.backend, ensemble.platform) == ("python", "ensemble")
+        assert public_face(fused) == public_face(ensemble), name
+    search = parse(embedded / names.MODEL_IMAGE_SEARCH / "config.pbtxt")
+    assert Path(search.parameters["index_dir"].string_value) == index_dir
+    assert "index_dir" not in parse(embedded / names.MODEL_EMBED / "config.pbtxt").parameters
+    # embedded with a copied index: the fused model reaches the copy in the search model's folder
+    copied = write_repository(tmp_path / "copied", onnx_path, index_dir, copy_index=True)
+    relative = parse(copied / names.MODEL_IMAGE_SEARCH / "config.pbtxt").parameters["index_dir"].string_value
+    assert (copied / names.MODEL_IMAGE_SEARCH / "1" / relative / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("platform", ["python", "onnxruntime"])
+def test_queue_delays_default_to_none_and_are_configurable(model_and_index: tuple[Path, Path], tmp_path: Path,
+                                                           platform: str) -> None:
+    """A lone request waits for nobody by default; ``Batching`` sets every model's delay and the hot path's instances."""
+    def batched(repo: Path) -> dict[str, mc.ModelConfig]:
+        configs = {p.parent.name: parse(p) for p in repo.glob("*/config.pbtxt")}
+        return {name: c for name, c in configs.items() if c.platform != "ensemble"}
+
+    default = batched(write_repository(tmp_path / "default", *model_and_index, platform=platform,
+                                       copy_index=platform != "python"))
+    assert default and all(c.HasField("dynamic_batching") for c in default.values())
+    assert {name: c.dynamic_batching.max_queue_delay_microseconds for name, c in default.items()} == dict.fromkeys(
+        default, 0)
+    tuned = batched(write_repository(tmp_path / "tuned", *model_and_index, platform=platform,
+                                     copy_index=platform != "python", batching=Batching(queue_delay_us=250, instances=3)))
+    assert {c.dynamic_batching.max_queue_delay_microseconds for c in tuned.values()} == {250}
+    hot = [names.MODEL_IMAGE_SEARCH, names.MODEL_EMBED, names.MODEL_ENCODER] if platform == "python" else []
+    assert all(tuned[name].instance_group[0].count == 3 for name in hot)
+    if platform != "python":  # the native encoder keeps the TensorRT profile's preferred batches
+        assert list(tuned[names.MODEL_ENCODER].dynamic_batching.preferred_batch_size) == [64, TRT_MAX_BATCH]
+    with pytest.raises(ValueError, match="must be >= 0"):
+        Batching(queue_delay_us=-1)
+
+
 def test_python_models_vendor_what_they_import(model_and_index: tuple[Path, Path], tmp_path: Path) -> None:
     repo = write_repository(tmp_path / "models", *model_and_index)
-    for model in (names.MODEL_PREPROCESS, names.MODEL_ENCODER, names.MODEL_SEARCH):
+    for model in (names.MODEL_PREPROCESS, names.MODEL_ENCODER, names.MODEL_SEARCH, names.MODEL_EMBED,
+                  names.MODEL_IMAGE_SEARCH):
         version = repo / model / "1"
         assert "class TritonPythonModel" in (version / "model.py").read_text()
         assert (version / "ascl" / "images.py").is_file() and (version / "ascl" / "serving" / "collections" / "index.py").is_file()
@@ -149,6 +209,6 @@ def test_mismatched_index_dim_is_refused(model_and_index: tuple[Path, Path], tmp
     small = GalleryIndex.create(16, "Flat")
     small.add(np.eye(2, 16, dtype=np.float32), [{}, {}])
     small.save(tmp_path / "idx16")
-    with pytest.raises(ValueError, match="does not match the model's embedding dim 512"):
+    with pytest.raises(ValueError, match="does not match the model's embedding dim 128"):
         write_repository(tmp_path / "models", onnx_path, tmp_path / "idx16")
     assert not (tmp_path / "models").exists()

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, fresh_cache
 from PIL import Image
+from serving_helpers import serve_until_ready, stop
 
 READY_TIMEOUT_S = 420
 ADDS_PER_CLIENT = 5  # the page's add quota per visitor, small so that a test reaches it
@@ -115,10 +116,16 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def running(workdir: Path, digits_folder: Path) -> Iterator[Up]:
-    up = start_up(workdir, digits_folder, workdir / "cache")
-    yield up
-    if up.process.poll() is None:
-        stop_up(up)
+    """One ``ascl up`` for the module, stopped with SIGTERM in teardown, leaving nothing running."""
+    up = start_up(workdir, digits_folder, fresh_cache(workdir / "cache"))
+    try:
+        yield up
+    finally:
+        assert stop_up(up) == 0, up.output()[-3000:]
+    deadline = time.monotonic() + 10
+    while alive(up.seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive(up.seen) == set(), f"left running: {alive(up.seen)}"
 
 
 def png_bytes(seed: int) -> bytes:
@@ -141,6 +148,7 @@ def test_port_in_use_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
     assert not (tmp_path / "models").exists()  # failed before any slow step
 
 
+@pytest.mark.triton
 def test_screen_tells_what_runs(running: Up) -> None:
     from ascl.registry import DEFAULT_MODEL
 
@@ -152,6 +160,7 @@ def test_screen_tells_what_runs(running: Up) -> None:
     assert any("tritonserver" in Path(f"/proc/{pid}/cmdline").read_text() for pid, _ in alive(running.seen))
 
 
+@pytest.mark.triton
 def test_search_through_grpc_client(running: Up, digits_folder: Path) -> None:
     from ascl.serving import Client
 
@@ -161,6 +170,7 @@ def test_search_through_grpc_client(running: Up, digits_folder: Path) -> None:
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
 
 
+@pytest.mark.triton
 def test_demo_search_returns_k_ordered_results(running: Up, digits_folder: Path) -> None:
     from gradio_client import Client, handle_file
 
@@ -173,6 +183,7 @@ def test_demo_search_returns_k_ordered_results(running: Up, digits_folder: Path)
     assert gallery[0]["caption"].startswith("1.000 · ")
 
 
+@pytest.mark.triton
 def test_demo_add_then_search_finds_it_first(running: Up, tmp_path: Path) -> None:
     from gradio_client import Client, handle_file
 
@@ -185,6 +196,7 @@ def test_demo_add_then_search_finds_it_first(running: Up, tmp_path: Path) -> Non
     assert raw[0]["id"] == added[0]["id"] and raw[0]["label"] == "my-noise"
 
 
+@pytest.mark.triton
 def test_demo_bad_image_keeps_working(running: Up, tmp_path: Path, digits_folder: Path) -> None:
     from gradio_client import Client, handle_file
 
@@ -229,6 +241,7 @@ def data_url(data: bytes) -> dict[str, object]:
     return {"url": "data:image/png;base64," + base64.b64encode(data).decode(), "meta": {"_type": "gradio.FileData"}}
 
 
+@pytest.mark.triton
 def test_the_page_refuses_large_bodies_before_reading_them(running: Up) -> None:
     """Issue: four 400 MiB data: URLs to /add grew the tree to 6.5 GB and kept 5 GB. Every body is
     bounded before it is read: an API call's JSON at 1 MiB, an upload at the 20 MiB image limit."""
@@ -268,6 +281,7 @@ def test_the_page_refuses_large_bodies_before_reading_them(running: Up) -> None:
     assert rss_mib(running.process.pid) - before < 100, f"the page grew {rss_mib(running.process.pid) - before:.0f} MiB"
 
 
+@pytest.mark.triton
 def test_a_small_data_url_is_searched_and_links_are_never_fetched(running: Up, digits_folder: Path) -> None:
     query = sorted(digits_folder.rglob("*.png"))[7]
     status, text = gradio_call(running, "search", [data_url(query.read_bytes()), 3, "any"])
@@ -278,6 +292,7 @@ def test_a_small_data_url_is_searched_and_links_are_never_fetched(running: Up, d
     assert "not fetched" in text, text[:300]
 
 
+@pytest.mark.triton
 def test_results_name_no_server_path(running: Up, digits_folder: Path, workdir: Path) -> None:
     from gradio_client import Client as PageClient
     from gradio_client import handle_file
@@ -294,6 +309,7 @@ def test_results_name_no_server_path(running: Up, digits_folder: Path, workdir: 
         digits_folder).as_posix()
 
 
+@pytest.mark.triton
 def test_adds_per_visitor_are_bounded(running: Up, tmp_path: Path) -> None:
     from gradio_client import Client, handle_file
 
@@ -314,34 +330,65 @@ def test_adds_per_visitor_are_bounded(running: Up, tmp_path: Path) -> None:
     assert refused.name not in {h.metadata.get("original_name") for h in hits}  # the refused image was not added
 
 
-def test_sigterm_stops_everything_and_warm_start_is_cached(running: Up, workdir: Path, digits_folder: Path) -> None:
-    assert len(alive(running.seen)) >= 2  # tritonserver and at least one stub
-    uploads = list(Path(tempfile.gettempdir()).glob(f"ascl-demo-uploads-{running.process.pid}-*"))
-    assert len(uploads) == 1 and any(uploads[0].rglob("*.png")), uploads  # the page's uploads and thumbnails
-    assert stop_up(running) == 0
-    assert "stopped" in running.output()
-    time.sleep(0.5)
-    assert alive(running.seen) == set(), f"left running: {alive(running.seen)}"
-    assert not uploads[0].exists(), "the page's uploads were left behind"
+def repository_files(root: Path) -> dict[str, bytes]:
+    """Every file of a model repository by relative path (the stubs' __pycache__ left out)."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts}
 
+
+@pytest.mark.triton
+def test_serve_writes_the_same_model_repository_as_up(running: Up, tmp_path: Path) -> None:
+    """``ascl serve`` over the index ``ascl up`` built, same model and precision: one serve path, one repository."""
+    index = Path(next(line.split(" at ", 1)[1] for line in running.output().splitlines()
+                      if line.startswith("index:   ")))
+    up_repository = running.cache / "triton" / index.name
+    repository = tmp_path / "models"
+    args = ["--index", str(index), "--repository", str(repository)]
+    for flag in ("--grpc-port", "--http-port", "--metrics-port"):
+        args += [flag, str(free_port())]
+    env = {**os.environ, "ASCL_CACHE": str(running.cache), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    proc, lines = serve_until_ready(args, env)
+    try:
+        ours, theirs = repository_files(repository), repository_files(up_repository)
+        assert sorted(ours) == sorted(theirs) and len(ours) > 20
+        assert [name for name in ours if ours[name] != theirs[name]] == []
+        assert any(line.startswith("model: ") and f"the model {index} was built with" in line for line in lines), lines
+    finally:
+        stop(proc)
+
+
+@pytest.mark.triton
+def test_warm_start_is_cached_and_sigterm_stops_everything(running: Up, workdir: Path, digits_folder: Path) -> None:
+    """A second ``ascl up`` on the first one's cache (beside it, on other ports) finds the export and the
+    index there; SIGTERM then stops its whole process tree (the shared one is stopped in teardown)."""
     warm = start_up(workdir, digits_folder, running.cache)
     try:
         text = warm.output()
         assert "index:   cached" in text and "ONNX cached" in text
+        assert len(alive(warm.seen)) >= 2  # tritonserver and at least one stub
+        uploads = list(Path(tempfile.gettempdir()).glob(f"ascl-demo-uploads-{warm.process.pid}-*"))
+        assert len(uploads) == 1, uploads  # the page's uploads and thumbnails
     finally:
         assert stop_up(warm) == 0
-    assert alive(warm.seen) == set()
+    assert "stopped" in warm.output()
+    deadline = time.monotonic() + 10
+    while alive(warm.seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive(warm.seen) == set(), f"left running: {alive(warm.seen)}"
+    assert not uploads[0].exists(), "the page's uploads were left behind"
+    assert running.process.poll() is None  # the other one is still up
 
 
+@pytest.mark.triton
 def test_a_killed_up_is_cleaned_by_the_next_and_exhausted_restarts_end_it_with_the_reason(
-        workdir: Path, digits_folder: Path, tmp_path: Path) -> None:
+        running: Up, workdir: Path, digits_folder: Path, tmp_path: Path) -> None:
     """kill -9 of ``ascl up`` cannot clean up: its Triton goes (parent-death signal) and the next start
     removes its uploads folder. Then Triton killed with the index damaged: every restart fails, and
     ``ascl up`` stops everything and exits 1 with the reason."""
     import shutil
 
     cache = tmp_path / "cache"
-    shutil.copytree(workdir / "cache", cache)  # warm: model, gallery and index are cached
+    shutil.copytree(running.cache, cache)  # warm: model, gallery and index are cached
     first = start_up(workdir, digits_folder, cache)
     uploads = list(Path(tempfile.gettempdir()).glob(f"ascl-demo-uploads-{first.process.pid}-*"))
     assert len(uploads) == 1

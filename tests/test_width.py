@@ -16,7 +16,6 @@ import pytest
 import torch
 import torchvision
 from conftest import free_port
-from serving_helpers import precision_at_k
 
 from ascl.cli import main
 from ascl.encoder import Encoder
@@ -132,7 +131,9 @@ def test_width_16_index_and_in_process_search(narrow_onnx: Path, digits_folder: 
 
 
 @pytest.fixture(scope="module")
-def narrow_server(narrow_onnx: Path, digits_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def narrow_server(narrow_onnx: Path, digits_folder: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """(gRPC address, index folder) of a tritonserver serving the width-16 export over the digits."""
     from ascl.serving import TritonServer
     from ascl.serving.collections.build import build_index
     from ascl.serving.online.repository import write_repository
@@ -143,21 +144,29 @@ def narrow_server(narrow_onnx: Path, digits_folder: Path, tmp_path_factory: pyte
     server = TritonServer(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     try:
         server.start()
-        yield server.grpc_url
+        yield server.grpc_url, root / "idx"
     finally:
         server.stop()
 
 
-def test_width_16_served_by_tritonserver(narrow_server: str, narrow_onnx: Path, digits_folder: Path) -> None:
+@pytest.mark.triton
+def test_width_16_served_by_tritonserver(narrow_server: tuple[str, Path], narrow_onnx: Path,
+                                         digits_folder: Path) -> None:
     from ascl.serving import Client
+    from ascl.serving.online.gallery import InProcessGallery
 
+    url, index = narrow_server
     files = list_images(digits_folder)
-    with Client(narrow_server) as client:
+    with Client(url) as client:
         remote = client.embed(files[:10])
         results = client.search(files, k=6)
     local = OnnxEmbedder(narrow_onnx / "encoder.onnx").embed(np.stack([load_image(f, 32) for f in files[:10]]))
     assert remote.shape == (10, 128)
     np.testing.assert_allclose(remote, local, atol=1e-5)
-    label_of = {h.id: h.metadata["label"] for hits in results for h in hits}
-    ids = np.array([[h.id for h in hits[1:]] for hits in results])
-    assert precision_at_k(ids, [f.parent.name for f in files], label_of) > 0.3  # random init; chance is 0.1
+    # the served search is the in-process one over the same index: the same ids, the same scores
+    local_hits = InProcessGallery(narrow_onnx / "encoder.onnx", index).search([f.read_bytes() for f in files], 6)
+    assert [[h.id for h in hits] for hits in results] == [[r.id for r in row] for row in local_hits]
+    np.testing.assert_allclose([[h.score for h in hits] for hits in results],
+                               [[r.score for r in row] for row in local_hits], atol=1e-4)
+    assert all(hits[0].metadata["path"] == f.relative_to(digits_folder).as_posix() for f, hits in zip(files, results,
+                                                                                                       strict=True))

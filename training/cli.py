@@ -36,6 +36,8 @@ USER_ERRORS = (FileNotFoundError, RuntimeError, ValueError)
 
 
 def add_train(sub: Any) -> None:
+    from ascl.training.config import LOSS_MODES  # no torch: the config module is plain dataclasses
+
     p = sub.add_parser(
         "train", formatter_class=FMT, help="train an encoder with ASCL (MoCo-v2 or BYOL)",
         description="Self-supervised training with ASCL. Writes RUN/config.yaml, RUN/checkpoints/last.pt, "
@@ -51,7 +53,7 @@ def add_train(sub: Any) -> None:
                                                  "--epochs), 0 = no limit (default: config)")
     p.add_argument("--out", help="run folder (default: runs/<config name>; must not hold a run unless --resume)")
     p.add_argument("--framework", choices=["moco", "byol"], help="moco (queue, the paper's default) or byol (default: config)")
-    p.add_argument("--mode", choices=["ascl", "ahcl", "hard", "none"],
+    p.add_argument("--mode", choices=LOSS_MODES,
                    help="loss: ascl (soft, adaptive), ahcl, hard, none = plain MoCo/BYOL (default: config)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="auto = cuda when available (default: config)")
     p.add_argument("--seed", type=int, help="random seed (default: config)")

@@ -24,6 +24,10 @@ FRAMEWORKS = ("moco", "byol")
 DEVICES = ("auto", "cpu", "cuda")
 SWITCHES = ("auto", "on", "off")
 AMPS = ("auto", "bf16", "off")  # no fp16: it would need loss scaling and its host syncs
+VIEWS = ("auto", "tensor", "opencv")  # how the fast path makes its two views
+# The losses of ascl.training.loss: ascl (soft, adaptive), ahcl (hard neighbours weighted by
+# confidence), hard (hard neighbours), none (the framework's plain loss: MoCo's InfoNCE, BYOL's regression).
+LOSS_MODES = ("ascl", "ahcl", "hard", "none")
 
 
 class ConfigError(AsclError, ValueError):
@@ -32,10 +36,15 @@ class ConfigError(AsclError, ValueError):
 
 @dataclass
 class DataConfig:
-    """What to train on. ``spec``: a folder, cifar10, cifar100, stl10, cifar10-offline[:PATH], digits."""
+    """What to train on. ``spec``: an image source (``ascl.image_sources``: a folder, cifar10-offline[:PATH],
+    imagenette-offline[:PATH], cifar10, cifar100, stl10, digits). ``image_size``: the side of the
+    training views and of the encoder's input; ``decode_size``: the side the photos are decoded
+    and kept at, from which the random crops are taken (0: ``image_size``; photos: larger, e.g.
+    160 for 128-px views, so a crop of the whole photo still has detail to lose)."""
 
     spec: str = "digits"
     image_size: int = 32
+    decode_size: int = 0
     val_fraction: float = 0.1
     subset: int = 0
     num_workers: int = 2
@@ -119,6 +128,7 @@ class TrainConfig:
     compile: str = "auto"
     amp: str = "auto"
     channels_last: bool = True
+    views: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
@@ -135,8 +145,9 @@ class TrainConfig:
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.fast_path in SWITCHES, f"fast_path must be one of {SWITCHES}, got {self.fast_path!r}"),
             (self.amp in AMPS, f"amp must be one of {AMPS}, got {self.amp!r}"),
+            (self.views in VIEWS, f"views must be one of {VIEWS}, got {self.views!r}"),
             (self.compile in SWITCHES, f"compile must be one of {SWITCHES} (or true/false), got {self.compile!r}"),
-            (self.loss.mode in ("ascl", "ahcl", "hard", "none"), f"loss.mode must be ascl|ahcl|hard|none, got {self.loss.mode!r}"),
+            (self.loss.mode in LOSS_MODES, f"loss.mode must be {'|'.join(LOSS_MODES)}, got {self.loss.mode!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.max_steps >= 0, f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}"),
             (self.batch_size >= 2, f"batch_size must be >= 2, got {self.batch_size}"),
@@ -145,6 +156,9 @@ class TrainConfig:
             (self.moco.queue_size >= 1, f"moco.queue_size must be >= 1, got {self.moco.queue_size}"),
             (0 <= self.moco.momentum < 1 and 0 <= self.byol.momentum < 1, "momentum must be in [0, 1)"),
             (self.data.image_size >= 8, f"data.image_size must be >= 8, got {self.data.image_size}"),
+            (self.data.decode_size == 0 or self.data.decode_size >= self.data.image_size,
+             f"data.decode_size must be 0 (= image_size) or >= image_size {self.data.image_size}, "
+             f"got {self.data.decode_size}"),
             (0 <= self.data.val_fraction < 1, f"data.val_fraction must be in [0, 1), got {self.data.val_fraction}"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1"),
         ]

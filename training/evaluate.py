@@ -114,20 +114,22 @@ class Evaluation:
     val_embeddings: torch.Tensor  # [M, D] unit norm, on the evaluation device
     val_labels: torch.Tensor  # [M], -1 for unlabelled images
     classes: list[str]
+    knn_by_k: dict[int, float] = field(default_factory=dict)  # kNN top-1 for every k asked for
 
 
 def evaluate(
-    encoder: Encoder, data: EvalData, *, k: int = KNN_K, t: float = KNN_T, probe_epochs: int = PROBE_EPOCHS,
-    probe_lr: float = PROBE_LR,
+    encoder: Encoder, data: EvalData, *, k: int = KNN_K, t: float = KNN_T, also_k: tuple[int, ...] = (),
+    probe_epochs: int = PROBE_EPOCHS, probe_lr: float = PROBE_LR,
 ) -> Evaluation:
     """kNN top-1 and linear-probe top-1 of ``encoder`` on ``data``, embedding each split once.
 
     The same numbers as ``evaluate_knn`` and ``evaluate_linear``: the probe trains on the raw
     pooled features, the kNN vote runs on their unit-norm versions (the encoder's embeddings).
+    ``also_k``: more neighbour counts to vote with on the same embeddings (``knn_by_k``).
     """
     f = features(encoder, data, normalize=False)
     train_n, val_n = F.normalize(f.train_x, dim=1), F.normalize(f.val_x, dim=1)  # the embeddings
-    knn = knn_accuracy(train_n, f.train_y, val_n, f.val_y, k, t)
+    by_k = {kk: knn_accuracy(train_n, f.train_y, val_n, f.val_y, kk, t) for kk in dict.fromkeys((k, *also_k))}
     probe = train_linear_probe(f.train_x, f.train_y, f.val_x, f.val_y, epochs=probe_epochs, lr=probe_lr)
-    return Evaluation(knn_top1=knn, linear_top1=probe["val_top1"], n_train=len(f.train_y), n_val=len(f.val_y),
-                      val_embeddings=val_n, val_labels=f.val_y, classes=f.classes)
+    return Evaluation(knn_top1=by_k[k], linear_top1=probe["val_top1"], n_train=len(f.train_y), n_val=len(f.val_y),
+                      val_embeddings=val_n, val_labels=f.val_y, classes=f.classes, knn_by_k=by_k)

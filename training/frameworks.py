@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from ascl.encoder import Encoder
-from ascl.training.byol import BYOL, BYOLRegressionLoss, InBatchASCLLoss
+from ascl.training.byol import BYOL
 from ascl.training.config import TrainConfig
-from ascl.training.loss import ASCLLoss
+from ascl.training.loss import ASCLLoss, BYOLRegressionLoss, InBatchASCLLoss
 from ascl.training.moco import MoCo
 
 

@@ -23,7 +23,71 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(rank) * 104_729) % (2**63 - 1)
 
 
-class GpuTwoViewLoader:
+def check_views_input(is_uint8: bool, shape: tuple[int, ...], dtype: str, batch_size: int, rank: int,
+                      world_size: int, drop_last: bool, mean: Sequence[float], std: Sequence[float]) -> None:
+    """ValueError saying what is wrong with a two-view loader's images, batch, rank or normalisation."""
+    if not is_uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"images_u8 must be uint8 [N, H, W, 3], got {dtype} {shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if drop_last and shape[0] // world_size < batch_size:
+        raise ValueError(f"{shape[0]} images over {world_size} rank(s) cannot fill one batch of {batch_size}; "
+                         "lower the batch size or add images")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError("mean and std need 3 values each")
+
+
+class SeededTwoViews:
+    """The order and seeds of a two-view loader, shared by the tensor views and the OpenCV views.
+
+    Each epoch's order is one permutation per (run seed, epoch), split across ranks; each batch
+    draws its views from its own seed (run seed, epoch, rank, batch), so resuming mid-epoch is
+    exact. Iterating without ``set_epoch`` advances the epoch by one each time. Subclasses set
+    ``n_images, batch_size, seed, rank, world_size, drop_last, generator`` and make ``views``.
+    """
+
+    n_images: int
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    drop_last: bool
+    generator: torch.Generator
+    _epoch: int = 0
+    _start_batch: int = 0
+
+    def views(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        per_rank = self.n_images // self.world_size
+        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Fix the next iteration's epoch (order and augmentation are a function of seed + epoch);
+        ``start_batch`` skips the batches a resumed run has already trained on."""
+        self._epoch, self._start_batch = int(epoch), int(start_batch)
+
+    def _indices(self, epoch: int) -> torch.Tensor:
+        """This rank's sample order for ``epoch``: [len(self) * B] (fewer if not drop_last)."""
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))  # same permutation on every rank
+        perm = torch.randperm(self.n_images, generator=self.generator, device=self.generator.device)
+        per_rank = self.n_images // self.world_size
+        return perm[self.rank : per_rank * self.world_size : self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, start = self._epoch, self._start_batch
+        self._epoch, self._start_batch = epoch + 1, 0
+        order = self._indices(epoch)
+        for b in range(start, len(self)):
+            # one seed per batch: a resumed epoch sees exactly the views it would have seen
+            self.generator.manual_seed(epoch_seed(self.seed, epoch, self.rank + 1) + b)
+            yield self.views(order[b * self.batch_size : (b + 1) * self.batch_size])
+
+
+class GpuTwoViewLoader(SeededTwoViews):
     """Iterates (x_q, x_k) batches of normalised float views made on the images' device.
 
     Args:
@@ -61,23 +125,10 @@ class GpuTwoViewLoader:
         world_size: int = 1,
         compile_augment: bool = False,
     ) -> None:
-        if images_u8.dtype != torch.uint8 or images_u8.ndim != 4 or images_u8.shape[-1] != 3:
-            raise ValueError(
-                f"images_u8 must be uint8 [N, H, W, 3], got {images_u8.dtype} {tuple(images_u8.shape)}"
-            )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        per_rank = images_u8.shape[0] // world_size
-        if drop_last and per_rank < batch_size:
-            raise ValueError(
-                f"{images_u8.shape[0]} images over {world_size} rank(s) cannot fill one batch of {batch_size}; "
-                "lower the batch size or add images"
-            )
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError("mean and std need 3 values each")
+        check_views_input(images_u8.dtype == torch.uint8, tuple(images_u8.shape), str(images_u8.dtype), batch_size,
+                          rank, world_size, drop_last, mean, std)
         self.images = images_u8
+        self.n_images = int(images_u8.shape[0])
         self.batch_size = int(batch_size)
         self.image_size = int(image_size)
         self.seed = int(seed)
@@ -90,37 +141,11 @@ class GpuTwoViewLoader:
         self.mean = torch.tensor([float(m) for m in mean], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor([float(s) for s in std], device=device).view(1, 3, 1, 1)
         self.generator = torch.Generator(device=device)
-        self._epoch, self._start_batch = 0, 0
         self._apply: ApplyFn = torch.compile(apply_view, dynamic=False) if compile_augment else apply_view  # type: ignore[assignment]
 
     @property
     def device(self) -> torch.device:
         return self.images.device
-
-    def __len__(self) -> int:
-        per_rank = self.images.shape[0] // self.world_size
-        return per_rank // self.batch_size if self.drop_last else math.ceil(per_rank / self.batch_size)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Fix the next iteration's epoch (order and augmentation are a function of seed + epoch);
-        ``start_batch`` skips the batches a resumed run has already trained on."""
-        self._epoch, self._start_batch = int(epoch), int(start_batch)
-
-    def _indices(self, epoch: int) -> torch.Tensor:
-        """This rank's sample order for ``epoch``: [len(self) * B] (fewer if not drop_last)."""
-        self.generator.manual_seed(epoch_seed(self.seed, epoch))  # same permutation on every rank
-        perm = torch.randperm(self.images.shape[0], generator=self.generator, device=self.device)
-        per_rank = self.images.shape[0] // self.world_size
-        return perm[self.rank : per_rank * self.world_size : self.world_size]
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch, start = self._epoch, self._start_batch
-        self._epoch, self._start_batch = epoch + 1, 0
-        order = self._indices(epoch)
-        for b in range(start, len(self)):
-            # one seed per batch: a resumed epoch sees exactly the views it would have seen
-            self.generator.manual_seed(epoch_seed(self.seed, epoch, self.rank + 1) + b)
-            yield self.views(order[b * self.batch_size : (b + 1) * self.batch_size])
 
     def views(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (strong query, weak key) views of images ``idx``: two [B, 3, S, S] floats."""

@@ -25,7 +25,9 @@ def train_linear_probe(
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
     num_classes = int(max(train_y.max().item(), val_y.max().item())) + 1
     g = torch.Generator().manual_seed(seed)
-    layer = torch.nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
+    with torch.random.fork_rng(devices=[]):  # the initial weights from ``seed`` too, not from the global RNG
+        torch.manual_seed(seed)
+        layer = torch.nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
     opt = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(train_x.shape[0] / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)

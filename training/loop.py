@@ -94,18 +94,6 @@ def fast_path_enabled(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.fast_path != "off" and device.type in FAST_DEVICES
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA, off elsewhere.
-
-    On CPU, bf16 autocast pays only with native bf16 matrix units (AVX-512 BF16 / AMX); on an
-    AVX2 CPU it made the step 7x slower here (``benchmarks/train_throughput.py --device cpu``
-    measures both), so it is opt-in there (``amp: bf16``).
-    """
-    if amp == "auto":
-        return "bf16" if device.type == "cuda" else "off"
-    return amp
-
-
 def resolve_compile(switch: str, device: torch.device) -> bool:
     """``auto`` -> compile on CUDA only: on a 2-core CPU, Inductor took 3 minutes to compile
     the networks and gave no faster step (convolutions are oneDNN calls either way)."""
@@ -156,15 +144,32 @@ class Run:
         return len(self.loader)
 
 
+def resolve_views(views: str, device: torch.device) -> str:
+    """``auto`` -> ``opencv`` on a CPU (one image at a time in SIMD code: at 128 px the batched tensor
+    ops cost as much as the step there), ``tensor`` on a GPU (batched ops on the device)."""
+    if views == "auto":
+        return "opencv" if device.type == "cpu" else "tensor"
+    if views == "opencv" and device.type != "cpu":
+        raise ConfigError(f"views=opencv makes its views on the CPU; on {device.type} use views: tensor")
+    return views
+
+
 def make_loader(cfg: TrainConfig, images: np.ndarray, encoder: Encoder, info: D.DistInfo, fast: bool) -> Any:
-    """The per-rank iterable of (x_q, x_k) batches: GPU augmentation when ``fast``, else PIL workers."""
+    """The per-rank iterable of (x_q, x_k) batches: the fast path's views when ``fast`` (OpenCV per
+    image on a CPU, batched tensor ops on a GPU), else PIL workers."""
     per_rank = cfg.batch_size // info.world_size
+    if fast and resolve_views(cfg.views, info.device) == "opencv":
+        from ascl.training.cpu_views import CpuTwoViewLoader
+
+        return CpuTwoViewLoader(images, per_rank, cfg.data.image_size, encoder.mean, encoder.std, cfg.augment,
+                                seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     if fast:
         from ascl.training.gpu_data import GpuTwoViewLoader
 
-        shard = torch.from_numpy(np.ascontiguousarray(images[info.rank :: info.world_size])).to(info.device)
-        return GpuTwoViewLoader(shard, per_rank, cfg.data.image_size, encoder.mean, encoder.std, cfg.augment,
-                                seed=cfg.seed, rank=info.rank, channels_last=cfg.channels_last, drop_last=True)
+        on_device = torch.from_numpy(np.ascontiguousarray(images)).to(info.device)  # each rank takes its share
+        return GpuTwoViewLoader(on_device, per_rank, cfg.data.image_size, encoder.mean, encoder.std, cfg.augment,
+                                seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                                channels_last=cfg.channels_last, drop_last=True)
     return ReferenceTwoViewLoader(images, per_rank, cfg.data.image_size, encoder.mean, encoder.std, cfg.augment,
                                   seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                                   num_workers=min(cfg.data.num_workers, os.cpu_count() or 1),
@@ -176,7 +181,7 @@ def make_step(cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimiz
     if fast:
         from ascl.training.fast import make_fast_step
 
-        return make_fast_step(model, optimizer, amp=resolve_amp(cfg.amp, device),
+        return make_fast_step(model, optimizer, amp=cfg.amp,
                               compile=resolve_compile(cfg.compile, device), channels_last=cfg.channels_last)
     return make_reference_step(model, optimizer)
 
@@ -203,7 +208,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, resume: Path | None = None, ckpt:
         raise ConfigError(f"per-process batch {cfg.batch_size // info.world_size} must be a multiple of "
                           f"model.bn_splits={cfg.model.bn_splits}")
     torch.manual_seed(cfg.seed)
-    train_set = load_split(cfg.data.spec, "train", image_size=cfg.data.image_size,
+    train_set = load_split(cfg.data.spec, "train", image_size=cfg.data.decode_size or cfg.data.image_size,
                            val_fraction=cfg.data.val_fraction, subset=cfg.data.subset)
     mean, std = (tuple(ckpt["encoder_config"]["mean"]), tuple(ckpt["encoder_config"]["std"])) if ckpt else channel_stats(train_set.images)
     encoder = build_encoder(cfg, mean, std)

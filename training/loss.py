@@ -4,19 +4,22 @@ MoCo treats every queue entry as a negative. ASCL instead asks the *key* which q
 look like the same instance: similarities of the key to the queue at temperature ``t2`` give a
 distribution ``p``; its normalised entropy gives a confidence ``c = 1 - H(p)/log K``; the queue
 targets become ``min(n * c * p, 1)`` beside a positive of 1, and rows are normalised. The query
-is trained with soft cross-entropy against these targets. Pure functions first, then a thin
-module.
+is trained with soft cross-entropy against these targets. Pure functions first, then thin
+modules: ``ASCLLoss`` (MoCo's queue) and, for BYOL (no queue: the other targets of the batch are
+the candidates), ``InBatchASCLLoss`` and BYOL's own ``BYOLRegressionLoss``. The modes are
+``ascl.training.config.LOSS_MODES``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("ascl", "ahcl", "hard", "none")
+from ascl.training.config import LOSS_MODES as MODES
 
 
 def contrastive_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, t1: float) -> torch.Tensor:
@@ -182,3 +185,35 @@ class ASCLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"t1={self.t1}, t2={self.t2}, n_neighbors={self.n_neighbors}, mode={self.mode!r}"
+
+
+# loss(p [N, C] predictions, targets [M, C] of the global batch, offset of this rank's rows) -> scalar
+BatchLoss = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class BYOLRegressionLoss(nn.Module):
+    """BYOL's 2 - 2 cos(p, z) against the row's own target (the other targets are unused)."""
+
+    def forward(self, p: torch.Tensor, targets: torch.Tensor, offset: int) -> torch.Tensor:
+        z = targets[offset : offset + p.shape[0]].detach()  # [N, C]
+        dtype = compute_dtype(p, z)
+        return (2 - 2 * F.cosine_similarity(p.to(dtype), z.to(dtype), dim=1)).mean()
+
+
+class InBatchASCLLoss(nn.Module):
+    """BYOL + ASCL as released: soft regression onto the targets of the global batch.
+
+    Each row's candidates are the other targets of the global batch; their weights come from
+    the targets' similarities at temperature ``t2`` (``in_batch_ascl_regression``). ``t1`` is
+    accepted for a common signature with ``ASCLLoss`` and is unused: the released BYOL loss is
+    a regression, with no softmax over the predictions.
+    """
+
+    def __init__(self, t1: float = 0.1, t2: float = 0.05, n_neighbors: int = 1, mode: str = "ascl") -> None:
+        super().__init__()
+        if mode not in MODES or t1 <= 0 or t2 <= 0 or n_neighbors < 1:
+            raise ValueError(f"bad ASCL settings t1={t1}, t2={t2}, n_neighbors={n_neighbors}, mode={mode!r}")
+        self.t1, self.t2, self.n_neighbors, self.mode = t1, t2, n_neighbors, mode
+
+    def forward(self, p: torch.Tensor, targets: torch.Tensor, offset: int) -> torch.Tensor:
+        return in_batch_ascl_regression(p, targets, offset, self.t2, self.n_neighbors, self.mode)

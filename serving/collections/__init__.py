@@ -1,6 +1,7 @@
 """Collections: embeddings of image sets and the indexes that search them.
 
-The index (FAISS, with metadata filters), building and changing it, bulk embedding into Parquet
-sets, near-duplicate search, and the record of which model made a set of embeddings. Uses
-``ascl.export`` (runtime, cache) and core; ``ascl.serving.online`` sits above it.
+The index interface (``index``: FAISS with its metadata filters behind it), changes to an index,
+the one batch-embedding loop (``engine``), index building, bulk embedding into Parquet sets, and
+near-duplicate search. Uses ``ascl.export`` (runtime, cache, model identity) and core;
+``ascl.serving.online`` sits above it.
 """

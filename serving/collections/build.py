@@ -4,22 +4,22 @@ Images already in the index (same content hash) are skipped, so re-running a bui
 ``add`` over the same source only embeds what is new. ``build_index_from_parquet`` builds the
 same index from a Parquet embedding set (``ascl embed``) without embedding again. Adding single
 encoded images (an upload) is ``add_images`` (``ascl.serving.collections.changes``).
-Every writer refuses embeddings of another model than the index's (``ascl.serving.collections.model_identity``).
+Every writer refuses embeddings of another model than the index's (``ascl.export.identity``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ascl.image_sources import SourceImage, iter_images
-from ascl.images import ImageError, decode_image
+from ascl.export.identity import ensure_same_model, model_identity
+from ascl.image_sources import iter_images
+from ascl.images import ImageError
+from ascl.serving.collections.engine import embed_all
 from ascl.serving.collections.index import (
     IndexSpec,
     NewIndex,
@@ -29,7 +29,6 @@ from ascl.serving.collections.index import (
     read_info,
     writing,
 )
-from ascl.serving.collections.model_identity import ensure_same_model, model_identity
 
 
 @dataclass
@@ -46,54 +45,19 @@ class BuildReport:
 
 
 
-def _batches(
-    items: Iterator[SourceImage], known: set[str], size: int, image_size: int, counts: dict[str, int]
-) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
-    """Decoded uint8 batches [B, S, S, 3] with their metadata records, skipping known or bad images."""
-    pixels: list[np.ndarray] = []
-    records: list[dict[str, Any]] = []
-    for item in items:
-        data = item.read()
-        sha1 = hashlib.sha1(data).hexdigest()
-        if sha1 in known:
-            counts["known"] += 1
-            continue
-        try:
-            pixels.append(decode_image(data, image_size, name=item.path))
-        except ImageError as exc:
-            counts["bad"] += 1
-            print(f"warning: skipping {exc}", file=sys.stderr)
-            continue
-        known.add(sha1)
-        records.append({"path": item.path, "label": item.label, "size": len(data), "source": item.source,
-                        "sha1": sha1})
-        if len(pixels) == size:
-            yield np.stack(pixels), records
-            pixels, records = [], []
-    if pixels:
-        yield np.stack(pixels), records
-
-
 def embed_source(
     onnx_path: Path, images: str, *, known: set[str], batch_size: int = 256, limit: int | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, int]]:
-    """Embed the new images of ``images`` -> (vectors [N, D], records, skip counts)."""
-    from tqdm import tqdm
+    """Embed the images of ``images`` not in ``known`` (content keys) -> (vectors [N, D], records, skip counts).
 
-    from ascl.export.runtime import OnnxEmbedder
-
-    embedder = OnnxEmbedder(onnx_path)
-    counts = {"known": 0, "bad": 0}
-    vectors: list[np.ndarray] = []
-    records: list[dict[str, Any]] = []
-    with tqdm(desc=f"embedding {images}", unit="img", disable=not progress, total=limit) as bar:
-        for pixels, recs in _batches(iter_images(images, limit), known, batch_size, embedder.image_size, counts):
-            vectors.append(embedder.embed(pixels))  # [B, D]
-            records.extend(recs)
-            bar.update(len(recs))
-    dim = embedder.embedding_dim
-    return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), records, counts
+    The engine's one loop (``embed.embed_all``), with the images the index holds already left
+    out before they are decoded; unreadable ones are skipped with a warning.
+    """
+    done = embed_all(iter_images(images, limit), onnx_path, batch_size=batch_size,
+                     skip=lambda _path, sha1: sha1 in known, progress=progress, desc=f"embedding {images}",
+                     total=limit, warn=_say)
+    return done.vectors, done.records, {"known": done.skipped, "bad": done.bad}
 
 
 def _say(text: str) -> None:

@@ -10,6 +10,7 @@ the one removal (``ascl index remove``, ``ascl dedup --drop``, the gallery servi
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,11 +21,10 @@ import numpy as np
 
 from ascl.atomic import atomic_write_bytes
 from ascl.errors import AsclError
-from ascl.images import decode_image
+from ascl.images import ImageError
 from ascl.serving.collections.index import (
     Hit,
     IndexConflictError,
-    IndexFileError,
     IndexSpec,
     open_index,
     writing,
@@ -69,11 +69,14 @@ class Added:
 
 
 def files_folder(index: IndexSpec, files: str | Path | None = None) -> Path:
-    """Where the images added to ``index`` are kept: ``files``, else the index folder's ``added/``."""
+    """Where the images added to ``index`` are kept: ``files``, else the index folder's ``added/``; for
+    an index on a server (a URI), ``<cache>/added/<the URI as a name>`` on this machine."""
     if files is not None:
         return Path(files)
     if "://" in str(index):
-        raise IndexFileError(f"{index}: adding images to this index needs a folder for their files")
+        from ascl.cache import cache_dir
+
+        return cache_dir() / ADDED_FOLDER / re.sub(r"[^A-Za-z0-9._-]+", "_", str(index))
     return Path(index) / ADDED_FOLDER
 
 
@@ -165,14 +168,25 @@ def remove_images(index_dir: IndexSpec, ids: Iterable[int], *, paths: Iterable[s
 
 
 def embed_encoded(embedder: Any, images: Sequence[bytes], names: Sequence[str] | None = None) -> np.ndarray:
-    """Encoded images -> [N, D] unit embeddings with an OnnxEmbedder (ImageError names the bad one)."""
+    """Encoded images -> [N, D] unit embeddings with an OnnxEmbedder, through the engine's one loop
+    (in this thread: one small batch); ImageError names the first image that is no image."""
+    from ascl.image_sources import SourceImage
+    from ascl.serving.collections.engine import run_local
+
     names = list(names) if names is not None else [f"image {i}" if len(images) > 1 else "image"
                                                     for i in range(len(images))]
     if not images:
         return np.zeros((0, embedder.embedding_dim), np.float32)
-    pixels = np.stack([decode_image(data, embedder.image_size, name=name)  # [N, S, S, 3] uint8
-                       for data, name in zip(images, names, strict=True)])
-    return np.asarray(embedder.embed(pixels), dtype=np.float32)  # [N, D]
+    items = [(i, SourceImage(name, None, "", _reader(data), name=name))
+             for i, (data, name) in enumerate(zip(images, names, strict=True))]
+    (batch,) = run_local(items, embedder, batch_size=len(items), decode_workers=0)
+    if batch.errors:
+        raise ImageError(batch.errors[0][2])
+    return np.asarray(batch.embeddings, dtype=np.float32)  # [N, D]
+
+
+def _reader(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
 
 
 def _say(text: str) -> None:

@@ -38,10 +38,8 @@ mode) and ``label`` when known, as CSV or Parquet by the file's suffix.
 from __future__ import annotations
 
 import csv
-import hashlib
 import sys
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +48,8 @@ import numpy as np
 
 from ascl.atomic import atomic_path
 from ascl.errors import AsclError
-from ascl.image_sources import SourceImage, iter_images
-from ascl.images import ImageError, decode_image
+from ascl.image_sources import iter_images
+from ascl.serving.collections.engine import embed_all
 from ascl.serving.collections.index import IndexFileError, IndexSpec, VectorIndex, open_index, read_info
 
 __all__ = [
@@ -260,64 +258,18 @@ def _say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _batched(items: Iterable[SourceImage], size: int) -> Iterator[list[SourceImage]]:
-    batch: list[SourceImage] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def _embed_items(embedder: Any, items: Iterable[SourceImage], batch_size: int,
-                 decode: Callable[[SourceImage], np.ndarray | None], progress: bool, desc: str,
-                 total: int | None = None) -> tuple[np.ndarray, list[SourceImage]]:
-    """Embed every item that ``decode`` turns into pixels (None: skipped) -> (vectors [M, D], the items)."""
-    from tqdm import tqdm
-
-    vectors: list[np.ndarray] = []
-    kept: list[SourceImage] = []
-    with ThreadPoolExecutor(max_workers=2) as pool, tqdm(desc=desc, unit="img", disable=not progress,
-                                                         total=total, file=sys.stderr) as bar:
-        for batch in _batched(items, batch_size):
-            decoded = list(pool.map(decode, batch))
-            good = [(item, px) for item, px in zip(batch, decoded, strict=True) if px is not None]
-            if good:
-                vectors.append(embedder.embed(np.stack([px for _, px in good])))  # [B, D]
-                kept.extend(item for item, _ in good)
-            bar.update(len(batch))
-    dim = int(embedder.embedding_dim)
-    return (np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)), kept
-
-
 def embed_images(onnx_path: str | Path, images: Any, *, batch_size: int = 256, limit: int | None = None,
                  progress: bool = True) -> Embedded:
     """Embed every readable image of the source ``images`` (an ``ascl.image_sources`` spec), in its order.
 
-    Unreadable images are skipped with a warning (counted in ``skipped``). Identical files are
-    all kept (an index build keeps one of them: that is the difference between the two modes).
+    The embedding engine's one loop (``embed.embed_all``). Unreadable images are skipped with a
+    warning (counted in ``skipped``). Identical files are all kept (an index build keeps one of
+    them: that is the difference between the two modes).
     """
-    from ascl.export.runtime import OnnxEmbedder
-
-    embedder = OnnxEmbedder(onnx_path)
-    size = embedder.image_size
-    skipped = 0
-
-    def decode(item: SourceImage) -> np.ndarray | None:
-        nonlocal skipped
-        try:
-            return item.decode(size)
-        except ImageError as exc:
-            skipped += 1
-            _say(f"warning: skipping {exc}")
-            return None
-
-    vectors, kept = _embed_items(embedder, iter_images(images, limit), batch_size, decode, progress,
-                                 f"embedding {images}", total=limit)
-    records = [{"path": item.path, "label": item.label, "source": item.source} for item in kept]
-    return Embedded(vectors, records, skipped)
+    done = embed_all(iter_images(images, limit), onnx_path, batch_size=batch_size, progress=progress,
+                     desc=f"embedding {images}", total=limit, warn=lambda text: _say(text))
+    records = [{"path": r["path"], "label": r["label"], "source": r["source"]} for r in done.records]
+    return Embedded(done.vectors, records, done.bad)
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -327,12 +279,15 @@ def _unit(vectors: np.ndarray) -> np.ndarray:
 
 def _reembed_index(onnx_path: str | Path, index: VectorIndex, ids: np.ndarray, *, batch_size: int,
                    progress: bool) -> np.ndarray:
-    """The index's images embedded again from the sources their metadata names, in ``ids`` order."""
-    from ascl.export.runtime import OnnxEmbedder
+    """The index's images embedded again from the sources their metadata names, in ``ids`` order.
 
-    embedder = OnnxEmbedder(onnx_path)
-    if embedder.embedding_dim != index.dim:
-        raise DedupError(f"the model makes {embedder.embedding_dim}-d embeddings but the index holds {index.dim}-d "
+    The engine's one loop, leaving out (before decoding) the files that changed since they were
+    indexed (their sha1 differs) and, silently, those that no longer decode."""
+    from ascl.export.runtime import onnx_facts
+
+    dim = onnx_facts(onnx_path).embedding_dim
+    if dim != index.dim:
+        raise DedupError(f"the model makes {dim}-d embeddings but the index holds {index.dim}-d "
                          "vectors; pass the model the index was built with (--model)")
     position = {int(i): p for p, i in enumerate(ids.tolist())}
     held = index.records()
@@ -349,22 +304,17 @@ def _reembed_index(onnx_path: str | Path, index: VectorIndex, ids: np.ndarray, *
         except AsclError:
             continue  # a source that is gone: its images are reported missing below
 
-        def decode(item: SourceImage, paths: dict[str, int] = paths) -> np.ndarray | None:
-            data = item.read()
-            sha1 = held[paths[item.path]].get("sha1")
-            if sha1 and hashlib.sha1(data).hexdigest() != sha1:
-                return None  # the file changed since it was indexed
-            try:
-                return decode_image(data, embedder.image_size, name=item.name or item.path)
-            except ImageError:
-                return None
+        def changed(path: str, sha1: str, paths: dict[str, int] = paths) -> bool:
+            stored = held[paths[path]].get("sha1")
+            return bool(stored) and stored != sha1  # the file changed since it was indexed
 
         try:
-            got, kept = _embed_items(embedder, items, batch_size, decode, progress, f"re-embedding {source}")
+            done = embed_all(items, onnx_path, batch_size=batch_size, skip=changed, progress=progress,
+                             desc=f"re-embedding {source}", warn=lambda _text: None)
         except AsclError:
             continue
-        rows = [position[paths[item.path]] for item in kept]
-        vectors[rows] = got
+        rows = [position[paths[r["path"]]] for r in done.records]
+        vectors[rows] = done.vectors
         found[rows] = True
     if not found.all():
         missing = [str(held.get(int(ids[p]), {}).get("path")) for p in np.flatnonzero(~found)[:3]]

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ascl.errors import InputError, user_errors
-from ascl.serving.collections.index_cli import model_of_index
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 DEFAULT_THRESHOLD = 0.94  # = ascl.serving.collections.dedup.DEFAULT_THRESHOLD (checked by the tests; not imported: numpy)
@@ -33,7 +32,10 @@ def cmd_dedup(args: argparse.Namespace) -> int:
     out = dedup.check_output(args.out)
     with user_errors(*USER_ERRORS):
         if args.index is not None:
-            model = args.model or model_of_index(args.index)  # needed only if the vectors cannot be read back
+            from ascl.serving.collections.index import recorded_onnx
+
+            recorded = recorded_onnx(args.index)
+            model = args.model or (str(recorded) if recorded else None)  # needed only if the vectors cannot be read back
             result = dedup.dedup_index(args.index, threshold, onnx_path=(lambda: _onnx(model)) if model else None,
                                        batch_size=args.batch_size)
         else:
@@ -69,7 +71,8 @@ def register(sub: Any) -> None:
                     "removed from the index (one new version, under the index's writer lock).")
     p.add_argument("images", nargs="?", default=None, metavar="IMAGES", help=describe_specs())
     p.add_argument("--index", default=None, metavar="IDX",
-                   help="an index folder ('ascl index build') instead of IMAGES: its stored vectors are grouped")
+                   help="an index ('ascl index build': a folder, or milvus://HOST:PORT/COLLECTION) instead of IMAGES: its "
+                        "stored vectors are grouped")
     p.add_argument("--threshold", default=DEFAULT_THRESHOLD, metavar="T",
                    help="cosine similarity in (0, 1] at or above which two images count as near-duplicates; the "
                         "default is the best precision/recall trade-off measured for the shipped default on "

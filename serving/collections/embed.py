@@ -10,9 +10,9 @@ the finished parts and goes on from there.
 
 Two engines produce the same rows (same ids, same decode function, same ONNX file):
 
-- ``local``: decoding runs on a thread pool (PIL decodes and resizes without the GIL) that feeds
-  whole batches through a bounded queue, while ONNX Runtime embeds the previous batch with its
-  intra-op threads on every core; the writer commits parts in the same thread as ONNX Runtime.
+- ``local``: the one batch-embedding loop (``ascl.serving.collections.engine.run_local``):
+  decoding runs on a thread pool that feeds whole batches through a bounded queue, while ONNX
+  Runtime embeds the previous batches; the writer commits parts in the same thread.
 - ``ray``: Ray Data on an existing engine (a cluster, or a local instance): the driver reads
   the source (file paths for folders and list files; encoded bytes for archives and the array
   sets), ``map_batches`` decodes in tasks, ``map_batches`` with an actor pool of ONNX Runtime
@@ -24,25 +24,21 @@ Unreadable images become rows of ``errors.parquet`` (id, path, error) and never 
 
 from __future__ import annotations
 
-import hashlib
 import os
-import queue
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ascl.errors import AsclError
+from ascl.export.identity import ensure_same_model, model_identity
 from ascl.image_sources import ImageSpec, SourceImage, iter_images, parse_spec
-from ascl.images import ImageError, decode_image_sized
-from ascl.serving.collections.model_identity import ensure_same_model, model_identity
+from ascl.serving.collections.engine import decode_rows, decode_threads, local_embedder, run_local
 from ascl.serving.collections.parquet_set import (
     DEFAULT_ROWS_PER_FILE,
     EmbeddingSetError,
@@ -60,7 +56,7 @@ if TYPE_CHECKING:
     from ascl.export.runtime import OnnxEmbedder
     from ascl.models import ModelRef
 
-__all__ = ["ENGINES", "EmbedReport", "RayMissingError", "RayOptions", "decode_rows", "embed_collection"]
+__all__ = ["ENGINES", "EmbedReport", "RayMissingError", "RayOptions", "embed_collection"]
 
 ENGINES = ("local", "ray")
 RAY_INSTALL = "pip install 'ascl-hub[scale]' (or pip install 'ray[data]>=2.9')"
@@ -114,146 +110,6 @@ class EmbedReport:
     @property
     def images_per_s(self) -> float:
         return (self.added + self.errors_added) / self.seconds if self.seconds > 0 else 0.0
-
-
-# ----------------------------------------------------------------------------- decoding (both engines)
-
-
-@dataclass
-class DecodedChunk:
-    """Consecutive source positions [start, end), decoded: rows with pixels [N, S, S, 3], and errors."""
-
-    start: int
-    end: int
-    ids: np.ndarray
-    pixels: np.ndarray
-    paths: list[str]
-    labels: list[str | None]
-    sha1: list[str]
-    sizes: np.ndarray
-    widths: np.ndarray
-    heights: np.ndarray
-    errors: list[tuple[int, str, str]] = field(default_factory=list)
-
-    def with_embeddings(self, embeddings: np.ndarray) -> ResultBatch:
-        return ResultBatch(self.start, self.end, self.ids, self.paths, self.labels, self.sha1, self.sizes,
-                           self.widths, self.heights, embeddings, self.errors)
-
-
-def decode_rows(ids: Sequence[int], paths: Sequence[str], labels: Sequence[str | None], names: Sequence[str],
-                readers: Sequence[Callable[[], bytes]], size: int) -> DecodedChunk:
-    """Read, hash and decode consecutive positions: the one decode step of both engines.
-
-    A file that cannot be read or decoded becomes an error (its ImageError message), not a row.
-    """
-    keep: list[int] = []
-    pixels: list[np.ndarray] = []
-    sha1: list[str] = []
-    sizes: list[int] = []
-    dims: list[tuple[int, int]] = []
-    errors: list[tuple[int, str, str]] = []
-    for j, read in enumerate(readers):
-        try:
-            try:
-                data = read()
-            except OSError as exc:
-                raise ImageError(f"{names[j]}: cannot read file ({exc.strerror or exc})") from exc
-            array, wh = decode_image_sized(data, size, name=names[j])
-        except ImageError as exc:
-            errors.append((int(ids[j]), paths[j], exc.message))
-            continue
-        keep.append(j)
-        pixels.append(array)
-        sha1.append(hashlib.sha1(data).hexdigest())
-        sizes.append(len(data))
-        dims.append(wh)
-    start = int(ids[0]) if len(ids) else 0
-    wh_arr = np.asarray(dims, dtype=np.int32).reshape(-1, 2)
-    return DecodedChunk(
-        start, start + len(ids), np.asarray([ids[j] for j in keep], dtype=np.int64),
-        np.stack(pixels) if pixels else np.zeros((0, size, size, 3), np.uint8),
-        [paths[j] for j in keep], [labels[j] for j in keep], sha1, np.asarray(sizes, dtype=np.int64),
-        wh_arr[:, 0].copy(), wh_arr[:, 1].copy(), errors)
-
-
-def _decode_items(chunk: list[tuple[int, SourceImage]], size: int) -> DecodedChunk:
-    return decode_rows([i for i, _ in chunk], [it.path for _, it in chunk], [it.label for _, it in chunk],
-                       [it.name or it.path for _, it in chunk], [it.read for _, it in chunk], size)
-
-
-# ----------------------------------------------------------------------------- the local engine
-
-
-_DONE = object()
-
-
-def run_local(positions: Iterator[tuple[int, SourceImage]], embedder: OnnxEmbedder, *, batch_size: int,
-              decode_workers: int, parallel_batches: int, exhausted: threading.Event) -> Iterator[ResultBatch]:
-    """Decode on ``decode_workers`` threads ahead of ONNX Runtime; yields results in source order.
-
-    A producer thread walks the source and submits one decode task per batch; at most
-    ``2 * decode_workers + 1`` batches wait decoded or in decoding (bounded memory).
-    ``parallel_batches`` batches are embedded at once, each on its own thread through the one
-    session (ONNX Runtime runs concurrent calls; with one intra-op thread per call the cores never
-    wait for each other at an operator's barrier, so a decoder or a neighbour process taking a
-    core slows one batch instead of stalling all). Sets ``exhausted`` when the source came to its end.
-    """
-    pending: queue.Queue[Any] = queue.Queue(maxsize=2 * decode_workers + 1)
-    stop = threading.Event()
-    size = embedder.image_size
-
-    def put(item: Any) -> bool:
-        while not stop.is_set():
-            try:
-                pending.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce(pool: ThreadPoolExecutor) -> None:
-        try:
-            chunk: list[tuple[int, SourceImage]] = []
-            for position in positions:
-                chunk.append(position)
-                if len(chunk) == batch_size:
-                    if not put(pool.submit(_decode_items, chunk, size)):
-                        return
-                    chunk = []
-            if chunk and not put(pool.submit(_decode_items, chunk, size)):
-                return
-            exhausted.set()
-            put(_DONE)
-        except BaseException as exc:  # the source failed: hand it to the consumer
-            put(exc)
-
-    def embed(decoded: DecodedChunk) -> ResultBatch:
-        if not len(decoded.ids):
-            return decoded.with_embeddings(np.zeros((0, embedder.embedding_dim), np.float32))
-        return decoded.with_embeddings(embedder.embed(decoded.pixels))
-
-    with ThreadPoolExecutor(max_workers=decode_workers, thread_name_prefix="ascl-decode") as pool, \
-            ThreadPoolExecutor(max_workers=parallel_batches, thread_name_prefix="ascl-embed") as infer:
-        producer = threading.Thread(target=produce, args=(pool,), name="ascl-source", daemon=True)
-        producer.start()
-        inflight: deque[Future[ResultBatch]] = deque()
-        try:
-            while True:
-                item = pending.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                inflight.append(infer.submit(embed, item.result()))
-                if len(inflight) >= parallel_batches:
-                    yield inflight.popleft().result()  # in source order; the others keep embedding meanwhile
-            while inflight:
-                yield inflight.popleft().result()
-        finally:
-            stop.set()
-            for future in inflight:
-                future.cancel()
-            producer.join(timeout=10)
 
 
 # ----------------------------------------------------------------------------- the Ray engine
@@ -519,18 +375,12 @@ def embed_collection(
     parsed = parse_spec(str(images) if not isinstance(images, ImageSpec) else images)
     source = _source_record(parsed, limit)
     out = Path(out)
-    cores = len(os.sched_getaffinity(0))
-    threads = threads or cores
-    parallel_batches = parallel_batches or threads
     started = time.perf_counter()
     with exclusive(out):
         remove_stale_temporaries(out)
         embedder: OnnxEmbedder | None = None
         if engine == "local" or identity["dim"] is None or identity["image_size"] is None:
-            from ascl.export.runtime import OnnxEmbedder
-
-            # no worker spinning: idle ONNX Runtime threads would busy-wait on the cores the decoders need
-            embedder = OnnxEmbedder(onnx_path, threads=max(1, threads // parallel_batches), spinning=False)
+            embedder, parallel_batches = local_embedder(onnx_path, threads=threads, parallel_batches=parallel_batches)
             identity["dim"] = identity["dim"] or embedder.embedding_dim
             identity["image_size"] = identity["image_size"] or embedder.image_size
         manifest = _open_set(out, identity, source, rows_per_file)
@@ -543,7 +393,7 @@ def embed_collection(
         if engine == "local":
             assert embedder is not None
             results = run_local(positions, embedder, batch_size=batch_size,
-                                decode_workers=decode_workers or min(4, cores), parallel_batches=parallel_batches,
+                                decode_workers=decode_threads(decode_workers), parallel_batches=parallel_batches,
                                 exhausted=exhausted)
         else:
             results = None

@@ -40,6 +40,8 @@ from ascl.atomic import atomic_path, atomic_write_text, folder_lock
 from ascl.serving.collections.faiss_filters import FieldIndex
 from ascl.serving.collections.filters import Where, check_fields, parse_where
 from ascl.serving.collections.index_types import (
+    FLAT_MAX,
+    HNSW_MAX,
     Hit,
     IndexBusyError,
     IndexConflictError,
@@ -51,12 +53,8 @@ from ascl.serving.collections.index_types import (
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-# `auto` factory thresholds (collection size N): exact search is cheap below FLAT_MAX; a graph
-# index is fast and exact enough up to HNSW_MAX; beyond that IVF + fast-scan PQ with a
-# re-ranking step keeps memory and build time in check (HNSW build at 1M x 512 on 2 cores
-# takes too long).
-FLAT_MAX = 50_000
-HNSW_MAX = 300_000
+# `auto` factory thresholds: FLAT_MAX and HNSW_MAX (index_types, shared by every backend); beyond
+# HNSW_MAX, IVF + fast-scan PQ with a re-ranking step keeps memory and build time in check.
 HNSW_EF_SEARCH = 128
 IVF_NPROBE = 64
 REFINE_K_FACTOR = 32  # PQ shortlists k * 32 candidates, re-ranked with SQ8 codes (cheap, near exact)
@@ -113,6 +111,13 @@ def apply_search_params(index: Any) -> None:
         ivf.nprobe = min(IVF_NPROBE, ivf.nlist)
     if isinstance(inner, faiss.IndexRefine):
         inner.k_factor = float(REFINE_K_FACTOR)
+
+
+def limit_search_threads(threads: int) -> None:
+    """FAISS's OpenMP threads in this process (its idle threads spin-wait, stealing CPU)."""
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(threads)))
 
 
 def not_an_index(folder: str | Path) -> IndexFileError:
@@ -450,7 +455,7 @@ class FaissFolders:
         """The folder's current version under its writer lock, saved as the next version when the
         block changed it (or created it). An error in the block writes nothing, and removes a folder
         this call created. ModelMismatchError when ``model`` is not the index's."""
-        from ascl.serving.collections.model_identity import ensure_same_model
+        from ascl.export.identity import ensure_same_model
 
         folder = Path(spec)
         created = not folder.exists()

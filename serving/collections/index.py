@@ -1,15 +1,15 @@
 """The index interface: every index user goes through these few functions and ``VectorIndex``.
 
 An index is named by a spec: a folder written by ``ascl index build`` (the FAISS backend,
-``faiss_index``), or a URI whose scheme names another backend (``milvus://HOST:PORT/COLLECTION``
-is the planned one). ``open_index(spec)`` returns a ``VectorIndex`` to search and read;
+``faiss_index``), or a URI whose scheme names another backend in ``BACKENDS``
+(``milvus://HOST:PORT/COLLECTION`` and ``milvus+lite:///PATH.db#COLLECTION``: ``milvus_index``). ``open_index(spec)`` returns a ``VectorIndex`` to search and read;
 ``writing(spec, ...)`` is the one way to change one (a context: the changes of the block become
 one new version, or none when it raises); ``index_exists`` and ``read_info`` answer cheaply
 without opening the vectors. Index building, dedup, the gallery service and the Triton search
 model use nothing else, so another backend fits in ``BACKENDS`` without touching them.
 
-Only numpy and ``ascl`` core at import (faiss when an index is opened): the Triton search model
-vendors this module and the FAISS backend.
+Only numpy and ``ascl`` core at import (faiss or pymilvus when an index is opened): the Triton
+search model vendors this module and the backends.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from ascl.serving.collections import faiss_index
+from ascl.serving.collections import faiss_index, milvus_index
 from ascl.serving.collections.index_types import (
     Hit,
     IndexBackend,
@@ -27,19 +27,20 @@ from ascl.serving.collections.index_types import (
     IndexConflictError,
     IndexFileError,
     IndexSpec,
+    IndexUnavailableError,
     NewIndex,
     VectorIndex,
     public_metadata,
 )
 
 __all__ = [
-    "BACKENDS", "Hit", "IndexBusyError", "IndexConflictError", "IndexFileError", "IndexSpec", "NewIndex",
-    "VectorIndex", "as_spec", "backend_of", "copy_index", "ensure_index_model", "index_count", "index_exists", "open_index",
-    "public_metadata", "read_info", "writing",
+    "BACKENDS", "Hit", "IndexBusyError", "IndexConflictError", "IndexFileError", "IndexSpec", "IndexUnavailableError",
+    "NewIndex", "VectorIndex", "as_spec", "backend_of", "copy_index", "ensure_index_model", "index_count",
+    "index_exists", "limit_search_threads", "open_index", "public_metadata", "read_info", "recorded_onnx", "writing",
 ]
 
 # URI scheme -> backend; a spec without a scheme is a folder (FAISS).
-BACKENDS: dict[str, IndexBackend] = {}
+BACKENDS: dict[str, IndexBackend] = {scheme: milvus_index.BACKEND for scheme in milvus_index.SCHEMES}
 
 
 def as_spec(spec: IndexSpec) -> IndexSpec:
@@ -64,6 +65,12 @@ def backend_of(spec: IndexSpec) -> IndexBackend:
 def open_index(spec: IndexSpec) -> VectorIndex:
     """The current version of the index ``spec``, to search and read (IndexFileError when there is none)."""
     return backend_of(spec).open(spec)
+
+
+def limit_search_threads(threads: int) -> None:
+    """At most ``threads`` threads per search in this process, for the backends that search here
+    (FAISS's OpenMP pool); a server searching small batches beside its encoder wants 1."""
+    faiss_index.limit_search_threads(threads)
 
 
 def index_exists(spec: IndexSpec) -> bool:
@@ -102,8 +109,14 @@ def copy_index(spec: IndexSpec, dest: Path) -> str:
     return backend_of(spec).copy(spec, dest)
 
 
+def recorded_onnx(spec: IndexSpec) -> Path | None:
+    """The ONNX file the index records it was built with, when that file is still on this machine."""
+    onnx = read_info(spec).get("model", {}).get("onnx")
+    return Path(onnx) if onnx and Path(onnx).is_file() else None
+
+
 def ensure_index_model(spec: IndexSpec, onnx_path: str | Path) -> None:
     """ModelMismatchError (naming both) unless the index ``spec`` holds embeddings of the model of ``onnx_path``."""
-    from ascl.serving.collections.model_identity import ensure_same_model, model_identity
+    from ascl.export.identity import ensure_same_model, model_identity
 
     ensure_same_model(read_info(spec).get("model"), model_identity(onnx_path), f"index {spec}")

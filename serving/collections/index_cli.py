@@ -1,4 +1,4 @@
-"""Subcommand ``index`` (build, add, remove, info): FAISS gallery index folders.
+"""Subcommand ``index`` (build, add, remove, info): gallery indexes (FAISS folders, Milvus collections).
 
 Only argparse at import time; FAISS and ONNX Runtime load inside the commands.
 """
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from ascl.errors import InputError, user_errors
@@ -23,14 +22,6 @@ def add_model_option(p: argparse.ArgumentParser, default: str | None, when_absen
                    help="an exported .onnx file, a training run folder or checkpoint, a hub folder, a shipped "
                         "model name ('default' = the shipped default, see 'ascl models') or a hub repo id "
                         f"(exported to ONNX once and cached under ~/.cache/ascl); {when_absent}")
-
-
-def model_of_index(index: str) -> str | None:
-    """The ONNX file an index records it was built with, when that file is still on this machine."""
-    from ascl.serving.collections.index import read_info
-
-    onnx = read_info(index).get("model", {}).get("onnx")
-    return str(onnx) if onnx and Path(onnx).is_file() else None
 
 
 def _add_images(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -51,7 +42,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                          "(embeddings written by 'ascl embed')")
     with user_errors(*USER_ERRORS):
         if from_parquet is not None:
-            from ascl.serving.collections.model_identity import model_identity
+            from ascl.export.identity import model_identity
 
             model = model_identity(resolve_onnx(args.model)) if args.model else None
             report = build_index_from_parquet(from_parquet, args.out, factory=args.factory, model=model)
@@ -95,12 +86,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 
+INDEX_HELP = ("an index folder (FAISS), or milvus://HOST:PORT/COLLECTION (a collection of a Milvus server; token "
+              "from $ASCL_MILVUS_TOKEN) or milvus+lite:///PATH.db#COLLECTION (a local Milvus Lite file); Milvus "
+              "needs pip install 'ascl-hub[milvus]'")
+
+
 def register(sub: Any) -> None:
     """Add ``index`` to the ``ascl`` command."""
-    index = sub.add_parser("index", help="build and maintain FAISS gallery indexes", formatter_class=FMT)
+    index = sub.add_parser("index", help="build and maintain gallery indexes (FAISS folders, Milvus collections)", formatter_class=FMT)
     isub = index.add_subparsers(dest="index_command", metavar="<index command>")
     isub.required = True
-    build = isub.add_parser("build", help="embed a gallery and write an index folder (re-runs skip known images)",
+    build = isub.add_parser("build", help="embed a gallery and write an index (re-runs skip known images)",
                             formatter_class=FMT)
     add_model_option(build, None, "default: the shipped default; with --from-parquet the set's own model (a --model "
                             "given must be the same)")
@@ -108,22 +104,23 @@ def register(sub: Any) -> None:
     build.add_argument("--from-parquet", default=None, metavar="DIR",
                        help="index the embeddings of a Parquet set written by 'ascl embed' instead of embedding "
                             "--images (nothing is embedded again)")
-    build.add_argument("--out", required=True, help="index folder to create (or extend, with the same model)")
+    build.add_argument("--out", required=True, help="the index to create (or extend, with the same model): " + INDEX_HELP)
     build.add_argument("--factory", default="auto",
-                       help="FAISS factory: auto (Flat below 50k vectors, HNSW32 below 300k, IVF+fast-scan PQ with "
-                            "SQ8 re-ranking above), or e.g. Flat, HNSW32, IVF1024,PQ64")
+                       help="index type: auto (Flat below 50k vectors, HNSW32 below 300k, above: FAISS IVF+fast-scan "
+                            "PQ with SQ8 re-ranking, Milvus IVF_SQ8), or a FAISS factory such as Flat, HNSW32, "
+                            "IVF1024,PQ64, or a Milvus index type: FLAT, HNSW32, IVF_FLAT, IVF_SQ8")
     build.set_defaults(func=cmd_build)
     add = isub.add_parser("add", help="embed new images into an existing index (a server picks them up live)",
                           formatter_class=FMT)
-    add.add_argument("--index", required=True, help="index folder")
+    add.add_argument("--index", required=True, help=INDEX_HELP)
     add_model_option(add, None, "default: the model the index was built with")
     _add_images(add)
     add.set_defaults(func=cmd_add)
     remove = isub.add_parser("remove", help="remove entries by id or stored path", formatter_class=FMT)
-    remove.add_argument("--index", required=True, help="index folder")
+    remove.add_argument("--index", required=True, help=INDEX_HELP)
     remove.add_argument("--ids", type=int, nargs="*", default=None, help="ids to remove")
     remove.add_argument("--paths", nargs="*", default=None, help="stored relative paths to remove")
     remove.set_defaults(func=cmd_remove)
-    info = isub.add_parser("info", help="print an index's manifest and counts per label", formatter_class=FMT)
-    info.add_argument("--index", required=True, help="index folder")
+    info = isub.add_parser("info", help="print what an index records about itself (version, model, ...) and counts per label", formatter_class=FMT)
+    info.add_argument("--index", required=True, help=INDEX_HELP)
     info.set_defaults(func=cmd_info)

@@ -1,7 +1,7 @@
 """What every index backend shares: the search hit, the errors, a new index's settings, the protocols.
 
 Callers import these from ``ascl.serving.collections.index`` (the interface); a backend
-(``faiss_index``: a versioned folder) implements ``IndexBackend`` and ``VectorIndex`` with them.
+(``faiss_index``: a versioned folder; ``milvus_index``: a Milvus collection) implements ``IndexBackend`` and ``VectorIndex`` with them.
 
 Only numpy and ``ascl`` core at import: the Triton search model vendors this module.
 """
@@ -16,9 +16,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ascl.errors import AsclError
+from ascl.errors import FAILURE, AsclError
 
-IndexSpec = str | Path  # a folder (FAISS); later a URI such as milvus://HOST:PORT/COLLECTION
+# `auto` index types by collection size N, for every backend: exact search is cheap below FLAT_MAX; a
+# graph index (HNSW) is fast and exact enough up to HNSW_MAX; beyond that an IVF index keeps memory and
+# build time in check (an HNSW build at 1M x 512 on 2 cores takes too long).
+FLAT_MAX = 50_000
+HNSW_MAX = 300_000
+
+IndexSpec = str | Path  # a folder (FAISS), or a URI such as milvus://HOST:PORT/COLLECTION
 
 
 class IndexFileError(AsclError, ValueError):
@@ -27,6 +33,13 @@ class IndexFileError(AsclError, ValueError):
 
 class IndexBusyError(IndexFileError):
     """Another writer held the index for longer than this one would wait."""
+
+
+class IndexUnavailableError(AsclError, ConnectionError):
+    """The server that holds the index cannot be reached now (down, or a wrong address); the same
+    request can succeed later. A search answers it as UNAVAILABLE; the command exits 1."""
+
+    exit_code = FAILURE
 
 
 class IndexConflictError(IndexFileError):
@@ -80,7 +93,7 @@ class NewIndex:
     """How to create an index that does not exist yet: the first writer's settings."""
 
     dim: int
-    model: Mapping[str, Any]  # ascl.serving.collections.model_identity record of the embeddings
+    model: Mapping[str, Any]  # ascl.export.identity record of the embeddings
     factory: str = "auto"  # a backend's index type; auto: its choice for ``size_hint`` vectors
     size_hint: int = 0  # about how many vectors the first change adds
 

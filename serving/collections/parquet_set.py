@@ -206,7 +206,8 @@ class ResultBatch:
 
     ``ids`` [N] int64 of the rows, with their columns and ``embeddings`` [N, D]; ``errors``
     (id, path, message) for the positions that gave no row; together they cover ids
-    ``[start, end)`` exactly.
+    ``[start, end)`` exactly, but for ``skipped`` positions that a skip rule left out (never
+    in a set: ``ascl embed`` skips nothing).
     """
 
     start: int
@@ -220,6 +221,7 @@ class ResultBatch:
     heights: np.ndarray
     embeddings: np.ndarray
     errors: list[tuple[int, str, str]] = field(default_factory=list)
+    skipped: int = 0
 
 
 @dataclass

@@ -15,10 +15,10 @@ index's one hit type: id, score, metadata, and the label, name and file they giv
 Their adds and removes are the collections layer's one writer (``ascl.serving.collections.changes``:
 same bytes keep one id, the writer lock, a new index version), re-exported here.
 
-Also here, so that a caller needs nothing else from serving: building an index from a folder
-of images (``build_index``), reading an index folder (``index_exists``, ``index_manifest``,
-``index_count``, ``index_records``, ``source_folders``), checking ports (``check_ports_free``)
-and starting the search service (``start_service``).
+Also here, so that a caller needs nothing else from serving to use a gallery: building an
+index from a folder of images (``build_index``), reading an index (``index_exists``,
+``index_manifest``, ``index_count``, ``index_records``, ``source_folders``) and the port check
+(``check_ports_free``). Starting the service is the one serve path, ``ascl.serving.online.serve``.
 
 This module imports only serving's own modules, ``ascl.export`` (runtime, cache) and core.
 """
@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, overload
+from typing import Any, Protocol, overload
 
 import numpy as np
 
@@ -44,6 +44,7 @@ from ascl.serving.collections.changes import (
     add_images,
     clean_label,
     embed_encoded,
+    files_folder,
     remove_images,
 )
 from ascl.serving.collections.filters import Where
@@ -53,24 +54,23 @@ from ascl.serving.collections.index import (
     IndexSpec,
     VectorIndex,
     as_spec,
+    ensure_index_model,
     index_count,
     index_exists,
     open_index,
     public_metadata,
     read_info,
 )
+from ascl.serving.online.ports import check_ports_free
 from ascl.serving.online.server import PortInUseError, ServerError
-from ascl.serving.online.server import check_ports_free as _check_server_ports
-
-if TYPE_CHECKING:
-    from ascl.models import ModelRef
 
 __all__ = [
     "ADDED_FOLDER", "MAX_LABEL_CHARS", "Added", "AddNotServedError", "GalleryService", "Hit", "InProcessGallery",
-    "IndexFileError", "LabelError", "NoIndexFolderError", "PortInUseError", "Removed", "RunningService",
-    "ServerError", "TritonGallery", "add_image_bytes", "add_images", "build_index", "check_ports_free",
-    "clean_label", "describe_precision", "index_count", "index_exists", "index_manifest", "index_records",
-    "model_onnx", "public_metadata", "remove_images", "source_folders", "start_service",
+    "IndexFileError", "LabelError", "NoIndexFolderError", "PortInUseError", "Removed", "ServerError",
+    "IndexSpec", "TritonGallery", "add_image_bytes", "add_images", "as_spec", "build_index", "check_ports_free",
+    "clean_label", "files_folder", "index_count", "index_exists", "index_manifest", "index_records", "public_metadata",
+    "remove_images",
+    "source_folders",
 ]
 
 class NoIndexFolderError(AsclError, RuntimeError):
@@ -165,10 +165,7 @@ class InProcessGallery(_Gallery):
                 f"{self.index_dir} holds {self.index.dim}-d vectors but {onnx_path} makes "
                 f"{self.embedder.embedding_dim}-d embeddings; build the index with the same model"
             )
-        from ascl.serving.collections.model_identity import ensure_same_model, model_identity
-
-        ensure_same_model(self.index.model, model_identity(onnx_path, metadata=self.embedder.metadata),
-                          f"index {self.index_dir}")
+        ensure_index_model(self.index_dir, onnx_path)
         self._lock = threading.Lock()
         self.description = f"in-process ONNX Runtime ({Path(onnx_path).name}) + index {self.index_dir}"
 
@@ -302,29 +299,6 @@ class TritonGallery(_Gallery):
 # ---------------------------------------------------------------------------- index folders, ports, the service
 
 
-def model_onnx(ref: ModelRef, *, cache: str | Path | None = None, refresh: bool = False, precision: str = "fp32",
-               calibration: str | Path | None = None, min_recall: float | None = None) -> tuple[Path, bool]:
-    """(the ONNX file that serves ``ref``, whether it was exported just now): the content-keyed export cache.
-
-    ``precision="int8"``: the calibrated int8 copy (``calibration``: an image-source spec), verified
-    against fp32 and refused below ``min_recall`` (``ascl.serving.online.precision``)."""
-    from ascl.export.cache import cached_onnx
-
-    return cached_onnx(ref, cache=cache, refresh=refresh, precision=precision, calibration=calibration,
-                       min_recall=min_recall)
-
-
-def describe_precision(onnx_path: str | Path, made_now: bool = False, min_recall: float | None = None) -> str:
-    """One line for the screen: the precision of ``onnx_path`` (int8: its calibration and recall@10 vs fp32)."""
-    from ascl.export.cache import describe_int8
-    from ascl.export.runtime import OnnxEmbedder
-
-    path = Path(onnx_path)
-    if OnnxEmbedder(path, providers=["CPUExecutionProvider"], threads=1).precision != "int8":
-        return "fp32"
-    return describe_int8(path, made_now, min_recall)
-
-
 def build_index(onnx_path: str | Path, images: str | Path, index_dir: IndexSpec, *, factory: str = "auto") -> int:
     """Embed every image under ``images`` with ``onnx_path`` into the index at ``index_dir`` (a new one,
     or the new images added to an existing one). Unreadable images are skipped with a warning (a
@@ -349,49 +323,3 @@ def source_folders(index_dir: IndexSpec) -> list[Path]:
     """The folders on this machine that the index's images live in."""
     sources = {str(m.get("source")) for m in open_index(index_dir).records().values()}
     return sorted(Path(s) for s in sources if Path(s).is_dir())
-
-
-def check_ports_free(ports: dict[str, int], host: str = "127.0.0.1") -> None:
-    """Fail fast, before any slow step, when a port is taken or two are the same.
-
-    ``ports``: the command-line flag that sets each port (``--grpc-port``) -> port. Raises
-    PortInUseError (a ServerError) naming the flag to change.
-    """
-    try:
-        _check_server_ports(ports, host)
-    except PortInUseError as exc:
-        raise PortInUseError(f"port {exc.port} ({exc.name}) is in use; stop what uses it or pass {exc.name} N",
-                             name=exc.name, host=exc.host, port=exc.port) from exc
-    if len(set(ports.values())) != len(ports):
-        *rest, last = ports
-        raise PortInUseError(f"{', '.join(rest)} and {last} must all differ")
-
-
-class RunningService(Protocol):
-    """A started search service; ``stop`` returns once Triton and its stubs are gone; ``wait``
-    blocks until the service stops by itself (Triton could not be restarted) and says why."""
-
-    def stop(self, grace_s: float = 30.0) -> None: ...
-
-    def wait(self, timeout_s: float | None = None) -> str | None: ...
-
-
-def start_service(onnx_path: str | Path, index_dir: str | Path, workdir: str | Path, *, grpc_port: int,
-                  http_port: int, metrics_port: int, host: str = "127.0.0.1") -> RunningService:
-    """Write the embedded model repository under ``workdir`` and start the search service on the ports.
-
-    Returns once a search goes through. The service is ``ascl serve``'s: Triton behind the front
-    door (inference, health and metadata only; bounded requests), restarted by its supervisor
-    if it or a stub dies. The repository's search model reads ``index_dir`` in place, so images
-    added to that index are served without a restart. Raises ServerError when it does not start.
-    """
-    from ascl.serving.collections.index import ensure_index_model
-    from ascl.serving.online.repository import write_repository
-    from ascl.serving.online.service import SearchService
-
-    index_dir, workdir = Path(index_dir), Path(workdir)
-    ensure_index_model(index_dir, onnx_path)
-    repository = write_repository(workdir / index_dir.name, onnx_path, index_dir)
-    service = SearchService(repository, host=host, grpc_port=grpc_port, http_port=http_port,
-                            metrics_port=metrics_port, log_path=workdir / f"{index_dir.name}.log")
-    return service.start()

@@ -15,7 +15,7 @@ from types import FrameType
 from typing import Any
 
 from ascl.errors import InputError, user_errors
-from ascl.serving.collections.index_cli import add_model_option, model_of_index
+from ascl.serving.collections.index_cli import INDEX_HELP, add_model_option
 
 FMT = argparse.ArgumentDefaultsHelpFormatter
 # Builtin errors of FAISS, ONNX Runtime, PIL and the file system that mean bad input here; the
@@ -42,47 +42,53 @@ def serve_repository_dir() -> Path:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ascl.serving.collections.index import ensure_index_model, read_info
-    from ascl.serving.collections.model_files import resolve_onnx
+    import sys
+
+    from ascl.serving.collections.index import read_info
     from ascl.serving.online.limits import Limits
-    from ascl.serving.online.precision import served_onnx
-    from ascl.serving.online.repository import docker_command, write_repository
-    from ascl.serving.online.server import ADMIN_KEY_HEADER, ServerError, check_ports_free
-    from ascl.serving.online.service import SearchService
+    from ascl.serving.online.repository import Batching, docker_command, write_repository
+    from ascl.serving.online.serve import check_ports_free, choose_model, served_model, start_service
+    from ascl.serving.online.server import ADMIN_KEY_HEADER, ServerError
 
     max_request = int(args.max_request_mb * 2**20)
     limits = Limits(max_request_bytes=max_request, max_in_flight=args.max_in_flight,
                     max_connections=args.max_connections, idle_timeout_s=args.idle_timeout,
                     header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout)
     with user_errors(*USER_ERRORS):
+        batching = Batching(queue_delay_us=args.queue_delay_us, instances=args.instances,
+                            max_queue_size=args.max_queue)
         read_info(args.index)  # IndexFileError (what to do) when it is no index
-        onnx = resolve_onnx(args.model or model_of_index(args.index))  # None: the shipped default
-        ensure_index_model(args.index, onnx)  # exit 2, naming both, for another model's index
-        served = served_onnx(onnx, args.precision, calibration=args.calibration, min_recall=args.min_recall,
-                             index_dir=args.index)
+        if not args.repository_only:
+            check_ports_free({"--grpc-port": args.grpc_port, "--http-port": args.http_port,
+                              "--metrics-port": args.metrics_port}, args.host)
+        choice = choose_model(args.model, index=args.index)
+        print(f"model: {choice.description}", flush=True)
+        if choice.warning:
+            print(f"WARNING: {choice.warning}", file=sys.stderr, flush=True)
+        served = served_model(choice, args.precision, index=args.index, calibration=args.calibration,
+                              min_recall=args.min_recall)  # exit 2, naming both, for another model's index
         print(f"encoder: {served.description}", flush=True)
         if args.repository_only:
             repo = write_repository(args.repository_only, served.onnx, args.index, platform=args.platform,
                                     copy_index=True, plan_path=args.plan, max_request_bytes=max_request,
-                                    max_queue_size=args.max_queue)
+                                    facts=served.facts, batching=batching)
             print(f"wrote the production model repository {repo}")
             if args.platform == "tensorrt" and not args.plan:
-                print(f"build its engine on the serving GPU first: ascl export tensorrt {onnx} "
+                print(f"build its engine on the serving GPU first: ascl export tensorrt {served.onnx} "
                       f"--out {repo}/encoder/1/model.plan --min 1 --opt 64 --max 256")
             print("serve it with NVIDIA's Triton container:\n  " + docker_command(repo))
             return 0
-        check_ports_free({"grpc": args.grpc_port, "http": args.http_port, "metrics": args.metrics_port}, args.host)
-        keep = args.repository is not None
-        repo_dir = Path(args.repository) if keep else serve_repository_dir() / "models"
-        write_repository(repo_dir, served.onnx, args.index, max_request_bytes=max_request,
-                         max_queue_size=args.max_queue)
-    service = SearchService(repo_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                            metrics_port=args.metrics_port, limits=limits,
-                            verbose=args.verbose, start_timeout_s=args.start_timeout)
+    keep = args.repository is not None
+    repo_dir = Path(args.repository) if keep else serve_repository_dir() / "models"
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    service = None
     try:
         print(f"starting tritonserver ({served.precision} encoder) on the model repository {repo_dir} ...", flush=True)
-        service.start()
+        with user_errors(*USER_ERRORS):
+            service = start_service(served, args.index, repo_dir, grpc_port=args.grpc_port,
+                                    http_port=args.http_port, metrics_port=args.metrics_port, host=args.host,
+                                    limits=limits, verbose=args.verbose,
+                                    start_timeout_s=args.start_timeout, batching=batching)
         print(f"ready: gRPC {service.grpc_url}  HTTP {service.http_url}  metrics {service.metrics_url}\n"
               f"  health: {service.http_url}/v2/health/ready   (inference, health and metadata only)\n"
               f"  try: ascl query IMAGE -k 10 --server {service.grpc_url}   (Ctrl-C stops)", flush=True)
@@ -97,7 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("stopping: in-flight requests finish first...", flush=True)
         return 0
     finally:
-        service.stop()
+        if service is not None:
+            service.stop()
         signal.signal(signal.SIGTERM, previous)
         if not keep:
             shutil.rmtree(repo_dir.parent, ignore_errors=True)
@@ -131,17 +138,6 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_precision(p: argparse.ArgumentParser, calibration_default: str) -> None:
-    """``--precision``, ``--calibration`` and ``--min-recall`` (shared with ``ascl up``)."""
-    from ascl.image_sources import describe_specs
-    from ascl.serving.online.precision import MIN_RECALL_HELP, PRECISION_HELP, PRECISIONS
-
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    p.add_argument("--calibration", default=None, metavar="IMAGES",
-                   help=f"int8 calibration and verification images: {describe_specs()}; default: {calibration_default}")
-    p.add_argument("--min-recall", type=float, default=0.95, help=MIN_RECALL_HELP)
-
-
 def _add_limits(p: argparse.ArgumentParser) -> None:
     """What clients may claim of the service, all together; the defaults leave ordinary load
     (tens of concurrent requests) untouched."""
@@ -167,10 +163,16 @@ def _add_limits(p: argparse.ArgumentParser) -> None:
 
 def register(sub: Any) -> None:
     """Add ``serve`` and ``query`` to the ``ascl`` command."""
+    from ascl.serving.online.precision import add_precision_options  # only argparse and help texts
+
     serve = sub.add_parser("serve", help="serve embedding and image search with Triton (gRPC + HTTP)",
                            formatter_class=FMT)
-    add_model_option(serve, None, "default: the model the index was built with, else 'default'")
-    serve.add_argument("--index", required=True, help="index folder from 'ascl index build'")
+    add_model_option(serve, None, "default: the model the index was built with (when its ONNX file is here), else "
+                                  "the shipped default, else your newest run in runs/, else a random encoder "
+                                  "(with a warning)")
+    serve.add_argument("--index", required=True,
+                       help="the gallery index from 'ascl index build': " + INDEX_HELP + "; several 'ascl serve' "
+                            "replicas can share one Milvus collection, and all see what a writer adds")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (clients, ascl query)")
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (also /v2/health/ready)")
     serve.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (/metrics)")
@@ -182,6 +184,13 @@ def register(sub: Any) -> None:
                        help="largest request (all its images, encoded) the ports accept, as sent and once inflated "
                             "(HTTP gzip/deflate bodies); larger ones are refused before they are read or while they "
                             "inflate (gRPC RESOURCE_EXHAUSTED, HTTP 413)")
+    serve.add_argument("--queue-delay-us", type=int, default=0,
+                       help="microseconds each model's dynamic batcher may hold a request to fill a bigger batch; "
+                            "a lone request waits all of it. 0 still batches the requests that queue while every "
+                            "instance is busy; raise it for a GPU encoder, and measure (benchmarks/serve_load.py)")
+    serve.add_argument("--instances", type=int, default=0,
+                       help="instances of the image_search, embed and encoder models (one ONNX Runtime thread "
+                            "each; each image_search instance holds the index in memory); 0: one per core, at most 4")
     _add_limits(serve)
     serve.add_argument("--print-admin-key", action="store_true",
                        help="print the key of Triton's restricted APIs (model repository, config, statistics, trace, "
@@ -193,7 +202,7 @@ def register(sub: Any) -> None:
     serve.add_argument("--platform", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                        help="encoder backend of --repository-only: native onnxruntime_onnx or tensorrt_plan")
     serve.add_argument("--plan", default=None, help="TensorRT plan to put in the repository (--platform tensorrt)")
-    _add_precision(serve, "the index's own source images when they are on this machine, else the CIFAR-10 copy "
+    add_precision_options(serve, "the index's own source images when they are on this machine, else the CIFAR-10 copy "
                           "(cifar10-offline) when one is found")
     serve.set_defaults(func=cmd_serve)
 

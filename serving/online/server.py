@@ -79,6 +79,16 @@ def prepared_backends() -> Path:
 
 
 STUB_NUMPY = "numpy>=1.26,<2"
+# pymilvus (the Milvus index backend) imports pandas, whose 3.x wheels need NumPy 2: the stub env then
+# holds a pandas that works with NumPy 1.26 too.
+STUB_PANDAS = ("pandas>=2.2,<3", "pytz")
+
+
+def stub_packages() -> tuple[str, ...]:
+    """What the stub env installs ahead of this venv: NumPy 1.x, and pandas 2.x where pymilvus is installed."""
+    import importlib.util
+
+    return (STUB_NUMPY, *STUB_PANDAS) if importlib.util.find_spec("pymilvus") is not None else (STUB_NUMPY,)
 
 
 def prepared_stub_env() -> Path | None:
@@ -96,7 +106,8 @@ def prepared_stub_env() -> Path | None:
     if int(np.__version__.split(".")[0]) < 2:
         return None
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    dest = cache_dir() / f"triton-stub-env-py{version}"
+    packages = stub_packages()
+    dest = cache_dir() / f"triton-stub-env-py{version}{'-pandas' if len(packages) > 1 else ''}"
     site_dir = dest / "lib" / f"python{version}" / "site-packages"
     if (site_dir / "ascl_venv.pth").is_file():
         return dest
@@ -111,12 +122,12 @@ def prepared_stub_env() -> Path | None:
         (tmp / "bin" / "python3").symlink_to("python")
         (tmp / "pyvenv.cfg").write_text(f"home = {base.parent}\ninclude-system-site-packages = false\n")
         result = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp_site), STUB_NUMPY],
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp_site), *packages],
             capture_output=True, text=True,
         )
         if result.returncode != 0:
             raise ServerError(
-                f"could not install {STUB_NUMPY!r} for the Triton Python stub (needed with NumPy 2, see "
+                f"could not install {' '.join(packages)!r} for the Triton Python stub (needed with NumPy 2, see "
                 f"serving/online/server.py): {result.stderr.strip()[-500:]}"
             )
         (tmp_site / "ascl_venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")

@@ -9,7 +9,9 @@
   server stays up; Triton may start a new one, but requests that were inside the dead one never
   answer. When any check fails it kills Triton and starts a new one on the same repository and index,
   logging why; the front door makes requests that arrive meanwhile wait, so a client sees at
-  most the requests that were inside the dead server fail, with UNAVAILABLE.
+  most the requests that were inside the dead server fail, with UNAVAILABLE. A probe answered with
+  ``INDEX_UNAVAILABLE`` (the index's server, e.g. Milvus, is down) counts as a working Triton: its
+  searches answer UNAVAILABLE until that server is back, without a restart.
 - ``stop()`` drains: the front door refuses new requests (UNAVAILABLE) and lets those in flight
   finish, then Triton gets SIGTERM with nothing left inside it.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from ascl.serving.online.front_door import Backend, FrontDoor
 from ascl.serving.online.limits import Limits
+from ascl.serving.online.request_errors import INDEX_UNAVAILABLE
 from ascl.serving.online.server import ServerUrls, TritonServer, check_ports_free
 
 
@@ -196,6 +199,8 @@ class SearchService(ServerUrls):
         except Exception as exc:  # any failure of the probe is a finding, reported in the restart reason
             text = str(exc).strip()
             if "maximum queue size" in text.lower():  # full, and saying so: it answers
+                return None
+            if INDEX_UNAVAILABLE in text:  # Triton answered: the index's server is down, not Triton
                 return None
             return f"a probe search failed ({text.splitlines()[0][:300] if text else type(exc).__name__})"
         return None

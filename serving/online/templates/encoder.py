@@ -2,8 +2,9 @@
 
 The embedded (no Docker) stand-in for a native ``onnxruntime_onnx`` model: the same ONNX file,
 run with the CUDA provider when a GPU is there. The session is created once in ``initialize``;
-``execute`` checks each request, runs the good ones as one batch, and falls back to one call
-per request if that batch fails, so one bad request never fails another.
+``execute`` checks each request and runs the good ones as one batch
+(``model_steps.embed_batches``: one call per request if that batch fails), so one bad request
+never fails another.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import triton_python_backend_utils as pb_utils
 
 from ascl.export.runtime import OnnxEmbedder
 from ascl.names import EMBEDDINGS, IMAGES
+from ascl.serving.online.model_steps import embed_batches
 from ascl.serving.online.request_errors import RequestError, error_response
 
 
@@ -40,9 +42,6 @@ class TritonPythonModel:
                                f"{images.dtype} {list(images.shape)}")
         return images
 
-    def _respond(self, embeddings: np.ndarray) -> Any:
-        return pb_utils.InferenceResponse([pb_utils.Tensor(EMBEDDINGS, embeddings)])
-
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
         good: list[tuple[int, np.ndarray]] = []
@@ -51,16 +50,7 @@ class TritonPythonModel:
                 good.append((i, self._images(request)))
             except Exception as exc:
                 responses[i] = error_response(pb_utils, "encoder", exc)
-        if good:
-            try:
-                embeddings = self.embedder.embed(np.concatenate([x for _, x in good]))  # [sum B_i, D]
-                bounds = np.cumsum([0] + [len(x) for _, x in good])
-                for (i, _), lo, hi in zip(good, bounds[:-1], bounds[1:], strict=True):
-                    responses[i] = self._respond(embeddings[lo:hi])
-            except Exception:  # find the request that broke the batch: one call each
-                for i, x in good:
-                    try:
-                        responses[i] = self._respond(self.embedder.embed(x))
-                    except Exception as exc:
-                        responses[i] = error_response(pb_utils, "encoder", exc)
+        for (i, _), outcome in zip(good, embed_batches(self.embedder.embed, [x for _, x in good]), strict=True):
+            responses[i] = (error_response(pb_utils, "encoder", outcome) if isinstance(outcome, Exception)
+                            else pb_utils.InferenceResponse([pb_utils.Tensor(EMBEDDINGS, outcome)]))
         return responses

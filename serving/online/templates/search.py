@@ -7,90 +7,68 @@ same in every row of a request; an absent or empty one filters nothing. A bad fi
 over 16 KiB, an unknown field) is that request's INVALID_ARGUMENT error; one that matches nothing
 returns no hits.
 
-The index (``ascl.serving.collections.index``: a folder, or a URI of another backend) is opened
-in ``initialize``; a watcher thread takes each new version (``ascl index add``), builds its
-lookups for filters, and swaps it in. ``execute`` takes one reference to the current index per
-batch, so in-flight requests finish on the version they started with. Metadata leaves without
+The index (``ascl.serving.collections.index``: a folder, or a URI of another backend) is a
+``model_steps.LiveIndex``: opened in ``initialize``, each new version (``ascl index add``)
+swapped in by a watcher thread. ``execute`` takes one reference to the current index per batch
+(``model_steps.search_batches``), so in-flight requests finish on the version they started with.
+An index whose server cannot be reached (a ``ConnectionError``) fails each request with it until
+it can (one that is down at start is opened by the watcher once it is up). Metadata leaves without
 server paths (``public_metadata``: a gallery's name instead of its folder).
 """
 
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ascl.names import EMBEDDINGS, IDS, METADATA, SCORES, TOP_K, WHERE
-from ascl.serving.collections.index import VectorIndex, open_index, public_metadata
-from ascl.serving.online.request_errors import RequestError, error_response
-
-
-def _where(request: Any) -> str | None:
-    """The request's filter (JSON text), None when it sent none; RequestError when its rows disagree."""
-    tensor = pb_utils.get_input_tensor_by_name(request, WHERE)
-    if tensor is None:
-        return None
-    rows = [v if isinstance(v, bytes) else str(v).encode() for v in tensor.as_numpy().reshape(-1)]  # [B]
-    if len(set(rows)) > 1:
-        raise RequestError("all rows of one request need the same filter (where)")
-    return rows[0].decode("utf-8", errors="replace") if rows else None  # parsed (and its size checked) by the index
+from ascl.names import EMBEDDINGS, TOP_K, WHERE
+from ascl.serving.online.model_steps import (
+    LiveIndex,
+    Query,
+    found_response,
+    model_index_spec,
+    one_k,
+    one_where,
+    search_batches,
+)
+from ascl.serving.online.request_errors import error_response
 
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
-        import faiss
-
-        faiss.omp_set_num_threads(1)  # small query batches: OpenMP spin-waits only steal CPU from the encoder
         params = json.loads(args["model_config"])["parameters"]
         folder = Path(args["model_repository"]) / args["model_version"]
-        spec = params["index_dir"]["string_value"]
-        self.spec = spec if "://" in spec else folder / spec  # a folder: absolute paths win in the join
-        self.poll_s = float(params.get("poll_seconds", {}).get("string_value", "0.5"))
-        self.index = open_index(self.spec)
-        self.index.warm()  # once per version, not per request
-        self._stop = threading.Event()
-        self._watcher = threading.Thread(target=self._watch, name="index-watcher", daemon=True)
-        self._watcher.start()
+        poll_s = float(params.get("poll_seconds", {}).get("string_value", "0.5"))
+        self.index = LiveIndex(model_index_spec(params["index_dir"]["string_value"], folder), poll_s=poll_s,
+                               log_info=lambda text: pb_utils.Logger.log_info(f"search: {text}"),
+                               log_warn=lambda text: pb_utils.Logger.log_warn(f"search: {text}"))
 
-    def _watch(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            try:
-                fresh = self.index.refreshed()
-                if fresh is not self.index:
-                    fresh.warm()
-                    self.index = fresh  # one reference swap: readers see the old or the new index
-                    pb_utils.Logger.log_info(f"search: loaded index version {fresh.version} ({fresh.count()} vectors)")
-            except Exception as exc:  # a bad new version must not stop serving the current one
-                pb_utils.Logger.log_warn(f"search: keeping index version {self.index.version}: {exc}")
-
-    def _respond(self, index: VectorIndex, request: Any) -> Any:
-        queries = pb_utils.get_input_tensor_by_name(request, EMBEDDINGS).as_numpy()  # [B, D]
-        ks = pb_utils.get_input_tensor_by_name(request, TOP_K).as_numpy().reshape(-1)  # [B]
-        if len(set(ks.tolist())) != 1:
-            raise RequestError(f"all rows of one request need the same k, got {sorted(set(ks.tolist()))}")
-        scores, ids = index.search(queries, int(ks[0]), where=_where(request))  # [B, k'] each, k' <= k
-        records = index.records(ids.reshape(-1).tolist())
-        meta = np.array(
-            [[json.dumps(public_metadata(records.get(int(i), {})), sort_keys=True).encode() for i in row] for row in ids],
-            dtype=np.object_,
-        )  # [B, k]
-        return pb_utils.InferenceResponse(
-            [pb_utils.Tensor(IDS, ids), pb_utils.Tensor(SCORES, scores), pb_utils.Tensor(METADATA, meta)]
-        )
+    def _query(self, request: Any) -> Query:
+        embeddings = pb_utils.get_input_tensor_by_name(request, EMBEDDINGS).as_numpy()  # [B, D]
+        k = one_k(pb_utils.get_input_tensor_by_name(request, TOP_K).as_numpy())
+        where = pb_utils.get_input_tensor_by_name(request, WHERE)
+        return Query(embeddings, k, one_where(None if where is None else where.as_numpy()))
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        index = self.index
-        responses = []
-        for request in requests:
+        try:
+            version = self.index.searchable()
+        except ConnectionError as exc:  # the index's server has not been reachable yet: UNAVAILABLE, each
+            return [error_response(pb_utils, "search", exc) for _ in requests]
+        responses: list[Any] = [None] * len(requests)
+        queries: list[tuple[int, Query]] = []
+        for i, request in enumerate(requests):
             try:
-                responses.append(self._respond(index, request))
+                queries.append((i, self._query(request)))
             except Exception as exc:  # this request alone fails; the rest of the batch is answered
-                responses.append(error_response(pb_utils, "search", exc))
+                responses[i] = error_response(pb_utils, "search", exc)
+        outcomes = search_batches(version, [q for _, q in queries])
+        for (i, _), outcome in zip(queries, outcomes, strict=True):
+            responses[i] = (error_response(pb_utils, "search", outcome) if isinstance(outcome, Exception)
+                            else found_response(pb_utils, outcome))
         return responses
 
     def finalize(self) -> None:
-        self._stop.set()
+        self.index.close()

@@ -1,4 +1,12 @@
-"""Which model made a set of embeddings, and the one check that embeddings never mix across models.
+"""Which model an ONNX file or a set of embeddings came from, and the checks that they never mix.
+
+Two questions, one error (``ModelMismatchError``, exit 2) and one comparison of recorded facts
+(``differences``):
+
+- Was this ONNX file exported from this encoder? ``ascl.export.pipeline.check_exported_from``
+  compares the file's structure metadata (``ascl.names.STRUCTURE_KEYS``) with the encoder's
+  (``ascl export verify``, the export pipeline); the weights are then judged by the parity numbers.
+- Were these embeddings made by this model? ``ensure_same_model`` (below).
 
 Every index manifest (``ascl index build/add``) and every Parquet embedding set (``ascl embed``)
 records ``model_identity(onnx)``: the model's name, the kind of spec it came from, its weights
@@ -15,21 +23,30 @@ model. A graph with no known source revision is identified by its own bytes (``o
 Older index manifests record only the ONNX file and its sha1: the file's identity is read when it
 is still there, else the sha1 is compared.
 
-Only the standard library and ``ascl.errors`` at import; ONNX (or ONNX Runtime) loads to read
-a file's metadata.
+Only the standard library, ``ascl`` core and the one metadata reader (``ascl.export.runtime``)
+at import; ONNX (or ONNX Runtime) loads to read a file's metadata.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 from ascl.digest import file_digest
 from ascl.errors import AsclError
+from ascl.export.runtime import onnx_metadata
+from ascl.names import (
+    EMBEDDING_DIM_KEY,
+    IMAGE_SIZE_KEY,
+    MODEL_NAME_KEY,
+    PRECISION_KEY,
+    SOURCE_REVISION_KEY,
+)
 
-__all__ = ["ModelMismatchError", "describe_model", "ensure_same_model", "model_identity", "same_model"]
+__all__ = ["ModelMismatchError", "describe_model", "differences", "ensure_same_model", "model_identity", "same_model"]
 
 UNKNOWN_REVISIONS = ("", "unknown")
 
@@ -46,33 +63,13 @@ class ResolvedModel(Protocol):
 
 
 class ModelMismatchError(AsclError, ValueError):
-    """Embeddings of one model met another model (an add, a build, a search); the message names both."""
+    """One model's file or embeddings met another model (an export check, an add, a build, a search);
+    the message names both."""
 
 
-
-
-def onnx_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The ``ascl.*`` metadata of an ONNX file (cached per file path, size and modification time)."""
-    stat = os.stat(path)
-    return dict(_metadata(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns))
-
-
-@functools.lru_cache(maxsize=32)
-def _metadata(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str], ...]:
-    del size, mtime_ns  # part of the cache key only
-    try:
-        import onnx
-
-        model = onnx.load(path, load_external_data=False)
-        props = {entry.key: entry.value for entry in model.metadata_props}
-    except ImportError:  # a serving-only install: ONNX Runtime reads it too
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
-        props = dict(session.get_modelmeta().custom_metadata_map)
-    return tuple(sorted(props.items()))
+def differences(recorded: Mapping[str, Any], other: Mapping[str, Any], keys: tuple[str, ...]) -> list[str]:
+    """The one comparison of identities: the keys of ``keys`` on which two records disagree."""
+    return [key for key in keys if recorded.get(key) != other.get(key)]
 
 
 @functools.lru_cache(maxsize=32)
@@ -94,16 +91,16 @@ def model_identity(onnx_path: str | os.PathLike[str], ref: ResolvedModel | None 
     stat = path.stat()
     meta = metadata if metadata is not None else onnx_metadata(path)
     sha1 = _sha1_cached(str(path), stat.st_size, stat.st_mtime_ns)
-    name = meta.get("ascl.model_name") or (ref.name if ref is not None else path.stem)
-    revision = meta.get("ascl.source_revision", "")
+    name = meta.get(MODEL_NAME_KEY) or (ref.name if ref is not None else path.stem)
+    revision = meta.get(SOURCE_REVISION_KEY, "")
     if revision.startswith("sha256:"):
         weights = revision
     elif revision not in UNKNOWN_REVISIONS:
         weights = f"{name}@{revision}"  # a hub revision: names the weights together with the repo
     else:
         weights = f"onnx-sha1:{sha1}"
-    dim = meta.get("ascl.embedding_dim")
-    size = meta.get("ascl.image_size")
+    dim = meta.get(EMBEDDING_DIM_KEY)
+    size = meta.get(IMAGE_SIZE_KEY)
     return {
         "name": name,
         "kind": ref.kind if ref is not None else "onnx",
@@ -111,7 +108,7 @@ def model_identity(onnx_path: str | os.PathLike[str], ref: ResolvedModel | None 
         "weights": weights,
         "revision": revision or "unknown",
         "dim": int(dim) if dim else None,
-        "precision": meta.get("ascl.precision", "fp32"),
+        "precision": meta.get(PRECISION_KEY, "fp32"),
         "image_size": int(size) if size else None,
         "onnx": str(path),
         "sha1": sha1,
@@ -145,10 +142,10 @@ def same_model(recorded: dict[str, Any], model: dict[str, Any]) -> bool:
     """Whether ``model`` makes the same embeddings as the ``recorded`` one (weights and dim)."""
     old, new = _upgraded(recorded), _upgraded(model)
     if old.get("weights") and new.get("weights"):
-        dims = old.get("dim"), new.get("dim")
-        return old["weights"] == new["weights"] and (None in dims or dims[0] == dims[1])
+        keys = ("weights", "dim") if old.get("dim") and new.get("dim") else ("weights",)
+        return not differences(old, new, keys)
     if old.get("sha1") and new.get("sha1"):
-        return bool(old["sha1"] == new["sha1"])
+        return not differences(old, new, ("sha1",))
     return True  # nothing recorded to compare with (an index made without a model record)
 
 
