@@ -57,6 +57,13 @@ MODELS: dict[str, ShippedModel] = {
     m.name: m
     for m in (
         ShippedModel(
+            name="ascl-resnet18w16-imagenette-cpu",
+            repo_id=f"{HUB_ORG}/ascl-resnet18w16-imagenette-cpu",
+            summary="ASCL ResNet-18 at base width 16 (ImageNet stem, 128x128) trained on Imagenette's photos "
+            "without labels on a 2-core CPU; 128-d embeddings.",
+            use="photos (objects and scenes, 128 px)",
+        ),
+        ShippedModel(
             name="ascl-resnet18w16-cifar10-cpu",
             repo_id=f"{HUB_ORG}/ascl-resnet18w16-cifar10-cpu",
             summary="ASCL ResNet-18 at base width 16 (CIFAR stem, 32x32) trained on CIFAR-10 without labels "
@@ -72,9 +79,9 @@ MODELS: dict[str, ShippedModel] = {
     )
 }
 
-# The CPU-trained model until the GPU-trained ResNet-18 (ascl-resnet18-cifar10) is shipped
-# and beats it on the validation kNN.
-DEFAULT_MODEL = "ascl-resnet18w16-cifar10-cpu"
+# Users search photos: the photo model is the default; the CIFAR-10 models stay selectable by name
+# for small thumbnails.
+DEFAULT_MODEL = "ascl-resnet18w16-imagenette-cpu"
 DEFAULT_ALIAS = "default"
 
 

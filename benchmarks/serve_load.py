@@ -10,8 +10,8 @@ would: in the benchmark's process it would share a GIL with the service's front 
   * triton:   the service `ascl serve` runs (front door on the public ports, the embedded
               `tritonserver` behind it, `image_search` one fused Python model: decode + ONNX
               Runtime + index search per dynamic batch, no queue delay) with ``--model`` (default:
-              the shipped default), requests through gRPC (`tritonclient.grpc.aio`), real CIFAR-10
-              JPEGs as encoded bytes;
+              the shipped default), requests through gRPC (`tritonclient.grpc.aio`), real photos or
+              thumbnails (``--images``) as encoded JPEG bytes;
   * int8:     the same service with `ascl serve --precision int8`: the calibrated int8 export of
               the same model (calibrated on the gallery's source, verified against fp32 and refused
               below recall@10 0.95), serving the same fp32-built index (`summary.int8_qps_ratio_at_32`);
@@ -83,11 +83,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_models import RANDOM_W64, load_benchmark_encoder  # noqa: E402
 
 
-def query_images(n: int) -> list[bytes]:
-    """Real JPEGs from the CIFAR-10 copy: the last ``n`` of the first 10,000 (not in a small gallery)."""
+def query_images(n: int, source: str = "cifar10-offline") -> list[bytes]:
+    """Real JPEGs from ``source``: the last ``n`` of its first 9,000 (not in a small gallery)."""
     from ascl.image_sources import iter_images
 
-    items = list(iter_images("cifar10-offline", limit=10_000))[-n:]
+    items = list(iter_images(source, limit=9_000))[-n:]
     return [item.read() for item in items]
 
 
@@ -589,13 +589,13 @@ def prepare_model(model: str, args: argparse.Namespace, tmp: Path) -> tuple[Path
     folder = tmp / f"{len(list(tmp.iterdir()))}"
     folder.mkdir()
     onnx_path = export_onnx(encoder, folder / "encoder.onnx")
-    build_index(onnx_path, "cifar10-offline", folder / "idx", limit=args.gallery, progress=False)
+    build_index(onnx_path, args.images, folder / "idx", limit=args.gallery, progress=False)
     repo = write_repository(folder / "models", onnx_path, folder / "idx", batching=Batching(instances=args.instances))
     described = f"{encoder.arch} width {encoder.width} ({encoder.embedding_dim}-d), {model}"
     return onnx_path, folder / "idx", repo, described
 
 
-def prepare_int8(onnx_path: Path, index_dir: Path, tmp: Path, instances: int = 0
+def prepare_int8(onnx_path: Path, index_dir: Path, tmp: Path, instances: int = 0, calibration: str = "cifar10-offline"
                  ) -> tuple[Path | None, Path | None, str]:
     """`ascl serve --precision int8` for the same fp32 file and index: (int8 onnx, repository, what
     happened); (None, None, why) when the int8 export is refused."""
@@ -604,7 +604,7 @@ def prepare_int8(onnx_path: Path, index_dir: Path, tmp: Path, instances: int = 0
     from ascl.serving.online.serve import choose_model, served_model
 
     try:
-        served = served_model(choose_model(str(onnx_path)), "int8", calibration="cifar10-offline", index=index_dir,
+        served = served_model(choose_model(str(onnx_path)), "int8", calibration=calibration, index=index_dir,
                               cache=tmp / "int8-cache")
     except AsclError as exc:
         return None, None, f"refused: {exc}"
@@ -723,7 +723,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="instances of the served image_search (ascl serve --instances; 0: one per core, at most 4)")
     parser.add_argument("--latency-requests", type=int, default=300,
                         help="sequential one-image searches for the concurrency-1 medians (served, lean, floor); 0: none")
-    parser.add_argument("--gallery", type=int, default=5000, help="CIFAR-10 images in the served index")
+    parser.add_argument("--images", default="cifar10-offline",
+                        help="image source of the gallery, the queries and the int8 calibration (imagenette-offline "
+                             "for the photo model)")
+    parser.add_argument("--gallery", type=int, default=5000, help="images of --images in the served index")
     parser.add_argument("--queries", type=int, default=256, help="distinct query images (cycled)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per concurrency level")
     parser.add_argument("--levels", default="1,8,32", help="concurrency levels")
@@ -748,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     from ascl.serving.online.repository import Batching, write_repository
     from ascl.serving.online.service import free_local_port
 
-    images = query_images(args.queries)
+    images = query_images(args.queries, args.images)
     load_before = os.getloadavg()
     latency_requests = max(0, args.latency_requests)
     runs: dict[str, Run] = {}
@@ -768,7 +771,7 @@ def main(argv: list[str] | None = None) -> int:
             runs["delayed"] = serve_repository(delayed, f"{args.model} delayed", queries, levels, args)
         int8_onnx = int8_repo = None
         if not args.no_int8:
-            int8_onnx, int8_repo, int8_note = prepare_int8(onnx_path, index_dir, tmp, args.instances)
+            int8_onnx, int8_repo, int8_note = prepare_int8(onnx_path, index_dir, tmp, args.instances, args.images)
             print(f"int8: {int8_note}", flush=True)
             if int8_repo is not None:
                 runs["int8"] = serve_repository(int8_repo, f"{args.model} int8", queries, levels, args)
