@@ -62,3 +62,25 @@ def test_tensorrt_matches_golden(golden: GoldenSet, golden_onnx: Path, tmp_path:
     plan = build_engine(golden_onnx, tmp_path / "encoder.plan", min_batch=1, opt_batch=8, max_batch=16, fp16=fp16,
                         workspace_gib=1.0)
     _assert_matches(TensorRTEmbedder(plan).embed(golden.images), golden, 0.999 if fp16 else 0.9999)
+
+
+@pytest.mark.triton
+def test_served_embeddings_match_golden(golden: GoldenSet, golden_onnx: Path, tmp_path: Path) -> None:
+    """The served path (``ascl serve``'s service: PNG bytes in, the fused embed model, the front door)
+    gives the stored vectors: decoding, resizing and the graph agree with the reference."""
+    from conftest import free_port
+
+    from ascl.serving import Client
+    from ascl.serving.collections.build import build_index
+    from ascl.serving.online.repository import write_repository
+    from ascl.serving.online.service import SearchService
+
+    folder = GOLDEN_ROOT / golden.key / "images"
+    build_index(golden_onnx, str(folder), tmp_path / "idx", progress=False)
+    repo = write_repository(tmp_path / "models", golden_onnx, tmp_path / "idx")
+    with SearchService(repo, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port()) as service:
+        images = [p.read_bytes() for p in sorted(folder.glob("*.png"))]
+        with Client(service.grpc_url) as client:
+            _assert_matches(client.embed(images), golden, 0.9999)
+            (hits,) = client.search(images[:1], k=1)
+        assert hits[0].metadata["path"] == "00.png" and hits[0].score > 0.9999  # itself, found through the index

@@ -127,6 +127,9 @@ class FrontDoor:
         # called (on the door's loop) when Triton refused a connection: the supervisor looks at once
         self.on_unreachable: Callable[[], None] | None = None
         self.in_flight = 0  # inference requests inside the service now (read on the loop)
+        # calls Triton answered (a result or its own error), ever: the supervisor's sign that a slow
+        # Triton is busy, not hung (read from its thread; an int is read whole)
+        self.answered = 0
         self._channel: Any = None
         self._calls: dict[str, Any] = {}  # method -> multicallable on the current channel
         self._session: Any = None
@@ -333,7 +336,9 @@ class FrontDoor:
                 call = self._calls.get(method)
                 if call is None:  # bytes in, bytes out
                     call = self._calls[method] = channel.unary_unary(method)
-                return await call(request, timeout=context.time_remaining())  # type: ignore[no-any-return]
+                reply = await call(request, timeout=context.time_remaining())
+                self.answered += 1
+                return reply  # type: ignore[no-any-return]
             except grpc.aio.UsageError:  # the channel closed before the call began: it never left
                 if attempt == 1:
                     stale = backend
@@ -347,6 +352,8 @@ class FrontDoor:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, LOST_IN_FLIGHT)
             except grpc.aio.AioRpcError as exc:
                 code, details = exc.code(), exc.details() or ""
+                if not _never_arrived(code, details) and not _lost_backend(code, details):
+                    self.answered += 1  # Triton's own answer (a client error, a full queue)
                 if _never_arrived(code, details):  # Triton is down: it never saw this request
                     self._unreachable()
                     if attempt == 1:
@@ -419,6 +426,7 @@ class FrontDoor:
                 async with session.request(request.method, backend.http + request.path_qs, data=body or None,
                                            headers=headers) as resp:
                     payload = await resp.read()
+                    self.answered += 1
                     out = {k: resp.headers[k] for k in RETURNED_HEADERS if k in resp.headers}
                     return web.Response(status=resp.status, body=payload, headers=out)
             except aiohttp.ClientConnectorError:  # Triton is down: it never saw this request

@@ -5,13 +5,16 @@
 - Triton (``ascl.serving.online.server``) runs on free 127.0.0.1 ports with its control APIs behind an
   admin key; its metrics listen on the public metrics port.
 - The supervisor checks every second that Triton and its backend stubs are alive and, every few
-  seconds, that a real search goes through all three Python models. A stub can die while the
+  seconds, that a real search goes through the search model. A stub can die while the
   server stays up; Triton may start a new one, but requests that were inside the dead one never
   answer. When any check fails it kills Triton and starts a new one on the same repository and index,
   logging why; the front door makes requests that arrive meanwhile wait, so a client sees at
   most the requests that were inside the dead server fail, with UNAVAILABLE. A probe answered with
   ``INDEX_UNAVAILABLE`` (the index's server, e.g. Milvus, is down) counts as a working Triton: its
   searches answer UNAVAILABLE until that server is back, without a restart.
+- Busy is not hung: a probe or liveness check that times out while the front door keeps getting
+  Triton's answers to clients' requests (a flood, a slow CPU) restarts nothing, since a restart
+  would fail every request inside Triton and cure none.
 - ``stop()`` drains: the front door refuses new requests (UNAVAILABLE) and lets those in flight
   finish, then Triton gets SIGTERM with nothing left inside it.
 """
@@ -31,6 +34,8 @@ from ascl.serving.online.front_door import Backend, FrontDoor
 from ascl.serving.online.limits import Limits
 from ascl.serving.online.request_errors import INDEX_UNAVAILABLE
 from ascl.serving.online.server import ServerUrls, TritonServer, check_ports_free
+
+DEADLINE = "DEADLINE_EXCEEDED"  # how a probe that waited its whole timeout fails
 
 
 def free_local_port() -> int:
@@ -197,6 +202,9 @@ class SearchService(ServerUrls):
             with grpcclient.InferenceServerClient(f"127.0.0.1:{triton.ports['grpc']}") as client:
                 client.infer(names.MODEL_IMAGE_SEARCH, [image, k], client_timeout=self.supervision.probe_timeout_s)
         except Exception as exc:  # any failure of the probe is a finding, reported in the restart reason
+            if not triton.is_alive():  # it died while the probe was out: say so, not "connection refused"
+                code = None if triton.process is None else triton.process.returncode
+                return f"tritonserver exited (code {code})"
             text = str(exc).strip()
             if "maximum queue size" in text.lower():  # full, and saying so: it answers
                 return None
@@ -257,7 +265,9 @@ class SearchService(ServerUrls):
                     watch.reset()
                 return
             watch.stopped_since = None
-            if triton.is_live(sup.live_timeout_s):
+            answered, watch.answered = watch.answered, self.front.answered
+            # a liveness check that times out while clients' requests are answered: busy, not hung
+            if triton.is_live(sup.live_timeout_s) or self.front.answered != answered:
                 watch.silent_since = None
             else:
                 watch.silent_since = watch.silent_since or now
@@ -268,9 +278,16 @@ class SearchService(ServerUrls):
         if not (dead or woken) and now - watch.last_probe < sup.probe_every_s:
             return
         watch.last_probe = now
+        answered = self.front.answered
         reason = self.probe()
         if self._stopping.is_set():
             return
+        if reason and DEADLINE in reason and not dead and self.front.answered != answered:
+            # the probe waited its whole timeout while Triton answered clients: a flood keeps it (or
+            # this process) busy. Restarting would fail every request inside it and help none.
+            self._log_bounded("probe-slow", f"supervisor: {reason}, but Triton kept answering requests "
+                                            f"({self.front.answered - answered} meanwhile); not restarting")
+            reason = None
         watch.failures = watch.failures + 1 if reason else 0
         if reason and (dead or watch.failures >= sup.failures_before_restart):
             self._restart(reason)
@@ -322,6 +339,7 @@ class _Watch:
     last_probe: float = field(default_factory=time.monotonic)
     stopped_since: float | None = None
     silent_since: float | None = None
+    answered: int = 0  # the front door's count of Triton's answers at the last check
 
     def reset(self) -> None:
         self.failures, self.last_probe, self.stopped_since, self.silent_since = 0, time.monotonic(), None, None
