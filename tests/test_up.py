@@ -357,6 +357,18 @@ def test_serve_writes_the_same_model_repository_as_up(running: Up, tmp_path: Pat
         stop(proc)
 
 
+def uploads_after_a_search(up: Up, gallery: Path) -> list[Path]:
+    """The page's uploads folder (uploads and thumbnails: made by its first search), checked to be one."""
+    from gradio_client import Client as PageClient
+    from gradio_client import handle_file
+
+    query = sorted(gallery.rglob("*.png"))[5]
+    PageClient(up.demo_url, verbose=False).predict(handle_file(str(query)), 3, api_name="/search")
+    uploads = list(Path(tempfile.gettempdir()).glob(f"ascl-demo-uploads-{up.process.pid}-*"))
+    assert len(uploads) == 1 and any(uploads[0].rglob("*.png")), uploads
+    return uploads
+
+
 @pytest.mark.triton
 def test_warm_start_is_cached_and_sigterm_stops_everything(running: Up, workdir: Path, digits_folder: Path) -> None:
     """A second ``ascl up`` on the first one's cache (beside it, on other ports) finds the export and the
@@ -366,8 +378,7 @@ def test_warm_start_is_cached_and_sigterm_stops_everything(running: Up, workdir:
         text = warm.output()
         assert "index:   cached" in text and "ONNX cached" in text
         assert len(alive(warm.seen)) >= 2  # tritonserver and at least one stub
-        uploads = list(Path(tempfile.gettempdir()).glob(f"ascl-demo-uploads-{warm.process.pid}-*"))
-        assert len(uploads) == 1, uploads  # the page's uploads and thumbnails
+        uploads = uploads_after_a_search(warm, digits_folder)
     finally:
         assert stop_up(warm) == 0
     assert "stopped" in warm.output()
@@ -390,10 +401,11 @@ def test_a_killed_up_is_cleaned_by_the_next_and_exhausted_restarts_end_it_with_t
     cache = tmp_path / "cache"
     shutil.copytree(running.cache, cache)  # warm: model, gallery and index are cached
     first = start_up(workdir, digits_folder, cache)
-    uploads = list(Path(tempfile.gettempdir()).glob(f"ascl-demo-uploads-{first.process.pid}-*"))
-    assert len(uploads) == 1
-    first.process.kill()
-    first.process.wait()
+    try:
+        uploads = uploads_after_a_search(first, digits_folder)
+    finally:
+        first.process.kill()
+        first.process.wait()
     deadline = time.monotonic() + 60
     while alive(first.seen) and time.monotonic() < deadline:
         time.sleep(0.5)
