@@ -49,6 +49,7 @@ import numpy as np
 from ascl import machine
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # serve_load's load loop
 PACKAGE_DIRS = ("training", "export", "serving", "demo", "model_cards")  # mapped into `ascl` (pyproject)
 
 
@@ -56,7 +57,10 @@ PACKAGE_DIRS = ("training", "export", "serving", "demo", "model_cards")  # mappe
 
 async def drive(protocol: str, url: str, images: list[bytes], concurrency: int, duration: float,
                 compression: str | None) -> dict[str, Any]:
-    """``concurrency`` workers send back-to-back one-image searches for ``duration`` seconds."""
+    """``concurrency`` workers send back-to-back one-image searches for ``duration`` seconds
+    (``serve_load.drive``'s closed loop, over gRPC or HTTP, optionally compressed)."""
+    from serve_load import drive as closed_loop
+
     from ascl import names
 
     if protocol == "grpc":
@@ -66,9 +70,6 @@ async def drive(protocol: str, url: str, images: list[bytes], concurrency: int, 
         import tritonclient.http as mod  # type: ignore[no-redef]
         import tritonclient.http.aio as aio  # type: ignore[no-redef]
     client = aio.InferenceServerClient(url)
-    latencies: list[float] = []
-    errors: list[str] = []
-    deadline = time.perf_counter() + duration
 
     async def send(data: bytes) -> None:
         image = mod.InferInput(names.IMAGE_BYTES, [1, 1], "BYTES")
@@ -79,25 +80,10 @@ async def drive(protocol: str, url: str, images: list[bytes], concurrency: int, 
         result = await client.infer(names.MODEL_IMAGE_SEARCH, [image, k], **extra)
         assert result.as_numpy(names.IDS).shape == (1, 10)
 
-    async def worker(offset: int) -> None:
-        i = offset
-        while time.perf_counter() < deadline:
-            began = time.perf_counter()
-            try:
-                await send(images[i % len(images)])
-                latencies.append(time.perf_counter() - began)
-            except Exception as exc:  # counted and reported, never hidden
-                errors.append(str(exc)[:200])
-            i += concurrency
-
-    start = time.perf_counter()
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    elapsed = time.perf_counter() - start
-    await client.close()
-    ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
-    return {"requests": len(latencies), "errors": len(errors), "qps": round(len(latencies) / elapsed, 1),
-            "p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
-            "first_error": errors[0] if errors else ""}
+    try:
+        return await closed_loop(send, images, concurrency, duration)
+    finally:
+        await client.close()
 
 
 def read_queries(path: Path) -> list[bytes]:

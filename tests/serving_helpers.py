@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,17 @@ def supervised_service(root: Path, images: Path, *, max_request_bytes: int | Non
                             log=events.append, **service_kwargs)
     service.events_log = events  # type: ignore[attr-defined]
     return service
+
+
+def served_until_teardown(service: Any) -> Iterator[Any]:
+    """A fixture's body for a service: started, yielded, stopped in teardown, and nothing of its
+    repository left running."""
+    try:
+        service.start()
+        yield service
+    finally:
+        service.stop()
+    assert processes_mentioning(str(service.repository)) == []
 
 
 def under_load(service: Any, images: list[bytes], act: Callable[[], None], *,

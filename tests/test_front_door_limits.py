@@ -26,7 +26,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from PIL import Image
-from serving_helpers import huge_png, processes_mentioning, supervised_service
+from serving_helpers import huge_png, served_until_teardown, supervised_service
 from tritonclient.utils import InferenceServerException
 
 from ascl import names
@@ -47,12 +47,7 @@ QUEUE = 4
 def service(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[SearchService]:
     svc = supervised_service(tmp_path_factory.mktemp("front-door"), digits_folder, max_request_bytes=MAX_REQUEST,
                              max_queue_size=QUEUE, limits=LIMITS, supervision=Supervision(probe_every_s=2.0))
-    try:
-        svc.start()
-        yield svc
-    finally:
-        svc.stop()
-    assert processes_mentioning(str(svc.repository)) == []
+    yield from served_until_teardown(svc)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from serving_helpers import export_random_encoder, png_bytes, serve_until_ready,
 pytest.importorskip("pymilvus", reason="the Milvus client is an extra: pip install 'ascl-hub[milvus]'")
 pytest.importorskip("milvus", reason="the Milvus server package is a dev extra: pip install 'ascl-hub[dev]'")
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.triton]
 
 
 def eventually(check: Callable[[], Any], timeout_s: float, what: str) -> Any:

@@ -26,7 +26,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import free_port
 from PIL import Image
-from serving_helpers import processes_mentioning, under_load, wait_until
+from serving_helpers import processes_mentioning, served_until_teardown, under_load, wait_until
 from tritonclient.utils import InferenceServerException
 
 from ascl import names
@@ -53,12 +53,7 @@ def service(tmp_path_factory: pytest.TempPathFactory, random_onnx: Path,
                         limits=Limits(max_request_bytes=MAX_REQUEST),
                         supervision=Supervision(probe_every_s=1.0, probe_timeout_s=10.0), log=events.append)
     svc.events_log = events  # type: ignore[attr-defined]
-    try:
-        svc.start()
-        yield svc
-    finally:
-        svc.stop()
-    assert processes_mentioning(str(svc.repository)) == []
+    yield from served_until_teardown(svc)
 
 
 def png(size: tuple[int, int] = (32, 32), colour: tuple[int, int, int] = (200, 30, 90), mode: str = "RGB") -> bytes:

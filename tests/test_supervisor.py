@@ -21,7 +21,13 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
-from serving_helpers import export_random_encoder, processes_mentioning, supervised_service, under_load
+from serving_helpers import (
+    export_random_encoder,
+    processes_mentioning,
+    served_until_teardown,
+    supervised_service,
+    under_load,
+)
 from tritonclient.utils import InferenceServerException
 
 from ascl.images import list_images
@@ -45,12 +51,7 @@ def model_and_index(tmp_path_factory: pytest.TempPathFactory, digits_folder: Pat
 def service(tmp_path_factory: pytest.TempPathFactory, digits_folder: Path) -> Iterator[SearchService]:
     svc = supervised_service(tmp_path_factory.mktemp("supervised"), digits_folder, supervision=Supervision(
         probe_every_s=1.0, probe_timeout_s=10.0, stopped_after_s=1.0))
-    try:
-        svc.start()
-        yield svc
-    finally:
-        svc.stop()
-    assert processes_mentioning(str(svc.repository)) == []
+    yield from served_until_teardown(svc)
 
 
 def test_a_killed_tritonserver_is_restarted_under_load(service: SearchService, digits_folder: Path) -> None:

@@ -84,7 +84,9 @@ def start_up(workdir: Path, gallery: Path, cache: Path) -> Up:
     for name, port in ports.items():
         args += [f"--{name}", str(port)]
     log = workdir / f"up-{len(list(workdir.glob('up-*.log')))}.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    # the page's own uploads folder: not one that an in-process demo test set for this process
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
     with open(log, "wb") as out:
         process = subprocess.Popen(args, cwd=workdir, stdout=out, stderr=subprocess.STDOUT, env=env)
     up = Up(process, log, ports, cache, set())

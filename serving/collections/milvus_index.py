@@ -192,8 +192,10 @@ def _is_connection_error(exc: BaseException) -> bool:
         return True
     if isinstance(code, int) and code in (1, 2):  # pymilvus: unexpected error / connect failed
         return True
+    # "collection not loaded": a server that just restarted and has not loaded it again yet
     return any(s in text for s in ("unavailable", "deadline", "fail connecting", "connection refused",
-                                   "failed to connect", "socket closed", "timeout", "timed out"))
+                                   "failed to connect", "socket closed", "timeout", "timed out",
+                                   "collection not loaded"))
 
 
 def call(spec: MilvusSpec, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

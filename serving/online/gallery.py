@@ -198,6 +198,9 @@ class InProcessGallery(_Gallery):
         return int(self._current().count())
 
 
+SETTLE_S = 0.8  # > the search models' 0.5 s index poll: every instance has looked since the first answered
+
+
 class TritonGallery(_Gallery):
     """A running Triton server (``ascl serve`` / ``ascl up``) over gRPC.
 
@@ -277,14 +280,19 @@ class TritonGallery(_Gallery):
         return len(gone)
 
     def _wait_until(self, probes: list[bytes], done: Callable[[set[int]], bool], k: int) -> None:
-        """Poll searches with ``probes`` until ``done(ids returned)`` holds (the server reloads new
-        index versions by itself)."""
+        """Poll searches with ``probes`` until ``done(ids returned)`` holds, and keeps holding for
+        ``SETTLE_S``: each instance of the search model reloads new index versions by itself (a
+        watcher polling every 0.5 s), so the first answer with the change may come from one
+        instance while another still serves the old version."""
         deadline = time.monotonic() + self.add_timeout_s
+        held_since: float | None = None
         while True:
             found = {h.id for hits in self.client.search(probes, k=k) for h in hits}
-            if done(found):
+            now = time.monotonic()
+            held_since = (held_since or now) if done(found) else None
+            if held_since is not None and now - held_since >= SETTLE_S:
                 return
-            if time.monotonic() > deadline:
+            if now > deadline:
                 raise AddNotServedError(
                     f"the server at {self.url} did not pick up the new index version within {self.add_timeout_s:.0f} s"
                 )
