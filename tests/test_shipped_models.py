@@ -39,8 +39,8 @@ class Floor:
 FLOORS = {
     # card: 68.98% (45,000 bank images, 5,000 queries); here 0.60 with these subsets, random weights 0.21
     "ascl-resnet18w16-cifar10-cpu": Floor(knn_top1=0.50, above_random=0.25, train_subset=1000, val_subset=500),
-    # card: 75.66% at k=200 (8,516 bank photos, 953 queries); here MEASURED with these subsets, random twin RANDOM
-    "ascl-resnet18w16-imagenette-cpu": Floor(knn_top1=0.50, above_random=0.25, train_subset=1000, val_subset=500),
+    # card: 75.66% at k=200 (8,516 bank photos, 953 queries); here 0.674 with these subsets, random weights 0.176
+    "ascl-resnet18w16-imagenette-cpu": Floor(knn_top1=0.55, above_random=0.35, train_subset=1000, val_subset=500),
 }
 SHIPPED = sorted(name for name, entry in MODELS.items() if entry.is_shipped())
 
