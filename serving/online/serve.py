@@ -169,7 +169,7 @@ def served_model(choice: ModelChoice, precision: str = "fp32", *, index: IndexSp
 
 
 def start_service(served: ServedModel, index: IndexSpec, repository: str | Path, *, grpc_port: int,
-                  http_port: int, metrics_port: int, host: str = "127.0.0.1", max_request_bytes: int | None = None,
+                  http_port: int, metrics_port: int, host: str = "127.0.0.1",
                   log_path: str | Path | None = None, verbose: bool = False,
                   start_timeout_s: float = 180.0, batching: Batching | None = None,
                   limits: Limits | None = None) -> SearchService:
@@ -177,13 +177,11 @@ def start_service(served: ServedModel, index: IndexSpec, repository: str | Path,
 
     Returns once Triton reports every model ready. ``batching``: the models' queue delays and
     instances (``repository.Batching``; default: no delay, one instance per core). ``limits``: what
-    clients may claim of the front door (``limits.Limits``; default: its defaults with
-    ``max_request_bytes``). The service is Triton behind the front door (inference, health and
-    metadata only), restarted
-    by its supervisor if it or a stub dies. The search model reads ``index`` in place, so images
+    clients may claim of the front door (``limits.Limits``; default: its defaults), the request
+    size limit written into the repository too. The service is Triton behind the front door
+    (inference, health and metadata only), restarted by its supervisor if it or a stub dies. The search model reads ``index`` in place, so images
     added to it are served without a restart. Raises ServerError when it does not start.
     """
-    from ascl.images import MAX_REQUEST_BYTES
     from ascl.serving.collections.index import as_spec, ensure_index_model
     from ascl.serving.online.limits import Limits
     from ascl.serving.online.repository import write_repository
@@ -192,7 +190,7 @@ def start_service(served: ServedModel, index: IndexSpec, repository: str | Path,
     index = as_spec(index)
     if served.index != index:
         ensure_index_model(index, served.onnx)
-    limits = limits or Limits(max_request_bytes=max_request_bytes or MAX_REQUEST_BYTES)
+    limits = limits or Limits()
     write_repository(repository, served.onnx, index, max_request_bytes=limits.max_request_bytes, facts=served.facts,
                      batching=batching)
     service = SearchService(repository, host=host, grpc_port=grpc_port, http_port=http_port,

@@ -267,7 +267,7 @@ class SearchService(ServerUrls):
             watch.stopped_since = None
             answered, watch.answered = watch.answered, self.front.answered
             # a liveness check that times out while clients' requests are answered: busy, not hung
-            if triton.is_live(sup.live_timeout_s) or self.front.answered != answered:
+            if triton.is_live(sup.live_timeout_s) or watch.answered != answered:
                 watch.silent_since = None
             else:
                 watch.silent_since = watch.silent_since or now
