@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 PORT_KEYS = ("etcd_port", "root_coord_port", "proxy_port", "proxy_internal_port", "query_coord_port",
-             "query_node_port", "index_coord_port", "index_node_port", "data_coord_port", "data_node_port")
+             "query_node_port", "index_coord_port", "index_node_port", "data_coord_port", "data_node_port",
+             "etcd_peer_port")
 START_TIMEOUT_S = 180.0
 
 
@@ -52,6 +53,7 @@ class MilvusProcess:
         return f"milvus://{self.address}/{collection}"
 
     def start(self) -> MilvusProcess:
+        import milvus
         from milvus import MilvusServer, MilvusServerConfig, __version__
 
         class Config(MilvusServerConfig):  # type: ignore[misc]
@@ -67,7 +69,10 @@ class MilvusProcess:
                     sock.close()
                     return None
 
-        config = Config(data_dir=str(self.root), **self.ports)
+        self.root.mkdir(parents=True, exist_ok=True)
+        config = Config(data_dir=str(self.root), template=str(self._template()),
+                        **{k: v for k, v in self.ports.items() if k != "etcd_peer_port"})
+        config.glog_conf_file = str(Path(milvus.__file__).parent / "data" / "glog.conf")  # set only for its own template
         self.server = MilvusServer(config, wait_for_started=False)
         self.server.start()
         self.version = __version__
@@ -85,6 +90,27 @@ class MilvusProcess:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+    def _template(self) -> Path:
+        """The package's config template with one more setting: an embedded-etcd config file whose
+        peer port is ours. Left at etcd's default (2380), a second server on the machine (say, one
+        test's own beside the session's) fails with "bind: address already in use"."""
+        import milvus
+
+        etcd_yaml = self.root / "embedded-etcd.yaml"
+        peer = f"http://127.0.0.1:{self.ports['etcd_peer_port']}"
+        client = f"http://127.0.0.1:{self.ports['etcd_port']}"
+        etcd_yaml.write_text(
+            f"name: default\nlisten-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\n"
+            f"initial-cluster: default={peer}\nlisten-client-urls: {client}\nadvertise-client-urls: {client}\n")
+        text = (Path(milvus.__file__).parent / "data" / "config.yaml.template").read_text()
+        anchor = "  use:\n    embed: true"
+        if anchor not in text:
+            raise RuntimeError("the milvus package's config template changed: no 'etcd: use: embed: true' to anchor "
+                               "the embedded-etcd config file to")
+        template = self.root / "milvus.yaml.template"
+        template.write_text(text.replace(anchor, f"  config:\n    path: {etcd_yaml}\n{anchor}", 1))
+        return template
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL): its clients now meet an unreachable Milvus."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import secrets
@@ -28,6 +29,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from ascl.cache import cache_dir
 from ascl.errors import FAILURE, USAGE, AsclError
@@ -171,6 +173,43 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+@functools.lru_cache(maxsize=1)
+def die_with_parent_prefix() -> tuple[str, ...]:
+    """``setpriv --pdeathsig TERM --`` (util-linux): the command it runs gets SIGTERM when the
+    process (strictly, the thread) that launched it dies. ``()`` where setpriv is missing or
+    lacks the option; then ``launch`` falls back to a ``preexec_fn``.
+
+    Why not always the ``preexec_fn``: with one, subprocess must fork() the whole parent and run
+    Python in the child before exec. In a large process with dozens of threads (gRPC's among
+    them) that child can deadlock or crash: restarts from the supervisor thread of a long-running
+    process died with SIGSEGV before tritonserver ever ran. Without one, subprocess uses vfork
+    and execs at once."""
+    path = shutil.which("setpriv")
+    if path is None:
+        return ()
+    prefix = (path, "--pdeathsig", "TERM", "--")
+    try:
+        works = subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        works = False
+    return prefix if works else ()
+
+
+def launch(command: list[str], **popen_kwargs: Any) -> subprocess.Popen[bytes]:
+    """``subprocess.Popen(command)`` in a new session, SIGTERMed if the launching thread dies."""
+    prefix = die_with_parent_prefix()
+    return subprocess.Popen([*prefix, *command], start_new_session=True,
+                            preexec_fn=None if prefix else _die_with_parent, **popen_kwargs)
+
+
+def exit_status(code: int | None) -> str:
+    """``code 1``, or ``killed by SIGSEGV`` for a process a signal ended (Popen's negative codes)."""
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"code {code}"
+
+
 # Error lines a CPU-only Triton writes on every start; they are not the cause of anything.
 CPU_ONLY_NOISE = ("CudaDriverHelper", "CUDA driver", "unable to create stream")
 LOAD_FAILURE = re.compile(r"failed to load '(?P<model>[^']+)' version \d+: (?:\w+: )?(?P<cause>.*)")
@@ -272,9 +311,8 @@ class TritonServer(ServerUrls):
             os.close(fd)
             self.log_path = Path(name)
         with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
+            self.process = launch(
                 self.command(), env=server_env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=_die_with_parent,
                 cwd=self.repository,  # the stubs put the cwd first on sys.path: keep a source checkout out
             )
         try:
@@ -306,9 +344,10 @@ class TritonServer(ServerUrls):
     def failure_report(self) -> str:
         """The log's error lines, then one last line with the cause: what a failed start says."""
         failures = self.load_failures()
-        last = (f"could not load {failures[0]}" if len(failures) == 1 else
-                "could not load " + "; ".join(failures) if failures else "see the errors above")
         errors = self.errors()
+        last = (f"could not load {failures[0]}" if len(failures) == 1 else
+                "could not load " + "; ".join(failures) if failures else
+                "see the errors above" if errors else "its log holds no error line (it ended before writing one)")
         return (errors + "\n" if errors else "") + last
 
     def logs(self, tail: int = 4000) -> str:
@@ -333,7 +372,7 @@ class TritonServer(ServerUrls):
             if self.process is None or self.process.poll() is not None:
                 code = None if self.process is None else self.process.returncode
                 where = "" if self._own_log else f" (log: {self.log_path})"
-                raise ServerError(f"tritonserver exited (code {code}) before it was ready{where}:\n"
+                raise ServerError(f"tritonserver exited ({exit_status(code)}) before it was ready{where}:\n"
                                   f"{self.failure_report()}")
             if self.is_ready():
                 return

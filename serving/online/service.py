@@ -33,7 +33,7 @@ from pathlib import Path
 from ascl.serving.online.front_door import Backend, FrontDoor
 from ascl.serving.online.limits import Limits
 from ascl.serving.online.request_errors import INDEX_UNAVAILABLE
-from ascl.serving.online.server import ServerUrls, TritonServer, check_ports_free
+from ascl.serving.online.server import ServerUrls, TritonServer, check_ports_free, exit_status
 
 DEADLINE = "DEADLINE_EXCEEDED"  # how a probe that waited its whole timeout fails
 
@@ -193,7 +193,7 @@ class SearchService(ServerUrls):
         triton = self.triton
         if triton is None or not triton.is_alive():
             code = None if triton is None or triton.process is None else triton.process.returncode
-            return f"tritonserver exited (code {code})"
+            return f"tritonserver exited ({exit_status(code)})"
         image = grpcclient.InferInput(names.IMAGE_BYTES, [1, 1], "BYTES")
         image.set_data_from_numpy(np.array([[probe_image()]], dtype=np.object_))
         k = grpcclient.InferInput(names.TOP_K, [1, 1], "INT32")
@@ -204,7 +204,7 @@ class SearchService(ServerUrls):
         except Exception as exc:  # any failure of the probe is a finding, reported in the restart reason
             if not triton.is_alive():  # it died while the probe was out: say so, not "connection refused"
                 code = None if triton.process is None else triton.process.returncode
-                return f"tritonserver exited (code {code})"
+                return f"tritonserver exited ({exit_status(code)})"
             text = str(exc).strip()
             if "maximum queue size" in text.lower():  # full, and saying so: it answers
                 return None
@@ -315,8 +315,9 @@ class SearchService(ServerUrls):
             try:
                 self._start_triton()
             except Exception as exc:  # ServerError, or the machine's own (out of descriptors, memory)
-                last = str(exc).strip().splitlines()[-1][:500] if str(exc).strip() else type(exc).__name__
-                self.log(f"supervisor: start attempt {attempt} failed: {last}")
+                text = str(exc).strip()
+                last = text.splitlines()[-1][:500] if text else type(exc).__name__
+                self.log(f"supervisor: start attempt {attempt} failed: {text[-3000:] or last}")
                 time.sleep(min(10.0, 2.0 * attempt))
                 continue
             self.log(f"supervisor: tritonserver is serving again after {time.monotonic() - began:.1f} s")
