@@ -53,10 +53,16 @@ class MilvusProcess:
         return f"milvus://{self.address}/{collection}"
 
     def start(self) -> MilvusProcess:
-        import milvus
         from milvus import MilvusServer, MilvusServerConfig, __version__
 
+        etcd_config = self._embedded_etcd_config()
+
         class Config(MilvusServerConfig):  # type: ignore[misc]
+            def load_template(self) -> None:
+                """The package's template (and glog.conf), pointing embedded etcd at ``etcd_config``."""
+                super().load_template()
+                self.template_text = with_etcd_config(self.template_text, etcd_config)
+
             def try_bind_port(self, port: int) -> socket.socket | None:
                 """As the server binds (SO_REUSEADDR): a port in TIME_WAIT after a stop is free again."""
                 sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -69,10 +75,7 @@ class MilvusProcess:
                     sock.close()
                     return None
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        config = Config(data_dir=str(self.root), template=str(self._template()),
-                        **{k: v for k, v in self.ports.items() if k != "etcd_peer_port"})
-        config.glog_conf_file = str(Path(milvus.__file__).parent / "data" / "glog.conf")  # set only for its own template
+        config = Config(data_dir=str(self.root), **{k: v for k, v in self.ports.items() if k != "etcd_peer_port"})
         self.server = MilvusServer(config, wait_for_started=False)
         self.server.start()
         self.version = __version__
@@ -91,26 +94,18 @@ class MilvusProcess:
                     raise
                 time.sleep(0.5)
 
-    def _template(self) -> Path:
-        """The package's config template with one more setting: an embedded-etcd config file whose
-        peer port is ours. Left at etcd's default (2380), a second server on the machine (say, one
-        test's own beside the session's) fails with "bind: address already in use"."""
-        import milvus
-
-        etcd_yaml = self.root / "embedded-etcd.yaml"
+    def _embedded_etcd_config(self) -> Path:
+        """A config file for Milvus's embedded etcd with a peer port of ours. Left at etcd's default
+        (2380), a second server on the machine (say, one test's own beside the session's) fails with
+        "bind: address already in use"."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "embedded-etcd.yaml"
         peer = f"http://127.0.0.1:{self.ports['etcd_peer_port']}"
         client = f"http://127.0.0.1:{self.ports['etcd_port']}"
-        etcd_yaml.write_text(
+        path.write_text(
             f"name: default\nlisten-peer-urls: {peer}\ninitial-advertise-peer-urls: {peer}\n"
             f"initial-cluster: default={peer}\nlisten-client-urls: {client}\nadvertise-client-urls: {client}\n")
-        text = (Path(milvus.__file__).parent / "data" / "config.yaml.template").read_text()
-        anchor = "  use:\n    embed: true"
-        if anchor not in text:
-            raise RuntimeError("the milvus package's config template changed: no 'etcd: use: embed: true' to anchor "
-                               "the embedded-etcd config file to")
-        template = self.root / "milvus.yaml.template"
-        template.write_text(text.replace(anchor, f"  config:\n    path: {etcd_yaml}\n{anchor}", 1))
-        return template
+        return path
 
     def stop(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL): its clients now meet an unreachable Milvus."""
@@ -130,6 +125,15 @@ class MilvusProcess:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def with_etcd_config(template: str, etcd_config: Path) -> str:
+    """The milvus package's config template with ``etcd.config.path`` set (its template has no such item)."""
+    anchor = "  use:\n    embed: true"
+    if anchor not in template:
+        raise RuntimeError("the milvus package's config template changed: no 'etcd: use: embed: true' to anchor "
+                           "the embedded-etcd config file to")
+    return template.replace(anchor, f"  config:\n    path: {etcd_config}\n{anchor}", 1)
 
 
 def collection_name(prefix: str = "t") -> str:

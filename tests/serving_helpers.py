@@ -41,6 +41,14 @@ def export_random_encoder(path: Path, seed: int = 0, image_size: int = 32, width
     return path
 
 
+def process_state(pid: int) -> str | None:
+    """The /proc state letter of ``pid`` (R, S, T when stopped, Z a zombie...); None when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def processes_mentioning(text: str) -> list[int]:
     """PIDs of live processes whose command line contains ``text`` (zombies excluded)."""
     found = []
@@ -49,10 +57,9 @@ def processes_mentioning(text: str) -> list[int]:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().split(") ", 1)[1][:1]
         except OSError:
             continue
-        if text in cmdline and state != "Z":
+        if text in cmdline and process_state(int(entry.name)) not in (None, "Z"):
             found.append(int(entry.name))
     return found
 

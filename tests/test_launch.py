@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from serving_helpers import process_state
 
 from ascl.serving.online.server import TritonServer, die_with_parent_prefix, exit_status
 
@@ -28,11 +29,7 @@ time.sleep(300)
 
 def gone(pid: int) -> bool:
     """Exited (a zombie waiting for a reaper counts as exited)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state in ("Z", "X")
+    return process_state(pid) in (None, "Z", "X")
 
 
 @pytest.mark.parametrize("way", ["setpriv", "fallback"])

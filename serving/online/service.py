@@ -192,8 +192,7 @@ class SearchService(ServerUrls):
 
         triton = self.triton
         if triton is None or not triton.is_alive():
-            code = None if triton is None or triton.process is None else triton.process.returncode
-            return f"tritonserver exited ({exit_status(code)})"
+            return _exited(triton)
         image = grpcclient.InferInput(names.IMAGE_BYTES, [1, 1], "BYTES")
         image.set_data_from_numpy(np.array([[probe_image()]], dtype=np.object_))
         k = grpcclient.InferInput(names.TOP_K, [1, 1], "INT32")
@@ -203,8 +202,7 @@ class SearchService(ServerUrls):
                 client.infer(names.MODEL_IMAGE_SEARCH, [image, k], client_timeout=self.supervision.probe_timeout_s)
         except Exception as exc:  # any failure of the probe is a finding, reported in the restart reason
             if not triton.is_alive():  # it died while the probe was out: say so, not "connection refused"
-                code = None if triton.process is None else triton.process.returncode
-                return f"tritonserver exited ({exit_status(code)})"
+                return _exited(triton)
             text = str(exc).strip()
             if "maximum queue size" in text.lower():  # full, and saying so: it answers
                 return None
@@ -330,6 +328,12 @@ class SearchService(ServerUrls):
         self._failure = failure
         self.log(f"supervisor: {failure}; stopping")
         threading.Thread(target=self.stop, name="service-stop", daemon=True).start()
+
+
+def _exited(triton: TritonServer | None) -> str:
+    """The probe's finding for a Triton that is gone: ``tritonserver exited (killed by SIGSEGV)``."""
+    process = None if triton is None else triton.process
+    return f"tritonserver exited ({exit_status(None if process is None else process.returncode)})"
 
 
 @dataclass
